@@ -1,0 +1,75 @@
+"""pyisr: Incremental Static Regeneration for Python.
+
+Pages served like static files, regenerated in the background when they go stale,
+invalidated on demand by path or tag; a data cache for functions and HTTP fetches.
+"""
+
+from pyisr.cache.entry import CacheEntry, EntryKind, FailureRecord
+from pyisr.cache.handler import CacheHandler
+from pyisr.cache.memory import MemoryCache
+from pyisr.cache.tier import MemoryTier
+from pyisr.context import is_fallback
+from pyisr.data.cached import cached
+from pyisr.data.fetch import fetch, fetch_sync
+from pyisr.engine import (
+    CacheStatus,
+    Engine,
+    OnMissing,
+    Rendered,
+    RenderFailed,
+    RenderPolicy,
+    RenderTimeout,
+    RevalidationError,
+    Served,
+)
+from pyisr.revalidation import (
+    arevalidate_path,
+    arevalidate_tag,
+    revalidate,
+    revalidate_path,
+    revalidate_sync,
+    revalidate_tag,
+)
+from pyisr.runtime import configure, get_engine, set_engine
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CacheEntry",
+    "CacheHandler",
+    "CacheStatus",
+    "Engine",
+    "EntryKind",
+    "FailureRecord",
+    "MemoryCache",
+    "MemoryTier",
+    "OnMissing",
+    "RenderFailed",
+    "RenderPolicy",
+    "RenderTimeout",
+    "Rendered",
+    "RevalidationError",
+    "Served",
+    "arevalidate_path",
+    "arevalidate_tag",
+    "cached",
+    "configure",
+    "fetch",
+    "fetch_sync",
+    "get_engine",
+    "is_fallback",
+    "revalidate",
+    "revalidate_path",
+    "revalidate_sync",
+    "revalidate_tag",
+    "set_engine",
+]
+
+
+def __getattr__(name: str) -> object:
+    # FileSystemCache is imported lazily so `import pyisr` stays cheap.
+    if name == "FileSystemCache":
+        from pyisr.cache.filesystem import FileSystemCache
+
+        return FileSystemCache
+    raise AttributeError(f"module 'pyisr' has no attribute {name!r}")

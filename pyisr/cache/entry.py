@@ -1,0 +1,210 @@
+"""The cache entry and the one freshness rule every handler and the engine share.
+
+An entry is *stale* when ``now >= created_at + revalidate`` and *invalidated* when
+any of its tags was revalidated at or after ``created_at`` (DESIGN.md, "The cache
+entry"). ``created_at`` is the wall-clock time the render that produced the entry
+*started*, so a render that read its data before an invalidation can never look
+newer than that invalidation.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from enum import StrEnum
+from typing import Any
+
+#: Seconds a ``revalidate = False`` entry advertises to CDNs (Next.js' ``CACHE_ONE_YEAR``).
+ONE_YEAR = 31_536_000
+
+Revalidate = int | None
+"""Normalised revalidate: seconds (> 0), ``None`` for never, or ``0`` for never cached."""
+
+
+class EntryKind(StrEnum):
+    PAGE = "page"
+    ROUTE = "route"
+    DATA = "data"
+
+
+def validate_revalidate(value: object, *, where: str = "revalidate") -> Revalidate:
+    """Turn a user's ``revalidate`` into seconds, ``None`` (never) or ``0`` (not cached).
+
+    Accepts non-negative integers (and integral floats), ``None`` and ``False``.
+    Everything else raises ``ValueError`` naming the value, because a typo here
+    silently changes how long stale content is served.
+    """
+    if value is None or value is False:
+        return None
+    if value is True:
+        # Next.js treats ``revalidate: true`` as 1 second; we follow it.
+        return 1
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError(
+                f"Invalid revalidate value {value!r} for {where}: must be a non-negative "
+                "number of seconds or False (e.g. revalidate = 60)"
+            )
+        return value
+    if isinstance(value, float):
+        if math.isnan(value) or math.isinf(value) or value < 0 or not value.is_integer():
+            raise ValueError(
+                f"Invalid revalidate value {value!r} for {where}: must be a whole, "
+                "non-negative number of seconds or False (e.g. revalidate = 60)"
+            )
+        return int(value)
+    raise ValueError(
+        f"Invalid revalidate value {value!r} for {where}: must be a non-negative number "
+        f"of seconds or False, not {type(value).__name__} (e.g. revalidate = 60)"
+    )
+
+
+def min_revalidate(a: Revalidate, b: Revalidate) -> Revalidate:
+    """The stricter of two revalidate values (``None`` = never is the loosest)."""
+    if a is None:
+        return b
+    if b is None:
+        return a
+    return min(a, b)
+
+
+def make_etag(body: bytes) -> str:
+    """A strong ETag from the body, so the same bytes always give the same tag."""
+    digest = hashlib.blake2b(body, digest_size=12).hexdigest()
+    return f'"{digest}-{len(body):x}"'
+
+
+@dataclass(frozen=True, slots=True)
+class FailureRecord:
+    """Why the last regeneration of an entry failed, kept so tools can explain a stale page."""
+
+    at: float
+    exc_type: str
+    message: str
+    count: int = 1
+
+    def to_json(self) -> dict[str, Any]:
+        return {"at": self.at, "type": self.exc_type, "message": self.message, "count": self.count}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> FailureRecord:
+        return cls(
+            at=float(data["at"]),
+            exc_type=str(data["type"]),
+            message=str(data["message"]),
+            count=int(data.get("count", 1)),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class CacheEntry:
+    """One cached response (a page, a route handler's output) or one data-cache value.
+
+    ``retry_at`` is the back-off after a failed regeneration: the entry is served as
+    fresh until then (Next.js re-sets the old entry for ``clamp(N, 3, 30)`` seconds).
+    """
+
+    key: str
+    body: bytes
+    created_at: float
+    revalidate: Revalidate
+    kind: EntryKind = EntryKind.PAGE
+    status: int = 200
+    headers: Mapping[str, str] = field(default_factory=dict)
+    tags: tuple[str, ...] = ()
+    etag: str = ""
+    retry_at: float | None = None
+    last_failure: FailureRecord | None = None
+
+    def __post_init__(self) -> None:
+        if not self.etag:
+            object.__setattr__(self, "etag", make_etag(self.body))
+
+    # -- the freshness rule -------------------------------------------------------------
+
+    def stale_at(self) -> float | None:
+        """When the entry turns stale, or ``None`` if only an invalidation can end it."""
+        if self.revalidate is None:
+            return None
+        due = self.created_at + self.revalidate
+        if self.retry_at is not None:
+            due = max(due, self.retry_at)
+        return due
+
+    def is_stale(self, now: float) -> bool:
+        due = self.stale_at()
+        return due is not None and now >= due
+
+    def is_invalidated(self, tag_times: Mapping[str, float]) -> bool:
+        """True when any tag was revalidated at or after the render that made this entry."""
+        for tag in self.tags:
+            revalidated_at = tag_times.get(tag)
+            if revalidated_at is not None and revalidated_at >= self.created_at:
+                return True
+        return False
+
+    def age(self, now: float) -> int:
+        return max(0, int(now - self.created_at))
+
+    # -- derived copies -----------------------------------------------------------------
+
+    def with_failure(self, exc: BaseException, now: float, backoff: float) -> CacheEntry:
+        """The same content, marked with a failed regeneration and its back-off."""
+        count = self.last_failure.count + 1 if self.last_failure else 1
+        message = str(exc) or exc.__class__.__name__
+        failure = FailureRecord(at=now, exc_type=type(exc).__name__, message=message, count=count)
+        return replace(self, retry_at=now + backoff, last_failure=failure)
+
+    def size(self) -> int:
+        """Approximate bytes held, for the LRU's budget."""
+        meta = sum(len(k) + len(v) for k, v in self.headers.items())
+        return len(self.body) + len(self.key) + meta + sum(len(t) for t in self.tags) + 200
+
+    # -- serialisation (metadata only: bodies are stored as raw bytes beside it) --------
+
+    def meta_json(self) -> dict[str, Any]:
+        data: dict[str, Any] = {
+            "key": self.key,
+            "kind": self.kind.value,
+            "status": self.status,
+            "headers": dict(self.headers),
+            "created_at": self.created_at,
+            "revalidate": self.revalidate,
+            "tags": list(self.tags),
+            "etag": self.etag,
+            "size": len(self.body),
+        }
+        if self.retry_at is not None:
+            data["retry_at"] = self.retry_at
+        if self.last_failure is not None:
+            data["last_failure"] = self.last_failure.to_json()
+        return data
+
+    def meta_bytes(self) -> bytes:
+        return json.dumps(self.meta_json(), separators=(",", ":"), ensure_ascii=False).encode()
+
+    @classmethod
+    def from_meta(cls, meta: Mapping[str, Any], body: bytes) -> CacheEntry:
+        """Rebuild an entry; raises ``ValueError`` if the metadata does not match the body."""
+        if "size" in meta and int(meta["size"]) != len(body):
+            raise ValueError(
+                f"cache entry {meta.get('key')!r} is torn: metadata says {meta['size']} bytes, "
+                f"body has {len(body)}"
+            )
+        failure = meta.get("last_failure")
+        return cls(
+            key=str(meta["key"]),
+            body=body,
+            created_at=float(meta["created_at"]),
+            revalidate=meta.get("revalidate"),
+            kind=EntryKind(meta.get("kind", "page")),
+            status=int(meta.get("status", 200)),
+            headers=dict(meta.get("headers") or {}),
+            tags=tuple(meta.get("tags") or ()),
+            etag=str(meta.get("etag") or ""),
+            retry_at=meta.get("retry_at"),
+            last_failure=FailureRecord.from_json(failure) if failure else None,
+        )

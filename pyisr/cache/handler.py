@@ -1,0 +1,170 @@
+"""The storage interface every cache handler implements.
+
+Handlers store entries and tag times; they never decide freshness (that is the
+engine's job, with the rule in ``entry.py``). The interface is small so users can
+write their own (the seeds' custom ``cacheHandler``): ``get``, ``set``,
+``revalidate_tags`` and ``tag_times`` are required; ``delete``, the lock, listing
+and ``close`` have working defaults in :class:`CacheHandler`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator, Iterable, Mapping
+from typing import Any
+
+from pyisr.cache.entry import CacheEntry
+
+
+class CacheHandler(ABC):
+    """Base class for storage back-ends. Subclass it, or duck-type the four required methods."""
+
+    #: Shown by the debug log and ``pyisr cache`` commands.
+    name: str = "custom"
+
+    @abstractmethod
+    async def get(self, key: str) -> CacheEntry | None:
+        """The stored entry for ``key``, or ``None``. Never a half-written one."""
+
+    @abstractmethod
+    async def set(self, entry: CacheEntry) -> bool:
+        """Store ``entry`` unless a newer one (larger ``created_at``) is already stored.
+
+        Returns ``False`` when fenced off by a newer entry. This is what keeps a slow
+        render that started before an on-demand revalidation from overwriting its
+        result.
+        """
+
+    @abstractmethod
+    async def revalidate_tags(self, tags: Iterable[str], at: float) -> None:
+        """Record that ``tags`` were revalidated at ``at`` (one write, however many entries)."""
+
+    @abstractmethod
+    async def tag_times(self, tags: Iterable[str]) -> Mapping[str, float]:
+        """When each of ``tags`` was last revalidated; tags never revalidated are absent."""
+
+    async def delete(self, key: str) -> None:
+        """Remove ``key``. The default does nothing (entries then only age out)."""
+
+    async def reload(self, key: str) -> CacheEntry | None:
+        """Like ``get`` but bypassing any in-process copy (the memory tier overrides it).
+
+        The engine calls it after taking a regeneration lock, to adopt an entry another
+        process stored meanwhile instead of rendering again.
+        """
+        return await self.get(key)
+
+    async def tag_changes(self, cursor: Any) -> tuple[Any, Mapping[str, float]] | None:
+        """Tag times recorded since ``cursor`` (``None`` = all), and the cursor to pass next.
+
+        Optional: a handler that can list changes cheaply lets the memory tier mirror the
+        whole tag manifest and check tags with no I/O per request. ``None`` means
+        unsupported; the tier then asks ``tag_times`` for the tags it needs.
+        """
+        return None
+
+    async def acquire_lock(self, key: str, ttl: float) -> str | None:
+        """Try to take the regeneration lock for ``key``; return a token, or ``None`` if held.
+
+        The lock expires after ``ttl`` seconds so a crashed holder cannot block the key
+        for ever. The default lock is per handler object (one process).
+        """
+        locks = self.__dict__.setdefault("_default_locks", {})
+        now = time.monotonic()
+        held = locks.get(key)
+        if held is not None and held[1] > now:
+            return None
+        token = secrets.token_hex(8)
+        locks[key] = (token, now + ttl)
+        return token
+
+    async def release_lock(self, key: str, token: str) -> None:
+        """Release the lock for ``key`` if ``token`` still holds it."""
+        locks = self.__dict__.setdefault("_default_locks", {})
+        held = locks.get(key)
+        if held is not None and held[0] == token:
+            del locks[key]
+
+    async def keys(self, prefix: str = "") -> AsyncIterator[str]:
+        """Every stored key starting with ``prefix`` (for the CLI); the default lists none."""
+        return
+        yield  # pragma: no cover - makes this an async generator
+
+    async def close(self) -> None:
+        """Release connections and files."""
+
+    def describe(self) -> dict[str, Any]:
+        """A short description for logs and the health endpoint."""
+        return {"handler": self.name}
+
+
+REQUIRED_METHODS = ("get", "set", "revalidate_tags", "tag_times")
+
+
+class _DuckHandler(CacheHandler):
+    """Gives a duck-typed user object the optional methods it does not define."""
+
+    def __init__(self, inner: Any) -> None:
+        self._inner = inner
+        self.name = getattr(inner, "name", type(inner).__name__)
+
+    async def get(self, key: str) -> CacheEntry | None:
+        return await self._inner.get(key)
+
+    async def set(self, entry: CacheEntry) -> bool:
+        result = await self._inner.set(entry)
+        return True if result is None else bool(result)
+
+    async def revalidate_tags(self, tags: Iterable[str], at: float) -> None:
+        await self._inner.revalidate_tags(list(tags), at)
+
+    async def tag_times(self, tags: Iterable[str]) -> Mapping[str, float]:
+        return await self._inner.tag_times(list(tags))
+
+    async def tag_changes(self, cursor: Any) -> tuple[Any, Mapping[str, float]] | None:
+        if hasattr(self._inner, "tag_changes"):
+            return await self._inner.tag_changes(cursor)
+        return None
+
+    async def delete(self, key: str) -> None:
+        if hasattr(self._inner, "delete"):
+            await self._inner.delete(key)
+
+    async def acquire_lock(self, key: str, ttl: float) -> str | None:
+        if hasattr(self._inner, "acquire_lock"):
+            return await self._inner.acquire_lock(key, ttl)
+        return await super().acquire_lock(key, ttl)
+
+    async def release_lock(self, key: str, token: str) -> None:
+        if hasattr(self._inner, "release_lock"):
+            await self._inner.release_lock(key, token)
+        else:
+            await super().release_lock(key, token)
+
+    async def keys(self, prefix: str = "") -> AsyncIterator[str]:
+        if hasattr(self._inner, "keys"):
+            async for key in self._inner.keys(prefix):
+                yield key
+
+    async def close(self) -> None:
+        if hasattr(self._inner, "close"):
+            result = self._inner.close()
+            if asyncio.iscoroutine(result):
+                await result
+
+
+def as_handler(obj: object) -> CacheHandler:
+    """Accept a :class:`CacheHandler` or any object with the required async methods."""
+    if isinstance(obj, CacheHandler):
+        return obj
+    missing = [m for m in REQUIRED_METHODS if not callable(getattr(obj, m, None))]
+    if missing:
+        raise TypeError(
+            f"{type(obj).__name__} cannot be used as a cache handler: it lacks "
+            f"{', '.join(missing)}. Subclass pyisr.CacheHandler or define async "
+            f"{', '.join(REQUIRED_METHODS)}."
+        )
+    return _DuckHandler(obj)

@@ -1,0 +1,58 @@
+"""``MemoryCache``: the whole cache in this process, bounded by bytes.
+
+For tests, single-process servers and scripts. Nothing survives a restart, and
+other processes do not see it; use ``FileSystemCache`` or ``RedisCache`` for that.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterable, Mapping
+from typing import Any
+
+from pyisr.cache.entry import CacheEntry
+from pyisr.cache.handler import CacheHandler
+from pyisr.cache.lru import ByteLRU
+
+DEFAULT_MEMORY_BYTES = 50 * 1024 * 1024
+
+
+class MemoryCache(CacheHandler):
+    name = "memory"
+
+    def __init__(self, max_bytes: int = DEFAULT_MEMORY_BYTES) -> None:
+        self._entries: ByteLRU[CacheEntry] = ByteLRU(max_bytes, CacheEntry.size)
+        self._tag_times: dict[str, float] = {}
+
+    async def get(self, key: str) -> CacheEntry | None:
+        return self._entries.get(key)
+
+    async def set(self, entry: CacheEntry) -> bool:
+        current = self._entries.peek(entry.key)
+        if current is not None and current.created_at > entry.created_at:
+            return False
+        self._entries.put(entry.key, entry)
+        return True
+
+    async def delete(self, key: str) -> None:
+        self._entries.pop(key)
+
+    async def revalidate_tags(self, tags: Iterable[str], at: float) -> None:
+        for tag in tags:
+            self._tag_times[tag] = at
+
+    async def tag_times(self, tags: Iterable[str]) -> Mapping[str, float]:
+        times = self._tag_times
+        return {t: times[t] for t in tags if t in times}
+
+    async def keys(self, prefix: str = "") -> AsyncIterator[str]:
+        for key in self._entries.keys():
+            if key.startswith(prefix):
+                yield key
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "handler": self.name,
+            "entries": len(self._entries),
+            "bytes": self._entries.bytes,
+            "max_bytes": self._entries.max_bytes,
+        }

@@ -1,0 +1,122 @@
+"""Tags: validating the ones users write and deriving the implicit ones pyisr adds.
+
+Implicit tags are how ``revalidate_path`` works without scanning the cache: every
+entry carries a tag for its own path, its route pattern and each ancestor layout
+segment, so invalidating a path, a route or a subtree is one tag-manifest write.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from pyisr.paths import normalize_path
+
+#: Next.js limits (``NEXT_CACHE_TAG_MAX_LENGTH``, ``NEXT_CACHE_TAG_MAX_ITEMS``,
+#: ``NEXT_CACHE_SOFT_TAG_MAX_LENGTH``).
+MAX_TAG_LENGTH = 256
+MAX_TAGS_PER_ENTRY = 128
+MAX_PATH_LENGTH = 1024
+
+IMPLICIT_PREFIX = "_pyisr:"
+PATH_TAG = IMPLICIT_PREFIX + "path:"
+PAGE_TAG = IMPLICIT_PREFIX + "page:"
+LAYOUT_TAG = IMPLICIT_PREFIX + "layout:"
+
+
+def validate_tags(tags: Iterable[object] | None, *, where: str = "tags") -> tuple[str, ...]:
+    """Check user tags and return them de-duplicated in their original order.
+
+    Raises ``ValueError`` rather than dropping a bad tag (as Next.js does with a
+    warning), because a tag that is silently dropped is an invalidation that
+    silently never happens.
+    """
+    if tags is None:
+        return ()
+    if isinstance(tags, str | bytes):
+        raise ValueError(
+            f"{where} must be a list of strings, not a single string {tags!r}: write tags=[{tags!r}]"
+        )
+    seen: dict[str, None] = {}
+    for tag in tags:
+        if not isinstance(tag, str):
+            raise ValueError(f"{where}: tag {tag!r} must be a string, not {type(tag).__name__}")
+        if not tag:
+            raise ValueError(f"{where}: tags must not be empty strings")
+        if len(tag) > MAX_TAG_LENGTH:
+            raise ValueError(
+                f"{where}: tag {tag[:40]!r}... is {len(tag)} characters; the limit is {MAX_TAG_LENGTH}"
+            )
+        if tag.startswith(IMPLICIT_PREFIX):
+            raise ValueError(
+                f"{where}: tag {tag!r} uses the reserved prefix {IMPLICIT_PREFIX!r}; "
+                "use revalidate_path() for path-based invalidation"
+            )
+        seen[tag] = None
+    if len(seen) > MAX_TAGS_PER_ENTRY:
+        raise ValueError(f"{where}: {len(seen)} tags given; an entry may carry at most {MAX_TAGS_PER_ENTRY}")
+    return tuple(seen)
+
+
+def merge_tags(*groups: Iterable[str]) -> tuple[str, ...]:
+    """Union of tag groups, first occurrence wins the position."""
+    merged: dict[str, None] = {}
+    for group in groups:
+        for tag in group:
+            merged[tag] = None
+    return tuple(merged)
+
+
+def _prefixes(path: str) -> list[str]:
+    """``/blog/[id]`` -> ``["/", "/blog", "/blog/[id]"]``."""
+    parts = [p for p in path.split("/") if p]
+    return ["/"] + ["/" + "/".join(parts[: i + 1]) for i in range(len(parts))]
+
+
+def implicit_tags(path: str, route_pattern: str | None = None) -> tuple[str, ...]:
+    """The tags every page entry for ``path`` (matched by ``route_pattern``) carries.
+
+    ``route_pattern`` defaults to the path itself (a static route).
+    """
+    pattern = route_pattern or path
+    layouts = _prefixes(pattern)
+    if pattern != path:
+        layouts += [p for p in _prefixes(path) if p not in layouts]
+    return merge_tags(
+        (LAYOUT_TAG + p for p in layouts),
+        (PAGE_TAG + pattern,),
+        (PATH_TAG + path,),
+    )
+
+
+def is_dynamic_pattern(path: str) -> bool:
+    return "[" in path and "]" in path
+
+
+def tags_for_revalidate_path(path: str, kind: str | None) -> tuple[str, ...]:
+    """The implicit tags ``revalidate_path(path, kind)`` revalidates.
+
+    ``kind=None`` targets one concrete path; ``"page"`` a route pattern (or a
+    concrete path); ``"layout"`` everything at or below that segment.
+    """
+    if not isinstance(path, str) or not path.startswith("/"):
+        raise ValueError(f"Invalid path {path!r} for revalidate_path(): must start with '/', e.g. '/blog/1'")
+    if len(path) > MAX_PATH_LENGTH:
+        raise ValueError(
+            f"revalidate_path() received a path of {len(path)} characters; the limit is {MAX_PATH_LENGTH}"
+        )
+    if kind not in (None, "page", "layout"):
+        raise ValueError(f"revalidate_path() type must be 'page' or 'layout', not {kind!r}")
+    normalised = normalize_path(path)
+    if kind == "layout":
+        return (LAYOUT_TAG + normalised,)
+    if kind == "page":
+        if is_dynamic_pattern(normalised):
+            return (PAGE_TAG + normalised,)
+        return (PAGE_TAG + normalised, PATH_TAG + normalised)
+    if is_dynamic_pattern(normalised):
+        raise ValueError(
+            f"revalidate_path({path!r}) names a route pattern but no type: pass "
+            f"type='page' to revalidate every page of {path!r}, or 'layout' for everything "
+            "below it"
+        )
+    return (PATH_TAG + normalised,)

@@ -1,0 +1,150 @@
+"""``MemoryTier``: hot entries in process memory in front of any handler.
+
+A HIT must not touch the disk or the network, so the tier keeps recent entries in a
+byte-bounded LRU and mirrors the tag manifest. Coherence with other processes comes
+from the tag manifest, not from the entries: an invalidation anywhere is a tag time,
+the tier refreshes its mirror at most every ``tag_refresh`` seconds (default 0.5 s,
+so other processes' invalidations are seen within 1 s), and an entry whose tags were
+revalidated is re-read from the backing handler.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Iterable, Mapping
+from typing import Any
+
+from pyisr.cache.entry import CacheEntry
+from pyisr.cache.handler import CacheHandler
+from pyisr.cache.lru import ByteLRU
+from pyisr.cache.memory import DEFAULT_MEMORY_BYTES
+
+
+class MemoryTier(CacheHandler):
+    def __init__(
+        self,
+        backing: CacheHandler,
+        max_bytes: int = DEFAULT_MEMORY_BYTES,
+        *,
+        tag_refresh: float = 0.5,
+    ) -> None:
+        self.backing = backing
+        self.name = f"memory+{backing.name}"
+        self.tag_refresh = tag_refresh
+        self._entries: ByteLRU[CacheEntry] = ByteLRU(max_bytes, CacheEntry.size)
+        #: Mirror of tag times; complete when the backing supports ``tag_changes``.
+        self._tags: dict[str, float] = {}
+        #: Per-tag "checked at" (monotonic) when only ``tag_times`` is available.
+        self._tag_checked: dict[str, float] = {}
+        self._cursor: Any = None
+        self._mirror_complete: bool | None = None  # unknown until first refresh
+        self._refreshed_at = float("-inf")
+
+    # -- tag mirror ---------------------------------------------------------------------
+
+    async def _refresh_tags(self) -> None:
+        now = time.monotonic()
+        if now - self._refreshed_at < self.tag_refresh:
+            return
+        self._refreshed_at = now
+        if self._mirror_complete is False:
+            return
+        changes = await self.backing.tag_changes(self._cursor)
+        if changes is None:
+            self._mirror_complete = False
+            return
+        self._mirror_complete = True
+        self._cursor, times = changes
+        for tag, at in times.items():
+            if at > self._tags.get(tag, float("-inf")):
+                self._tags[tag] = at
+
+    async def tag_times(self, tags: Iterable[str]) -> Mapping[str, float]:
+        await self._refresh_tags()
+        if self._mirror_complete:
+            mirror = self._tags
+            return {t: mirror[t] for t in tags if t in mirror}
+        now = time.monotonic()
+        wanted = list(tags)
+        expired = [t for t in wanted if now - self._tag_checked.get(t, float("-inf")) >= self.tag_refresh]
+        if expired:
+            fetched = await self.backing.tag_times(expired)
+            for tag in expired:
+                self._tag_checked[tag] = now
+                if tag in fetched:
+                    self._tags[tag] = max(fetched[tag], self._tags.get(tag, float("-inf")))
+        mirror = self._tags
+        return {t: mirror[t] for t in wanted if t in mirror}
+
+    async def revalidate_tags(self, tags: Iterable[str], at: float) -> None:
+        tags = list(tags)
+        await self.backing.revalidate_tags(tags, at)
+        for tag in tags:
+            if at > self._tags.get(tag, float("-inf")):
+                self._tags[tag] = at
+
+    def forget_tag_mirror(self) -> None:
+        """Force the next lookup to re-read tag times (used after a reconnect)."""
+        self._refreshed_at = float("-inf")
+        self._tag_checked.clear()
+
+    # -- entries ------------------------------------------------------------------------
+
+    async def get(self, key: str) -> CacheEntry | None:
+        entry = self._entries.get(key)
+        if entry is not None:
+            if not entry.tags or not entry.is_invalidated(await self.tag_times(entry.tags)):
+                return entry
+            # Invalidated here; another process may already have stored a newer entry.
+        return await self.reload(key)
+
+    async def reload(self, key: str) -> CacheEntry | None:
+        entry = await self.backing.get(key)
+        if entry is None:
+            self._entries.pop(key)
+        else:
+            self._entries.put(key, entry)
+        return entry
+
+    def peek(self, key: str) -> CacheEntry | None:
+        """The in-memory entry without any I/O (for the server's fast path)."""
+        return self._entries.get(key)
+
+    async def set(self, entry: CacheEntry) -> bool:
+        stored = await self.backing.set(entry)
+        if stored:
+            self._entries.put(entry.key, entry)
+        else:
+            # A newer entry exists in the backing store; drop our copy so it is re-read.
+            self._entries.pop(entry.key)
+        return stored
+
+    async def delete(self, key: str) -> None:
+        self._entries.pop(key)
+        await self.backing.delete(key)
+
+    async def acquire_lock(self, key: str, ttl: float) -> str | None:
+        return await self.backing.acquire_lock(key, ttl)
+
+    async def release_lock(self, key: str, token: str) -> None:
+        await self.backing.release_lock(key, token)
+
+    async def tag_changes(self, cursor: Any) -> tuple[Any, Mapping[str, float]] | None:
+        return await self.backing.tag_changes(cursor)
+
+    async def keys(self, prefix: str = "") -> AsyncIterator[str]:
+        async for key in self.backing.keys(prefix):
+            yield key
+
+    async def close(self) -> None:
+        self._entries.clear()
+        await self.backing.close()
+
+    def describe(self) -> dict[str, Any]:
+        info = dict(self.backing.describe())
+        info["memory_tier"] = {
+            "entries": len(self._entries),
+            "bytes": self._entries.bytes,
+            "max_bytes": self._entries.max_bytes,
+        }
+        return info

@@ -1,0 +1,70 @@
+"""Choosing a cache handler by URL (``file://``, ``memory://``, ``redis://``) or object."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from urllib.parse import parse_qs, urlparse
+
+from pyisr.cache.handler import CacheHandler, as_handler
+from pyisr.cache.memory import DEFAULT_MEMORY_BYTES, MemoryCache
+from pyisr.cache.tier import MemoryTier
+
+
+def parse_size(value: str | int) -> int:
+    """``"50MB"`` / ``"512k"`` / ``1048576`` -> bytes."""
+    if isinstance(value, int):
+        return value
+    text = value.strip().lower().replace(" ", "")
+    units = {"gb": 1024**3, "g": 1024**3, "mb": 1024**2, "m": 1024**2, "kb": 1024, "k": 1024, "b": 1}
+    for suffix, factor in units.items():
+        if text.endswith(suffix):
+            return int(float(text[: -len(suffix)]) * factor)
+    return int(text)
+
+
+def handler_from_url(url: str, *, base_dir: str | os.PathLike[str] = ".") -> CacheHandler:
+    """Build the handler a URL names; relative ``file:`` paths are relative to ``base_dir``.
+
+    Examples: ``file://.pyisr/cache`` (default), ``file:///var/cache/site``,
+    ``memory://?max_bytes=100MB``, ``redis://localhost:6379/0?prefix=mysite``.
+    """
+    parsed = urlparse(url)
+    scheme = parsed.scheme or "file"
+    query = {k: v[-1] for k, v in parse_qs(parsed.query).items()}
+    if scheme == "memory":
+        return MemoryCache(parse_size(query.get("max_bytes", DEFAULT_MEMORY_BYTES)))
+    if scheme == "file":
+        raw = (parsed.netloc + parsed.path) if parsed.scheme else url
+        path = Path(raw)
+        if not path.is_absolute():
+            path = Path(base_dir) / path
+        from pyisr.cache.filesystem import FileSystemCache
+
+        return FileSystemCache(path)
+    if scheme in ("redis", "rediss", "redis+cluster"):
+        try:
+            from pyisr.cache.redis import RedisCache
+        except ImportError as exc:
+            raise ValueError(
+                f"cache URL {url!r} needs the Redis handler: pip install 'pyisr[redis]'"
+            ) from exc
+        return RedisCache.from_url(url)
+    raise ValueError(
+        f"Unknown cache URL scheme {scheme!r} in {url!r}: use file://PATH, memory:// or redis://HOST:PORT/DB"
+    )
+
+
+def build_handler(
+    cache: object | None,
+    *,
+    base_dir: str | os.PathLike[str] = ".",
+    memory_tier_bytes: int | None = DEFAULT_MEMORY_BYTES,
+) -> CacheHandler:
+    """A handler from a URL or object, with a memory tier in front unless it is memory already."""
+    if cache is None:
+        cache = "file://.pyisr/cache"
+    handler = handler_from_url(cache, base_dir=base_dir) if isinstance(cache, str) else as_handler(cache)
+    if isinstance(handler, MemoryCache | MemoryTier) or not memory_tier_bytes:
+        return handler
+    return MemoryTier(handler, memory_tier_bytes)

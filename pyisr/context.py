@@ -1,0 +1,70 @@
+"""The render context: what a page collects from its data calls while it renders.
+
+A page inherits the tags of every ``cached``/``fetch`` call made during its render,
+and its revalidate becomes the smallest of its own and theirs (DESIGN.md, "Tags").
+Context variables carry this through ``await`` and into worker threads (the engine
+runs sync renders with a copy of the context), with no globals.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+
+from pyisr.cache.entry import Revalidate, min_revalidate
+
+_UNSET: Revalidate = -1
+
+
+@dataclass
+class RenderContext:
+    key: str
+    #: Implicit tags of the page being rendered: data entries read during the render are
+    #: also invalidated by them (``revalidate_path`` refreshes the page's data too).
+    soft_tags: tuple[str, ...] = ()
+    #: A background regeneration: stale data is refetched before the page is rebuilt.
+    is_revalidating: bool = False
+    is_fallback: bool = False
+    #: The route's own revalidate: a ``fetch`` with no options inside the page takes it.
+    page_revalidate: Revalidate = None
+    tags: dict[str, None] = field(default_factory=dict)
+    revalidate: Revalidate = _UNSET
+
+    def record(self, tags: Iterable[str], revalidate: Revalidate) -> None:
+        for tag in tags:
+            self.tags[tag] = None
+        if self.revalidate == _UNSET:
+            self.revalidate = revalidate
+        else:
+            self.revalidate = min_revalidate(self.revalidate, revalidate)
+
+    @property
+    def data_revalidate(self) -> Revalidate | None:
+        """The smallest revalidate of the data calls, or ``None`` if there were none."""
+        return None if self.revalidate == _UNSET else self.revalidate
+
+    @property
+    def had_data_calls(self) -> bool:
+        return self.revalidate != _UNSET
+
+
+_current: ContextVar[RenderContext | None] = ContextVar("pyisr_render", default=None)
+
+
+def current_render() -> RenderContext | None:
+    return _current.get()
+
+
+def is_fallback() -> bool:
+    """True while the fallback shell of a ``fallback: True`` page is being rendered."""
+    ctx = _current.get()
+    return bool(ctx and ctx.is_fallback)
+
+
+def enter(ctx: RenderContext) -> object:
+    return _current.set(ctx)
+
+
+def leave(token: object) -> None:
+    _current.reset(token)  # type: ignore[arg-type]

@@ -1,0 +1,1 @@
+"""The data cache: ``cached`` (Next.js' ``unstable_cache``) and ``fetch``."""

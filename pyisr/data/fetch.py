@@ -1,0 +1,197 @@
+"""``fetch``: an HTTP GET (or any method) through the data cache, on httpx.
+
+Only successful (2xx) responses are cached; any other response is returned to the
+caller uncached, and a stale cached response keeps being served while the origin
+fails. ``cache`` follows Next.js: ``"force-cache"`` keeps the response until a tag is
+revalidated, ``"no-store"`` never caches and makes the page around it dynamic.
+With neither ``cache`` nor ``revalidate``, a fetch inside a page render takes the
+page's revalidate, a fetch with ``tags`` is kept until they are revalidated, and a
+plain fetch outside any page is not cached.
+"""
+
+from __future__ import annotations
+
+import pickle
+import time
+import warnings
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import httpx
+
+from pyisr.cache.entry import Revalidate, validate_revalidate
+from pyisr.cache.tags import validate_tags
+from pyisr.context import current_render
+from pyisr.data._lookup import DataRequest, data_key, read_through, record_in_render
+from pyisr.engine import CacheStatus, Rendered
+from pyisr.log import enable_debug_logging, env_flag, fetch_logger
+from pyisr.runtime import run_sync
+
+CACHE_MODES = ("force-cache", "no-store", "no-cache", None)
+_IGNORED_KEY_HEADERS = {"traceparent", "tracestate"}
+
+
+class UncacheableResponse(Exception):
+    """A non-2xx response: returned to the caller, never stored."""
+
+    def __init__(self, response: httpx.Response) -> None:
+        super().__init__(f"{response.request.method} {response.request.url} returned {response.status_code}")
+        self.response = response
+
+
+def _resolve_revalidate(
+    url: str, revalidate: Any, cache: str | None, tags: tuple[str, ...]
+) -> Revalidate | None:
+    """Seconds, ``None`` (forever) or ``0`` (no-store); ``None`` returned as "auto" is spelled -1."""
+    if cache not in CACHE_MODES:
+        raise ValueError(
+            f"fetch({url!r}): cache={cache!r} is not one of 'force-cache', 'no-store', 'no-cache'"
+        )
+    if revalidate is not _AUTO:
+        seconds = validate_revalidate(revalidate, where=f"fetch({url!r})")
+        if cache is not None:
+            conflicting = (cache == "force-cache" and seconds == 0) or (
+                cache in ("no-store", "no-cache") and seconds != 0
+            )
+            if conflicting:
+                warnings.warn(
+                    f"fetch({url!r}) got cache={cache!r} and revalidate={revalidate!r}; only one "
+                    "should be given. Both are ignored.",
+                    stacklevel=4,
+                )
+                return _auto(tags)
+        return seconds
+    if cache == "force-cache":
+        return None
+    if cache in ("no-store", "no-cache"):
+        return 0
+    return _auto(tags)
+
+
+def _auto(tags: tuple[str, ...]) -> Revalidate | None:
+    ctx = current_render()
+    if tags:
+        return None
+    if ctx is not None:
+        return -1  # inherit the page's revalidate, resolved by the caller
+    return 0
+
+
+class _Auto:
+    pass
+
+
+_AUTO: Any = _Auto()
+
+
+def _log_fetch(method: str, url: str, status: int, ms: float, outcome: str) -> None:
+    if not (env_flag("PYISR_LOG_FETCHES") or env_flag("PYISR_DEBUG_CACHE")):
+        return
+    shown = url
+    if not env_flag("PYISR_LOG_FETCHES_FULL_URL") and len(url) > 48:
+        shown = url[:48] + "…"
+    enable_debug_logging()
+    fetch_logger.debug("%s %s %s in %.0fms (cache %s)", method, shown, status, ms, outcome)
+
+
+async def _send(
+    method: str, url: str, headers: Mapping[str, str], content: bytes | None, timeout: float
+) -> httpx.Response:
+    async with httpx.AsyncClient(timeout=timeout, follow_redirects=True) as client:
+        response = await client.request(method, url, headers=dict(headers), content=content)
+        await response.aread()
+        return response
+
+
+def _encode(response: httpx.Response) -> bytes:
+    return pickle.dumps(
+        (
+            response.status_code,
+            list(response.headers.multi_items()),
+            response.content,
+            str(response.url),
+            response.request.method,
+        ),
+        protocol=5,
+    )
+
+
+def _decode(body: bytes) -> httpx.Response:
+    status, headers, content, url, method = pickle.loads(body)
+    # The stored body is already decoded; drop encoding headers so httpx does not decode twice.
+    headers = [(k, v) for k, v in headers if k.lower() not in ("content-encoding", "transfer-encoding")]
+    return httpx.Response(status, headers=headers, content=content, request=httpx.Request(method, url))
+
+
+async def fetch(
+    url: str,
+    *,
+    method: str = "GET",
+    headers: Mapping[str, str] | None = None,
+    params: Mapping[str, Any] | None = None,
+    content: bytes | str | None = None,
+    json: Any = None,
+    revalidate: int | bool | None = _AUTO,
+    tags: Iterable[str] | None = None,
+    cache: str | None = None,
+    timeout: float = 30.0,
+) -> httpx.Response:
+    """Fetch ``url``, cached like Next.js' patched ``fetch`` (see the module docstring)."""
+    request = httpx.Request(method, url, params=params, headers=headers, content=content, json=json)
+    full_url = str(request.url)
+    body = request.read() if request.stream is not None else b""
+    send_headers = {k: v for k, v in request.headers.items() if k.lower() != "content-length"}
+    tag_tuple = validate_tags(tags, where=f"fetch({full_url!r}) tags")
+    seconds = _resolve_revalidate(full_url, revalidate, cache, tag_tuple)
+    ctx = current_render()
+    if seconds == -1:
+        assert ctx is not None
+        seconds = ctx.page_revalidate
+    started = time.perf_counter()
+    if seconds == 0:
+        response = await _send(method, full_url, send_headers, body or None, timeout)
+        if ctx is not None and (cache in ("no-store", "no-cache") or revalidate == 0):
+            ctx.record((), 0)  # an explicit no-store makes the page dynamic, as in Next.js
+        _log_fetch(method, full_url, response.status_code, (time.perf_counter() - started) * 1000, "skip")
+        return response
+
+    key_headers = sorted(
+        (k.lower(), v) for k, v in send_headers.items() if k.lower() not in _IGNORED_KEY_HEADERS
+    )
+    key = data_key("fetch", method.upper(), full_url, key_headers, body.hex())
+
+    async def compute() -> Rendered:
+        response = await _send(method, full_url, send_headers, body or None, timeout)
+        if not 200 <= response.status_code < 300:
+            raise UncacheableResponse(response)
+        return Rendered(_encode(response))
+
+    try:
+        entry, status = await read_through(key, compute, seconds, tag_tuple, DataRequest.from_context())
+    except UncacheableResponse as exc:
+        _log_fetch(method, full_url, exc.response.status_code, (time.perf_counter() - started) * 1000, "miss")
+        return exc.response
+    record_in_render(entry)
+    response = _decode(entry.body)
+    outcome = "hit" if status in (CacheStatus.HIT, CacheStatus.STALE) else "miss"
+    _log_fetch(method, full_url, response.status_code, (time.perf_counter() - started) * 1000, outcome)
+    return response
+
+
+def fetch_sync(url: str, **options: Any) -> httpx.Response:
+    """``fetch`` for sync code (sync page functions, scripts, Django/Flask views)."""
+    ctx = current_render()
+    if ctx is None:
+        return run_sync(fetch(url, **options))
+    # Carry the render context into the bridge loop, then record what it collected here.
+    return run_sync(_fetch_in_context(ctx, url, options))
+
+
+async def _fetch_in_context(ctx: Any, url: str, options: dict[str, Any]) -> httpx.Response:
+    from pyisr import context as render_context
+
+    token = render_context.enter(ctx)
+    try:
+        return await fetch(url, **options)
+    finally:
+        render_context.leave(token)

@@ -1,0 +1,512 @@
+"""The ISR state machine (DESIGN.md, "The engine's state machine").
+
+Given a key, a render callable and a policy, :meth:`Engine.get` answers with an entry
+and how it was obtained:
+
+- fresh → HIT;
+- stale → the stale entry now (STALE) and one background regeneration;
+- missing or tag-invalidated → render now, concurrent callers share that render (MISS);
+- missing and not allowed → NOT_ALLOWED (the server answers 404);
+- missing with ``fallback: True`` → FALLBACK and a background render.
+
+It knows nothing of HTTP. Renders run under a timeout and a concurrency limit; sync
+render functions run in worker threads. A failed render never replaces a good entry:
+the old one is kept, marked with the failure and a back-off, and retried later.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import inspect
+import time
+import weakref
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+from pyisr import context as render_context
+from pyisr.cache.entry import (
+    CacheEntry,
+    EntryKind,
+    Revalidate,
+    min_revalidate,
+    validate_revalidate,
+)
+from pyisr.cache.handler import CacheHandler, as_handler
+from pyisr.cache.tags import PATH_TAG, merge_tags, tags_for_revalidate_path, validate_tags
+from pyisr.log import CacheLog
+
+
+class CacheStatus(StrEnum):
+    HIT = "HIT"
+    STALE = "STALE"
+    MISS = "MISS"
+    REVALIDATED = "REVALIDATED"
+    #: The path is unknown and the route does not render unknown paths (404).
+    NOT_ALLOWED = "NOT_ALLOWED"
+    #: ``fallback: True``: the caller serves its fallback shell; the page renders meanwhile.
+    FALLBACK = "FALLBACK"
+    #: ``revalidate = 0``: rendered for this request, never stored.
+    BYPASS = "BYPASS"
+
+
+class OnMissing(StrEnum):
+    RENDER = "render"
+    NOT_FOUND = "not_found"
+    FALLBACK = "fallback"
+
+
+class _Unset:
+    def __repr__(self) -> str:
+        return "UNSET"
+
+
+UNSET: Any = _Unset()
+
+
+@dataclass
+class Rendered:
+    """What a render callable returns.
+
+    ``revalidate`` left UNSET means "the route's default"; a value given here (a Pages
+    page's ``get_static_props`` result) replaces that default for this entry.
+    """
+
+    body: bytes | str
+    status: int = 200
+    headers: Mapping[str, str] = field(default_factory=dict)
+    revalidate: Any = UNSET
+    tags: Iterable[str] = ()
+
+
+@dataclass(frozen=True)
+class RenderPolicy:
+    kind: EntryKind = EntryKind.PAGE
+    #: The route's revalidate: seconds, ``None`` (never), or ``0`` (never cached).
+    revalidate: Revalidate = None
+    #: Tags stored with the entry (explicit and implicit).
+    tags: tuple[str, ...] = ()
+    #: Tags checked against but not stored (a page's tags, for data read while it renders).
+    soft_tags: tuple[str, ...] = ()
+    on_missing: OnMissing = OnMissing.RENDER
+    #: Treat a stale entry like a missing one (data read during a regeneration).
+    stale_blocks: bool = False
+
+
+DEFAULT_POLICY = RenderPolicy()
+
+RenderFn = Callable[[], Awaitable[Rendered] | Rendered]
+
+
+@dataclass(frozen=True, slots=True)
+class Served:
+    entry: CacheEntry | None
+    status: CacheStatus
+
+
+class RenderFailed(RuntimeError):
+    """A render returned a 5xx result: treated exactly like an exception."""
+
+
+class RenderTimeout(TimeoutError):
+    pass
+
+
+class RevalidationError(RuntimeError):
+    """``revalidate(path)`` could not regenerate the page; the old one is still served."""
+
+
+class _Mode(StrEnum):
+    BLOCKING = "blocking"
+    BACKGROUND = "background"
+    ON_DEMAND = "on_demand"
+
+
+@dataclass
+class _LoopState:
+    """Single-flight maps and limits belong to one event loop."""
+
+    inflight: dict[tuple[str, str], asyncio.Task[CacheEntry]] = field(default_factory=dict)
+    background: set[asyncio.Task[Any]] = field(default_factory=set)
+    renders: asyncio.Semaphore | None = None
+
+
+def _backoff(entry: CacheEntry) -> float:
+    """Next.js' back-off after a failed regeneration: ``clamp(revalidate, 3, 30)`` seconds."""
+    return float(min(max(entry.revalidate or 3, 3), 30))
+
+
+class Engine:
+    """Serves cache entries with stale-while-revalidate over a :class:`CacheHandler`.
+
+    ``clock`` returns wall-clock epoch seconds; tests pass a fake one.
+    """
+
+    def __init__(
+        self,
+        handler: object,
+        *,
+        clock: Callable[[], float] = time.time,
+        render_timeout: float = 30.0,
+        max_concurrent_renders: int = 16,
+        lock_poll: float = 0.02,
+        debug: bool | None = None,
+    ) -> None:
+        if render_timeout <= 0:
+            raise ValueError(f"render_timeout must be > 0 seconds, not {render_timeout!r}")
+        if max_concurrent_renders < 1:
+            raise ValueError(f"max_concurrent_renders must be >= 1, not {max_concurrent_renders!r}")
+        self.handler: CacheHandler = as_handler(handler)
+        self.clock = clock
+        self.render_timeout = render_timeout
+        self.max_concurrent_renders = max_concurrent_renders
+        self.lock_ttl = render_timeout + 5.0
+        self.lock_poll = lock_poll
+        self.log = CacheLog(debug)
+        self._executor = ThreadPoolExecutor(
+            max_workers=max_concurrent_renders, thread_name_prefix="pyisr-render"
+        )
+        self._states: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopState] = (
+            weakref.WeakKeyDictionary()
+        )
+        #: Set by the site: turns a path into (key, render, policy) for ``revalidate(path)``.
+        self.path_resolver: Callable[[str], Awaitable[tuple[str, RenderFn, RenderPolicy] | None]] | None = (
+            None
+        )
+
+    # -- per-loop state -----------------------------------------------------------------
+
+    def _state(self) -> _LoopState:
+        loop = asyncio.get_running_loop()
+        state = self._states.get(loop)
+        if state is None:
+            state = _LoopState(renders=asyncio.Semaphore(self.max_concurrent_renders))
+            self._states[loop] = state
+        return state
+
+    # -- the state machine --------------------------------------------------------------
+
+    async def _tag_times_for(self, entry: CacheEntry, policy: RenderPolicy) -> Mapping[str, float]:
+        tags = entry.tags + policy.soft_tags if policy.soft_tags else entry.tags
+        if not tags:
+            return {}
+        return await self.handler.tag_times(tags)
+
+    def _invalidated(self, entry: CacheEntry, times: Mapping[str, float], policy: RenderPolicy) -> bool:
+        if entry.is_invalidated(times):
+            return True
+        for tag in policy.soft_tags:
+            at = times.get(tag)
+            if at is not None and at >= entry.created_at:
+                return True
+        return False
+
+    async def get(self, key: str, render: RenderFn, policy: RenderPolicy = DEFAULT_POLICY) -> Served:
+        """Answer one request for ``key``. Raises what the render raised when nothing is cached."""
+        entry = await self.handler.get(key)
+        now = self.clock()
+        if entry is not None:
+            times = await self._tag_times_for(entry, policy)
+            if self._invalidated(entry, times, policy):
+                if self._in_failure_backoff(entry, times, now):
+                    self.log.decision(key, "STALE", "invalidated; last regeneration failed, in back-off")
+                    return Served(entry, CacheStatus.STALE)
+                self.log.decision(key, "INVALIDATED", "tag revalidated after the entry was made")
+                return await self._blocking(key, render, policy, previous=entry)
+            if entry.is_stale(now):
+                if policy.stale_blocks:
+                    return await self._blocking(key, render, policy, previous=entry)
+                self.log.decision(key, "STALE", f"age={entry.age(now)}s revalidate={entry.revalidate}")
+                self._start_background(key, render, policy, entry)
+                return Served(entry, CacheStatus.STALE)
+            self.log.decision(key, "HIT", f"age={entry.age(now)}s")
+            return Served(entry, CacheStatus.HIT)
+        if policy.on_missing is OnMissing.NOT_FOUND:
+            self.log.decision(key, "NOT_ALLOWED", "not prerendered and the route renders no unknown paths")
+            return Served(None, CacheStatus.NOT_ALLOWED)
+        if policy.on_missing is OnMissing.FALLBACK:
+            self.log.decision(key, "FALLBACK", "serving the fallback shell; rendering in the background")
+            self._start_background(key, render, policy, None)
+            return Served(None, CacheStatus.FALLBACK)
+        return await self._blocking(key, render, policy, previous=None)
+
+    def _in_failure_backoff(self, entry: CacheEntry, times: Mapping[str, float], now: float) -> bool:
+        """An invalidated entry whose re-render failed after the invalidation is kept for its back-off."""
+        failure = entry.last_failure
+        if failure is None or entry.retry_at is None or now >= entry.retry_at:
+            return False
+        newest = max((times.get(t, float("-inf")) for t in entry.tags), default=float("-inf"))
+        return failure.at >= newest
+
+    async def _blocking(
+        self, key: str, render: RenderFn, policy: RenderPolicy, previous: CacheEntry | None
+    ) -> Served:
+        task = self._flight(key, render, policy, previous, _Mode.BLOCKING)
+        try:
+            entry = await asyncio.shield(task)
+        except Exception:
+            if previous is not None:
+                # Keep serving the last good page (the failure is logged and recorded).
+                return Served(previous, CacheStatus.STALE)
+            raise
+        if entry.revalidate == 0:
+            return Served(entry, CacheStatus.BYPASS)
+        return Served(entry, CacheStatus.MISS)
+
+    def _flight(
+        self,
+        key: str,
+        render: RenderFn,
+        policy: RenderPolicy,
+        previous: CacheEntry | None,
+        mode: _Mode,
+    ) -> asyncio.Task[CacheEntry]:
+        """The one render of ``key`` in this loop: join it if it runs, start it if not."""
+        state = self._state()
+        # On-demand revalidation must not join a normal render that started earlier.
+        lane = "on_demand" if mode is _Mode.ON_DEMAND else "normal"
+        task = state.inflight.get((key, lane))
+        if task is not None:
+            return task
+        task = asyncio.create_task(self._regenerate(key, render, policy, previous, mode))
+        state.inflight[(key, lane)] = task
+
+        def _done(t: asyncio.Task[CacheEntry], slot: tuple[str, str] = (key, lane)) -> None:
+            if state.inflight.get(slot) is t:
+                del state.inflight[slot]
+            if not t.cancelled():
+                t.exception()  # retrieved: failures are logged where they happen
+
+        task.add_done_callback(_done)
+        return task
+
+    def _start_background(
+        self, key: str, render: RenderFn, policy: RenderPolicy, previous: CacheEntry | None
+    ) -> None:
+        state = self._state()
+        if (key, "normal") in state.inflight:
+            return
+        task = self._flight(key, render, policy, previous, _Mode.BACKGROUND)
+        state.background.add(task)
+        task.add_done_callback(state.background.discard)
+
+    async def drain(self) -> None:
+        """Wait for every background regeneration started in this loop (tests, shutdown)."""
+        state = self._state()
+        while state.background:
+            await asyncio.gather(*list(state.background), return_exceptions=True)
+
+    # -- regeneration -------------------------------------------------------------------
+
+    def _usable(
+        self,
+        entry: CacheEntry | None,
+        times: Mapping[str, float],
+        policy: RenderPolicy,
+        previous: CacheEntry | None,
+        now: float,
+    ) -> bool:
+        if entry is None or self._invalidated(entry, times, policy) or entry.is_stale(now):
+            return False
+        return previous is None or entry.created_at > previous.created_at
+
+    async def _adoptable(
+        self, key: str, policy: RenderPolicy, previous: CacheEntry | None
+    ) -> CacheEntry | None:
+        """An entry another process stored since ``previous`` that makes our render needless."""
+        current = await self.handler.reload(key)
+        if current is None:
+            return None
+        times = await self._tag_times_for(current, policy)
+        return current if self._usable(current, times, policy, previous, self.clock()) else None
+
+    async def _regenerate(
+        self,
+        key: str,
+        render: RenderFn,
+        policy: RenderPolicy,
+        previous: CacheEntry | None,
+        mode: _Mode,
+    ) -> CacheEntry:
+        token = await self.handler.acquire_lock(key, self.lock_ttl)
+        if token is None and mode is _Mode.BACKGROUND:
+            self.log.decision(key, "REGENERATE", "skipped: another process is regenerating it")
+            if previous is None:
+                raise RuntimeError(f"{key} is being rendered by another process")
+            return previous
+        if token is None and mode is _Mode.BLOCKING:
+            deadline = time.monotonic() + self.lock_ttl
+            delay = self.lock_poll
+            while token is None and time.monotonic() < deadline:
+                await asyncio.sleep(delay)
+                delay = min(delay * 1.5, 0.25)
+                adopted = await self._adoptable(key, policy, previous)
+                if adopted is not None:
+                    self.log.decision(key, "ADOPT", "rendered by another process")
+                    return adopted
+                token = await self.handler.acquire_lock(key, self.lock_ttl)
+        try:
+            if mode is not _Mode.ON_DEMAND and token is not None:
+                adopted = await self._adoptable(key, policy, previous)
+                if adopted is not None:
+                    self.log.decision(key, "ADOPT", "rendered by another process")
+                    return adopted
+            return await self._render_and_store(key, render, policy, previous, mode)
+        finally:
+            if token is not None:
+                await self.handler.release_lock(key, token)
+
+    async def _render_and_store(
+        self,
+        key: str,
+        render: RenderFn,
+        policy: RenderPolicy,
+        previous: CacheEntry | None,
+        mode: _Mode,
+    ) -> CacheEntry:
+        started_at = self.clock()
+        t0 = time.perf_counter()
+        ctx = render_context.RenderContext(
+            key=key,
+            soft_tags=policy.tags if policy.kind is not EntryKind.DATA else policy.soft_tags,
+            is_revalidating=previous is not None or mode is _Mode.ON_DEMAND,
+            page_revalidate=policy.revalidate,
+        )
+        word = "REGENERATE" if previous is not None or mode is not _Mode.BLOCKING else "MISS"
+        try:
+            rendered = await self._run(render, ctx)
+            entry = self._make_entry(key, rendered, policy, ctx, started_at)
+        except Exception as exc:
+            elapsed = (time.perf_counter() - t0) * 1000
+            self.log.failure(key, "FAILED", exc, f"{word.lower()} after {elapsed:.0f}ms")
+            if previous is not None:
+                failed = previous.with_failure(exc, self.clock(), _backoff(previous))
+                await self.handler.set(failed)
+            raise
+        elapsed = (time.perf_counter() - t0) * 1000
+        if entry.revalidate == 0:
+            self.log.decision(key, word, f"rendered in {elapsed:.1f}ms; revalidate=0, not cached")
+            return entry
+        stored = await self.handler.set(entry)
+        if not stored:
+            self.log.decision(key, "FENCED", f"rendered in {elapsed:.1f}ms; a newer entry exists")
+        else:
+            self.log.decision(
+                key,
+                word,
+                f"rendered in {elapsed:.1f}ms status={entry.status} "
+                f"revalidate={entry.revalidate} size={len(entry.body)}",
+            )
+            if mode is _Mode.ON_DEMAND and PATH_TAG + key in entry.tags:
+                # Other processes' memory tiers drop their copies of this page: every entry
+                # made before this render started is invalidated, ours is not.
+                await self.handler.revalidate_tags([PATH_TAG + key], started_at - 1e-6)
+        return entry
+
+    async def _run(self, render: RenderFn, ctx: render_context.RenderContext) -> Rendered:
+        state = self._state()
+        assert state.renders is not None
+        run_ctx = contextvars.copy_context()
+        run_ctx.run(render_context.enter, ctx)
+        async with state.renders:
+            if _is_async(render):
+                job: Awaitable[Any] = asyncio.create_task(render(), context=run_ctx)
+            else:
+                loop = asyncio.get_running_loop()
+                job = loop.run_in_executor(self._executor, run_ctx.run, render)
+            try:
+                result = await asyncio.wait_for(job, self.render_timeout)
+            except TimeoutError as exc:
+                raise RenderTimeout(f"render of {ctx.key} took longer than {self.render_timeout:g}s") from exc
+            if inspect.isawaitable(result):
+                # A sync callable that returned a coroutine (e.g. a lambda around an async def).
+                result = await asyncio.wait_for(
+                    asyncio.create_task(_awaited(result), context=run_ctx), self.render_timeout
+                )
+        if not isinstance(result, Rendered):
+            raise TypeError(f"render of {ctx.key} returned {type(result).__name__}; expected pyisr.Rendered")
+        return result
+
+    def _make_entry(
+        self,
+        key: str,
+        rendered: Rendered,
+        policy: RenderPolicy,
+        ctx: render_context.RenderContext,
+        started_at: float,
+    ) -> CacheEntry:
+        if rendered.status >= 500:
+            raise RenderFailed(f"render of {key} returned status {rendered.status}")
+        own = (
+            policy.revalidate
+            if rendered.revalidate is UNSET
+            else validate_revalidate(rendered.revalidate, where=key)
+        )
+        revalidate = min_revalidate(own, ctx.revalidate) if ctx.had_data_calls and own != 0 else own
+        body = rendered.body.encode() if isinstance(rendered.body, str) else bytes(rendered.body)
+        tags = merge_tags(validate_tags(list(rendered.tags), where=key), ctx.tags, policy.tags)
+        return CacheEntry(
+            key=key,
+            body=body,
+            created_at=started_at,
+            revalidate=revalidate,
+            kind=policy.kind,
+            status=rendered.status,
+            headers=dict(rendered.headers),
+            tags=tags,
+        )
+
+    # -- on-demand ----------------------------------------------------------------------
+
+    async def revalidate_now(
+        self, key: str, render: RenderFn, policy: RenderPolicy = DEFAULT_POLICY
+    ) -> CacheEntry:
+        """Regenerate ``key`` now and return only once it is stored (``res.revalidate``).
+
+        Raises :class:`RevalidationError` if the render fails; the old entry stays served.
+        """
+        previous = await self.handler.get(key)
+        task = self._flight(key, render, policy, previous, _Mode.ON_DEMAND)
+        try:
+            return await asyncio.shield(task)
+        except Exception as exc:
+            raise RevalidationError(f"Failed to revalidate {key}: {exc}") from exc
+
+    async def revalidate_tags(self, tags: Iterable[str]) -> None:
+        """Mark every entry carrying any of ``tags`` as invalidated: one manifest write."""
+        tags = list(tags)
+        if not tags:
+            return
+        await self.handler.revalidate_tags(tags, self.clock())
+        for tag in tags:
+            self.log.decision(tag, "INVALIDATE", "tag revalidated")
+
+    async def revalidate_tag(self, tag: str) -> None:
+        await self.revalidate_tags(validate_tags([tag], where="revalidate_tag()"))
+
+    async def revalidate_path(self, path: str, type: str | None = None) -> None:  # noqa: A002
+        await self.revalidate_tags(tags_for_revalidate_path(path, type))
+
+    async def inspect(self, key: str) -> CacheEntry | None:
+        return await self.handler.reload(key)
+
+    async def close(self) -> None:
+        try:
+            await self.drain()
+        finally:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+            await self.handler.close()
+
+
+def _is_async(fn: Callable[..., Any]) -> bool:
+    """True for async functions, partials of them and objects with an async ``__call__``."""
+    return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(
+        getattr(fn, "__call__", None)  # noqa: B004
+    )
+
+
+async def _awaited(awaitable: Awaitable[Any]) -> Any:
+    return await awaitable

@@ -1,0 +1,103 @@
+"""The process-wide default engine, and running async work from sync code.
+
+``cached``, ``fetch``, ``revalidate_tag`` and ``revalidate_path`` work from any code,
+so they need an engine without being handed one: the server installs its engine with
+:func:`configure`; scripts get one built from ``PYISR_CACHE`` on first use.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+from collections.abc import Coroutine
+from concurrent.futures import Future
+from typing import Any, TypeVar
+
+from pyisr.cache.urls import build_handler, parse_size
+from pyisr.engine import Engine
+
+T = TypeVar("T")
+
+_engine: Engine | None = None
+_engine_lock = threading.Lock()
+
+
+def _build(cache: object | None, options: dict[str, Any]) -> Engine:
+    tier = options.pop("memory_tier_bytes", os.environ.get("PYISR_MEMORY_TIER", "50MB"))
+    base_dir = options.pop("base_dir", ".")
+    handler = build_handler(
+        cache if cache is not None else os.environ.get("PYISR_CACHE"),
+        base_dir=base_dir,
+        memory_tier_bytes=parse_size(tier),
+    )
+    return Engine(handler, **options)
+
+
+def configure(cache: object | None = None, **options: Any) -> Engine:
+    """Install the default engine (a handler URL or object, plus ``Engine`` options).
+
+    ``memory_tier_bytes`` sizes the memory tier in front of a persistent handler
+    (``0`` disables it); ``base_dir`` anchors a relative ``file:`` URL. Returns the
+    engine. Call it once at start-up.
+    """
+    global _engine
+    engine = _build(cache, dict(options))
+    with _engine_lock:
+        _engine = engine
+    return engine
+
+
+def set_engine(engine: Engine | None) -> None:
+    """Make ``engine`` the default (the server and tests use this)."""
+    global _engine
+    with _engine_lock:
+        _engine = engine
+
+
+def get_engine() -> Engine:
+    """The default engine, created from the environment (``PYISR_CACHE``) on first use."""
+    global _engine
+    with _engine_lock:
+        if _engine is None:
+            _engine = _build(None, {})
+        return _engine
+
+
+class _SyncBridge:
+    """A private event loop in a daemon thread, for sync callers with no loop of their own."""
+
+    def __init__(self) -> None:
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._lock = threading.Lock()
+
+    def _ensure(self) -> asyncio.AbstractEventLoop:
+        with self._lock:
+            if self._loop is None or self._loop.is_closed():
+                loop = asyncio.new_event_loop()
+                thread = threading.Thread(target=loop.run_forever, name="pyisr-sync", daemon=True)
+                thread.start()
+                self._loop = loop
+            return self._loop
+
+    def run(self, coro: Coroutine[Any, Any, T]) -> T:
+        """Run ``coro`` on the bridge loop and wait for it.
+
+        Called from an event loop thread this blocks that loop for the duration, which
+        is why every sync function has an async twin for async code.
+        """
+        if threading.current_thread().name == "pyisr-sync":
+            coro.close()
+            raise RuntimeError(
+                "a sync pyisr call was made from async code running on pyisr's own sync "
+                "bridge; use the async form (e.g. `await fn.aio(...)`)"
+            )
+        future: Future[T] = asyncio.run_coroutine_threadsafe(coro, self._ensure())
+        return future.result()
+
+
+bridge = _SyncBridge()
+
+
+def run_sync(coro: Coroutine[Any, Any, T]) -> T:
+    return bridge.run(coro)

@@ -1,0 +1,529 @@
+"""The engine's state machine with a fake clock; SPEC.md cases named by id."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import pytest
+
+from pyisr import (
+    CacheStatus,
+    Engine,
+    MemoryCache,
+    OnMissing,
+    Rendered,
+    RenderPolicy,
+    RevalidationError,
+)
+from pyisr.cache.tags import implicit_tags, tags_for_revalidate_path
+
+ISR5 = RenderPolicy(revalidate=5, tags=implicit_tags("/blog/1", "/blog/[id]"))
+
+
+def policy_for(path: str, pattern: str = "/blog/[id]", revalidate: int | None = 5, **kw: object) -> RenderPolicy:
+    return RenderPolicy(revalidate=revalidate, tags=implicit_tags(path, pattern), **kw)  # type: ignore[arg-type]
+
+
+async def test_miss_then_hit(engine, page_factory):
+    page = page_factory()
+    first = await engine.get("/blog/1", page, ISR5)
+    assert first.status is CacheStatus.MISS
+    assert first.entry.body == b"render 1"
+    second = await engine.get("/blog/1", page, ISR5)
+    assert second.status is CacheStatus.HIT
+    assert second.entry.body == b"render 1"
+    assert page.calls == 1
+
+
+async def test_S02_stale_serves_old_and_regenerates_once(engine, clock, page_factory):
+    page = page_factory()
+    await engine.get("/blog/1", page, ISR5)
+    clock.advance(6)
+    stale = await engine.get("/blog/1", page, ISR5)
+    assert stale.status is CacheStatus.STALE and stale.entry.body == b"render 1"
+    await engine.drain()
+    clock.advance(1)
+    fresh = await engine.get("/blog/1", page, ISR5)
+    assert fresh.status is CacheStatus.HIT and fresh.entry.body == b"render 2"
+    assert page.calls == 2
+
+
+async def test_S03_very_old_entry_is_served_without_waiting(engine, clock, page_factory):
+    page = page_factory(delay=0.5)
+    await engine.get("/blog/1", page, ISR5)
+    clock.advance(1000)
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    served = await engine.get("/blog/1", page, ISR5)
+    assert loop.time() - t0 < 0.1
+    assert served.status is CacheStatus.STALE and served.entry.body == b"render 1"
+
+
+async def test_revalidate_boundary_is_inclusive(engine, clock, page_factory):
+    page = page_factory()
+    await engine.get("/blog/1", page, ISR5)
+    clock.advance(4.999)
+    assert (await engine.get("/blog/1", page, ISR5)).status is CacheStatus.HIT
+    clock.advance(0.001)
+    assert (await engine.get("/blog/1", page, ISR5)).status is CacheStatus.STALE
+
+
+async def test_S05_concurrent_misses_share_one_render(engine, page_factory):
+    page = page_factory(delay=0.05)
+    results = await asyncio.gather(*(engine.get("/blog/3", page, ISR5) for _ in range(50)))
+    assert {r.status for r in results} == {CacheStatus.MISS}
+    assert len({r.entry.body for r in results}) == 1
+    assert page.calls == 1
+
+
+async def test_500_concurrent_reads_of_a_missing_key_render_once(engine, page_factory):
+    page = page_factory(delay=0.05)
+    results = await asyncio.gather(*(engine.get("/k", page, ISR5) for _ in range(500)))
+    assert page.calls == 1
+    assert all(r.entry.body == b"render 1" for r in results)
+
+
+async def test_500_concurrent_reads_of_a_stale_key_start_one_regeneration(engine, clock, page_factory):
+    page = page_factory(delay=0.05)
+    await engine.get("/k", page, ISR5)
+    clock.advance(10)
+    results = await asyncio.gather(*(engine.get("/k", page, ISR5) for _ in range(500)))
+    assert {r.status for r in results} == {CacheStatus.STALE}
+    await engine.drain()
+    assert page.calls == 2
+
+
+async def test_S06_requests_during_regeneration_stay_stale(engine, clock, page_factory):
+    page = page_factory(delay=0.1)
+    await engine.get("/blog/4", page, ISR5)
+    clock.advance(6)
+    assert (await engine.get("/blog/4", page, ISR5)).status is CacheStatus.STALE
+    assert (await engine.get("/blog/4", page, ISR5)).status is CacheStatus.STALE
+    await engine.drain()
+    served = await engine.get("/blog/4", page, ISR5)
+    assert served.status is CacheStatus.HIT and served.entry.body == b"render 2"
+    assert page.calls == 2
+
+
+async def test_S13_S43_no_revalidate_is_never_stale(engine, clock, page_factory):
+    page = page_factory()
+    policy = policy_for("/static", "/static", revalidate=None)
+    await engine.get("/static", page, policy)
+    clock.advance(10**7)
+    served = await engine.get("/static", page, policy)
+    assert served.status is CacheStatus.HIT and served.entry.revalidate is None
+
+
+async def test_S14_revalidate_zero_is_never_cached(engine, page_factory):
+    page = page_factory()
+    policy = policy_for("/dyn", "/dyn", revalidate=0)
+    a = await engine.get("/dyn", page, policy)
+    b = await engine.get("/dyn", page, policy)
+    assert a.status is b.status is CacheStatus.BYPASS
+    assert (a.entry.body, b.entry.body) == (b"render 1", b"render 2")
+    assert await engine.handler.get("/dyn") is None
+
+
+async def test_S15_S42_unknown_path_not_allowed(engine, page_factory):
+    page = page_factory()
+    served = await engine.get("/blogf/2", page, policy_for("/blogf/2", on_missing=OnMissing.NOT_FOUND))
+    assert served.status is CacheStatus.NOT_ALLOWED and served.entry is None
+    assert page.calls == 0
+
+
+async def test_not_allowed_path_still_served_when_cached(engine, clock, page_factory):
+    """S-16: a prerendered path of a fallback-False route follows the normal rules."""
+    page = page_factory()
+    allowed = policy_for("/blogf/1")
+    await engine.get("/blogf/1", page, allowed)
+    strict = policy_for("/blogf/1", on_missing=OnMissing.NOT_FOUND)
+    assert (await engine.get("/blogf/1", page, strict)).status is CacheStatus.HIT
+    clock.advance(6)
+    assert (await engine.get("/blogf/1", page, strict)).status is CacheStatus.STALE
+    await engine.drain()
+    clock.advance(1)
+    served = await engine.get("/blogf/1", page, strict)
+    assert served.status is CacheStatus.HIT and served.entry.body == b"render 2"
+
+
+async def test_S17_fallback_renders_in_background(engine, page_factory):
+    page = page_factory(delay=0.05)
+    policy = policy_for("/blogt/2", on_missing=OnMissing.FALLBACK)
+    first = await engine.get("/blogt/2", page, policy)
+    assert first.status is CacheStatus.FALLBACK and first.entry is None
+    await engine.drain()
+    second = await engine.get("/blogt/2", page, policy)
+    assert second.status is CacheStatus.HIT and second.entry.body == b"render 1"
+
+
+async def test_S19_not_found_results_are_cached_with_their_revalidate(engine, clock):
+    calls = 0
+
+    async def render() -> Rendered:
+        nonlocal calls
+        calls += 1
+        return Rendered("not found", status=404, revalidate=7)
+
+    policy = policy_for("/nf/nf1", "/nf/[id]", revalidate=None)
+    first = await engine.get("/nf/nf1", render, policy)
+    assert first.status is CacheStatus.MISS and first.entry.status == 404 and first.entry.revalidate == 7
+    second = await engine.get("/nf/nf1", render, policy)
+    assert second.status is CacheStatus.HIT and second.entry.status == 404
+    clock.advance(8)
+    assert (await engine.get("/nf/nf1", render, policy)).status is CacheStatus.STALE
+    await engine.drain()
+    assert calls == 2
+
+
+async def test_S21_redirects_are_cached(engine):
+    async def render() -> Rendered:
+        return Rendered(b"/plain", status=307, headers={"location": "/plain"}, revalidate=9)
+
+    policy = policy_for("/r/temp", "/r/[id]", revalidate=None)
+    first = await engine.get("/r/temp", render, policy)
+    assert (first.status, first.entry.status, first.entry.headers["location"]) == (CacheStatus.MISS, 307, "/plain")
+    assert (await engine.get("/r/temp", render, policy)).status is CacheStatus.HIT
+
+
+async def test_S22_S23_failed_regeneration_keeps_old_with_backoff(engine, clock, page_factory, caplog):
+    page = page_factory()
+    policy = policy_for("/e/1", "/e/[id]", revalidate=3)
+    await engine.get("/e/1", page, policy)  # t=0 MISS
+    page.fail = RuntimeError("database down")
+    clock.advance(3.5)
+    with caplog.at_level(logging.ERROR, logger="pyisr.cache"):
+        stale = await engine.get("/e/1", page, policy)
+        assert stale.status is CacheStatus.STALE and stale.entry.body == b"render 1"
+        await engine.drain()
+    failures = [r for r in caplog.records if "FAILED" in r.getMessage()]
+    assert len(failures) == 1 and "database down" in failures[0].getMessage()
+    # The failed entry is kept and given a back-off of clamp(3, 3, 30) = 3 s.
+    clock.advance(0.7)  # t=4.2
+    kept = await engine.get("/e/1", page, policy)
+    assert kept.status is CacheStatus.HIT and kept.entry.body == b"render 1"
+    assert kept.entry.last_failure.count == 1
+    assert kept.entry.last_failure.exc_type == "RuntimeError"
+    assert kept.entry.last_failure.message == "database down"
+    clock.advance(3.5)  # t=7.7: retry
+    assert (await engine.get("/e/1", page, policy)).status is CacheStatus.STALE
+    await engine.drain()
+    assert (await engine.inspect("/e/1")).last_failure.count == 2
+    assert page.calls == 3
+    # S-23: the error goes away; after the back-off the next regeneration succeeds.
+    page.fail = None
+    clock.advance(3.1)
+    assert (await engine.get("/e/1", page, policy)).status is CacheStatus.STALE
+    await engine.drain()
+    clock.advance(1)
+    served = await engine.get("/e/1", page, policy)
+    assert served.status is CacheStatus.HIT and served.entry.body == b"render 4"
+    assert served.entry.last_failure is None
+
+
+@pytest.mark.parametrize("revalidate,backoff", [(1, 3), (10, 10), (60, 30)])
+async def test_backoff_is_clamped_between_3_and_30(engine, clock, page_factory, revalidate, backoff):
+    page = page_factory()
+    policy = policy_for("/b", "/b", revalidate=revalidate)
+    await engine.get("/b", page, policy)
+    page.fail = ValueError("nope")
+    clock.advance(revalidate)
+    await engine.get("/b", page, policy)
+    await engine.drain()
+    entry = await engine.inspect("/b")
+    assert entry.retry_at == pytest.approx(clock.now + backoff)
+
+
+async def test_S24_failure_with_nothing_cached_raises_and_caches_nothing(engine, page_factory):
+    page = page_factory()
+    page.fail = RuntimeError("boom")
+    for _ in range(2):
+        with pytest.raises(RuntimeError, match="boom"):
+            await engine.get("/e/2", page, policy_for("/e/2", "/e/[id]"))
+    assert page.calls == 2
+    assert await engine.handler.get("/e/2") is None
+
+
+async def test_5xx_result_never_replaces_a_good_entry(engine, clock, page_factory):
+    page = page_factory()
+    policy = policy_for("/p", "/p")
+    await engine.get("/p", page, policy)
+    page.status = 503
+    clock.advance(6)
+    await engine.get("/p", page, policy)
+    await engine.drain()
+    entry = await engine.inspect("/p")
+    assert entry.body == b"render 1" and entry.last_failure.exc_type == "RenderFailed"
+
+
+async def test_5xx_on_miss_is_an_error_and_not_cached(engine, page_factory):
+    page = page_factory()
+    page.status = 500
+    with pytest.raises(Exception, match="status 500"):
+        await engine.get("/p500", page, policy_for("/p500", "/p500"))
+    assert await engine.handler.get("/p500") is None
+
+
+async def test_hanging_render_times_out_and_keeps_old(clock, page_factory, caplog):
+    engine = Engine(MemoryCache(), clock=clock, render_timeout=0.2)
+    page = page_factory()
+    policy = policy_for("/slow", "/slow")
+    await engine.get("/slow", page, policy)
+    page.delay = 5
+    clock.advance(6)
+    with caplog.at_level(logging.ERROR, logger="pyisr.cache"):
+        assert (await engine.get("/slow", page, policy)).entry.body == b"render 1"
+        await engine.drain()
+    assert any("RenderTimeout" in r.getMessage() for r in caplog.records)
+    entry = await engine.inspect("/slow")
+    assert entry.body == b"render 1" and entry.last_failure.exc_type == "RenderTimeout"
+    # After the back-off the next request retries.
+    page.delay = 0
+    clock.advance(5)
+    assert (await engine.get("/slow", page, policy)).status is CacheStatus.STALE
+    await engine.drain()
+    assert (await engine.get("/slow", page, policy)).entry.body == b"render 3"
+
+
+async def test_sync_render_runs_in_a_thread(engine):
+    import threading
+
+    main = threading.get_ident()
+    seen: list[int] = []
+
+    def render() -> Rendered:
+        seen.append(threading.get_ident())
+        return Rendered("sync")
+
+    served = await engine.get("/sync", render, policy_for("/sync", "/sync"))
+    assert served.entry.body == b"sync" and seen and seen[0] != main
+
+
+async def test_concurrency_limit_bounds_parallel_renders(clock):
+    engine = Engine(MemoryCache(), clock=clock, max_concurrent_renders=3)
+    running = peak = 0
+
+    async def render() -> Rendered:
+        nonlocal running, peak
+        running += 1
+        peak = max(peak, running)
+        await asyncio.sleep(0.02)
+        running -= 1
+        return Rendered("x")
+
+    await asyncio.gather(*(engine.get(f"/c/{i}", render, RenderPolicy(revalidate=5)) for i in range(20)))
+    assert peak == 3
+
+
+async def test_S45_revalidate_tag_makes_next_request_blocking_miss(engine, clock, page_factory):
+    page = page_factory()
+    policy = RenderPolicy(revalidate=None, tags=("ft",) + implicit_tags("/f", "/f"))
+    await engine.get("/f", page, policy)
+    clock.advance(1)
+    await engine.revalidate_tag("ft")
+    clock.advance(0.001)
+    served = await engine.get("/f", page, policy)
+    assert served.status is CacheStatus.MISS and served.entry.body == b"render 2"
+    assert (await engine.get("/f", page, policy)).status is CacheStatus.HIT
+    clock.advance(1)
+    await engine.revalidate_tag("ft")  # a second invalidation works again
+    clock.advance(0.001)
+    assert (await engine.get("/f", page, policy)).entry.body == b"render 3"
+
+
+async def test_S46_revalidate_path(engine, clock, page_factory):
+    page = page_factory()
+    policy = policy_for("/a/1", "/a/[id]")
+    await engine.get("/a/1", page, policy)
+    clock.advance(1)
+    await engine.revalidate_path("/a/1")
+    clock.advance(0.001)
+    served = await engine.get("/a/1", page, policy)
+    assert served.status is CacheStatus.MISS and served.entry.body == b"render 2"
+
+
+async def test_S47_S48_revalidate_route_pattern_and_layout(engine, clock, page_factory):
+    pages = {p: page_factory() for p in ("/a/1", "/a/2", "/about")}
+    policies = {"/a/1": policy_for("/a/1", "/a/[id]"), "/a/2": policy_for("/a/2", "/a/[id]"),
+                "/about": policy_for("/about", "/about")}
+    for key, page in pages.items():
+        await engine.get(key, page, policies[key])
+    clock.advance(1)
+    await engine.revalidate_path("/a/[id]", "page")
+    clock.advance(0.001)
+    assert (await engine.get("/a/1", pages["/a/1"], policies["/a/1"])).status is CacheStatus.MISS
+    assert (await engine.get("/a/2", pages["/a/2"], policies["/a/2"])).status is CacheStatus.MISS
+    assert (await engine.get("/about", pages["/about"], policies["/about"])).status is CacheStatus.HIT
+    clock.advance(1)
+    await engine.revalidate_path("/", "layout")
+    clock.advance(0.001)
+    for key, page in pages.items():
+        assert (await engine.get(key, page, policies[key])).status is CacheStatus.MISS
+
+
+async def test_revalidate_path_layout_of_a_subtree(engine, clock, page_factory):
+    page = page_factory()
+    inside, outside = policy_for("/blog/1", "/blog/[id]"), policy_for("/shop/1", "/shop/[id]")
+    await engine.get("/blog/1", page, inside)
+    await engine.get("/shop/1", page, outside)
+    clock.advance(1)
+    await engine.revalidate_path("/blog", "layout")
+    clock.advance(0.001)
+    assert (await engine.get("/blog/1", page, inside)).status is CacheStatus.MISS
+    assert (await engine.get("/shop/1", page, outside)).status is CacheStatus.HIT
+
+
+async def test_revalidate_path_rejects_a_pattern_without_type():
+    with pytest.raises(ValueError, match="type='page'"):
+        tags_for_revalidate_path("/blog/[id]", None)
+
+
+async def test_S34_revalidate_path_needs_a_leading_slash():
+    with pytest.raises(ValueError, match="'blog/1'.*e.g. '/blog/1'"):
+        tags_for_revalidate_path("blog/1", None)
+
+
+async def test_S30_on_demand_revalidation_regenerates_and_stores(engine, page_factory):
+    page = page_factory()
+    await engine.get("/blog/1", page, ISR5)
+    entry = await engine.revalidate_now("/blog/1", page, ISR5)
+    assert entry.body == b"render 2"
+    served = await engine.get("/blog/1", page, ISR5)
+    assert served.status is CacheStatus.HIT and served.entry.body == b"render 2"
+
+
+async def test_S35_on_demand_works_on_pages_that_never_expire(engine, page_factory):
+    page = page_factory()
+    policy = policy_for("/static", "/static", revalidate=None)
+    await engine.get("/static", page, policy)
+    await engine.revalidate_now("/static", page, policy)
+    assert (await engine.get("/static", page, policy)).entry.body == b"render 2"
+
+
+async def test_S36_on_demand_failure_raises_and_keeps_old(engine, page_factory):
+    page = page_factory()
+    policy = policy_for("/e/1", "/e/[id]", revalidate=3)
+    await engine.get("/e/1", page, policy)
+    page.fail = RuntimeError("flag on")
+    with pytest.raises(RevalidationError, match=r"^Failed to revalidate /e/1: flag on"):
+        await engine.revalidate_now("/e/1", page, policy)
+    served = await engine.get("/e/1", page, policy)
+    assert served.entry.body == b"render 1"
+
+
+async def test_fencing_an_older_render_never_overwrites_a_newer_entry(engine, clock):
+    """A slow background render that started before an on-demand revalidation loses."""
+    gate = asyncio.Event()
+    versions = iter(["slow", "on-demand"])
+
+    async def render() -> Rendered:
+        body = next(versions)
+        if body == "slow":
+            await gate.wait()
+        return Rendered(body)
+
+    policy = policy_for("/x", "/x")
+    handler = engine.handler
+    await handler.set(
+        __import__("pyisr").CacheEntry(key="/x", body=b"orig", created_at=clock.now, revalidate=5,
+                                       tags=policy.tags)
+    )
+    clock.advance(6)
+    assert (await engine.get("/x", render, policy)).status is CacheStatus.STALE  # slow render starts
+    await asyncio.sleep(0)
+    clock.advance(1)
+    await engine.revalidate_now("/x", render, policy)
+    gate.set()
+    await engine.drain()
+    assert (await engine.inspect("/x")).body == b"on-demand"
+
+
+async def test_invalidated_entry_whose_rerender_fails_is_served_stale(engine, clock, page_factory):
+    page = page_factory()
+    policy = RenderPolicy(revalidate=60, tags=("posts",))
+    await engine.get("/list", page, policy)
+    clock.advance(1)
+    await engine.revalidate_tag("posts")
+    clock.advance(0.001)
+    page.fail = RuntimeError("db down")
+    served = await engine.get("/list", page, policy)
+    assert served.status is CacheStatus.STALE and served.entry.body == b"render 1"
+    # Within the back-off, no new attempt.
+    served = await engine.get("/list", page, policy)
+    assert served.entry.body == b"render 1" and page.calls == 2
+
+
+async def test_render_returning_wrong_type_is_a_clear_error(engine):
+    async def render():
+        return "not a Rendered"
+
+    with pytest.raises(TypeError, match="expected pyisr.Rendered"):
+        await engine.get("/t", render, RenderPolicy())
+
+
+async def test_debug_log_lines_start_with_the_key(engine, page_factory, caplog):
+    """S-62 at the engine level: one line per decision, key first, render time on a MISS."""
+    page = page_factory()
+    with caplog.at_level(logging.DEBUG, logger="pyisr.cache"):
+        await engine.get("/blog/9", page, ISR5)
+        await engine.get("/blog/9", page, ISR5)
+    lines = [r.getMessage() for r in caplog.records]
+    assert any(line.startswith("/blog/9 MISS rendered in ") and "ms" in line for line in lines)
+    assert any(line.startswith("/blog/9 HIT") for line in lines)
+
+
+async def test_custom_duck_typed_handler_works(clock, page_factory):
+    """The seeds' custom cache handler: any object with the four async methods."""
+
+    class DictHandler:
+        def __init__(self) -> None:
+            self.entries: dict = {}
+            self.tags: dict = {}
+
+        async def get(self, key):
+            return self.entries.get(key)
+
+        async def set(self, entry):
+            self.entries[entry.key] = entry
+
+        async def revalidate_tags(self, tags, at):
+            for t in tags:
+                self.tags[t] = at
+
+        async def tag_times(self, tags):
+            return {t: self.tags[t] for t in tags if t in self.tags}
+
+    handler = DictHandler()
+    engine = Engine(handler, clock=clock)
+    page = page_factory()
+    policy = policy_for("/c", "/c")
+    await engine.get("/c", page, policy)
+    assert "/c" in handler.entries
+    assert (await engine.get("/c", page, policy)).status is CacheStatus.HIT
+    clock.advance(1)
+    await engine.revalidate_path("/c")
+    clock.advance(0.001)
+    assert (await engine.get("/c", page, policy)).status is CacheStatus.MISS
+
+
+def test_object_missing_methods_is_refused():
+    with pytest.raises(TypeError, match="lacks get, set"):
+        Engine(object())
+
+
+@pytest.mark.parametrize("bad", [-1, float("nan"), "5", 1.5, [], float("inf")])
+def test_invalid_revalidate_values_name_the_value(bad):
+    from pyisr.cache.entry import validate_revalidate
+
+    with pytest.raises(ValueError, match="Invalid revalidate value"):
+        validate_revalidate(bad)
+
+
+def test_valid_revalidate_values():
+    from pyisr.cache.entry import validate_revalidate
+
+    assert validate_revalidate(None) is None
+    assert validate_revalidate(False) is None
+    assert validate_revalidate(0) == 0
+    assert validate_revalidate(60) == 60
+    assert validate_revalidate(60.0) == 60
