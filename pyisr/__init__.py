@@ -31,6 +31,8 @@ from pyisr.revalidation import (
     revalidate_tag,
 )
 from pyisr.runtime import configure, get_engine, set_engine
+from pyisr.site.signals import not_found, redirect
+from pyisr.site.templates import render_template
 
 __version__ = "0.1.0"
 
@@ -63,11 +65,20 @@ __all__ = [
     "revalidate_sync",
     "revalidate_tag",
     "set_engine",
+    "not_found",
+    "redirect",
+    "render_template",
+    "App",
+    "FileSystemCache",
 ]
 
 
 def __getattr__(name: str) -> object:
     # FileSystemCache is imported lazily so `import pyisr` stays cheap.
+    if name == "App":
+        from pyisr.server.app import App
+
+        return App
     if name == "FileSystemCache":
         from pyisr.cache.filesystem import FileSystemCache
 

@@ -413,7 +413,7 @@ class Engine:
         run_ctx.run(render_context.enter, ctx)
         async with state.renders:
             if _is_async(render):
-                job: Awaitable[Any] = asyncio.create_task(render(), context=run_ctx)
+                job: Awaitable[Any] = asyncio.create_task(render(), context=run_ctx)  # type: ignore[arg-type]
             else:
                 loop = asyncio.get_running_loop()
                 job = loop.run_in_executor(self._executor, run_ctx.run, render)

@@ -1,0 +1,281 @@
+"""The ``pyisr`` command: build, start, dev, revalidate, cache."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from pyisr.config import Config, ConfigError, load_config
+from pyisr.site.loader import SiteLoadError
+
+console = Console(stderr=True)
+
+
+def _config(site: Path, **overrides: Any) -> Config:
+    try:
+        return load_config(site, overrides)
+    except ConfigError as exc:
+        console.print(f"[red]Configuration error:[/red] {escape(str(exc))}")
+        sys.exit(2)
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "kB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GB"
+
+
+@click.group()
+@click.version_option(package_name="pyisr")
+def main() -> None:
+    """pyisr: Incremental Static Regeneration for Python sites."""
+
+
+@main.command()
+@click.argument("site", type=click.Path(file_okay=False, path_type=Path), default=".")
+@click.option("--cache", help="Cache handler URL (file://, memory://, redis://).")
+@click.option("--debug-cache", is_flag=True, default=None, help="Log every cache decision.")
+def build(site: Path, cache: str | None, debug_cache: bool | None) -> None:
+    """Prerender every known page of SITE into its cache."""
+    from pyisr.build import build_site
+
+    config = _config(site, cache=cache, debug_cache=debug_cache)
+    with Progress(
+        TextColumn("Prerendering"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+    ) as bar:
+        task = bar.add_task("pages", total=None)
+
+        def progress(done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total)
+
+        try:
+            result = asyncio.run(build_site(site, config, progress=progress))
+        except SiteLoadError as exc:
+            bar.stop()
+            console.print(f"[red]Build failed:[/red] {escape(str(exc))}")
+            sys.exit(1)
+    if result.errors:
+        console.print(f"[red]Build failed:[/red] {len(result.errors)} page(s) could not be prerendered:")
+        for key, message in result.errors:
+            console.print(f"  Error occurred prerendering page [bold]{escape(key)}[/bold]: {escape(message)}")
+        sys.exit(1)
+    table = Table(title=f"pyisr build {result.build_id}", title_justify="left")
+    table.add_column("Route")
+    table.add_column("Kind")
+    table.add_column("Pages", justify="right")
+    table.add_column("Size", justify="right")
+    for report in sorted(result.reports, key=lambda r: r.route.pattern):
+        kind = report.route.describe_kind()
+        if report.revalidates and kind == "ISR (per page)":
+            values = sorted(v for v in report.revalidates if v is not None)
+            kind = f"ISR {values[0]}s" if values else "static"
+        table.add_row(escape(report.route.pattern), kind, str(len(report.keys)), _human(report.bytes))
+    Console().print(table)
+    rate = result.pages / result.seconds if result.seconds else 0
+    console.print(f"Built {result.pages} pages in {result.seconds:.2f}s ({rate:.0f} pages/s).")
+
+
+def _serve(site: Path, host: str, port: int, workers: int, dev: bool, server: str) -> None:
+    os.environ["PYISR_SITE"] = str(site.resolve())
+    os.environ["PYISR_DEV"] = "1" if dev else "0"
+    if server == "granian":
+        try:
+            from granian import Granian
+        except ImportError:
+            console.print("[red]granian is not installed:[/red] pip install 'pyisr[granian]'")
+            sys.exit(2)
+        Granian(
+            "pyisr.server.entry:create_app",
+            address=host,
+            port=port,
+            interface="asgi",
+            workers=workers,
+            factory=True,
+        ).serve()
+        return
+    import uvicorn
+
+    if dev:
+        uvicorn.run(
+            "pyisr.server.entry:create_app",
+            factory=True,
+            host=host,
+            port=port,
+            reload=True,
+            reload_dirs=[str(site.resolve())],
+            reload_includes=["*.py", "*.html", "*.toml", "*.css"],
+            log_level="info",
+        )
+        return
+    uvicorn.run(
+        "pyisr.server.entry:create_app",
+        factory=True,
+        host=host,
+        port=port,
+        workers=workers,
+        access_log=False,
+        log_level="warning",
+        lifespan="on",
+    )
+
+
+@main.command()
+@click.argument("site", type=click.Path(file_okay=False, path_type=Path), default=".")
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=3000, show_default=True, type=int)
+@click.option("--workers", default=1, show_default=True, type=click.IntRange(min=1))
+@click.option("--server", type=click.Choice(["uvicorn", "granian"]), default="uvicorn", show_default=True)
+def start(site: Path, host: str, port: int, workers: int, server: str) -> None:
+    """Serve the build of SITE with stale-while-revalidate."""
+    _config(site)
+    if not (site / ".pyisr" / "manifest.json").is_file():
+        console.print(f"[red]No build found in {site / '.pyisr'}.[/red] Run `pyisr build {site}` first.")
+        sys.exit(1)
+    try:
+        from pyisr.site.site import Site
+
+        Site.load(site)
+    except SiteLoadError as exc:
+        console.print(f"[red]Cannot start:[/red] {escape(str(exc))}")
+        sys.exit(1)
+    console.print(f"pyisr serving {site} on http://{host}:{port} ({workers} worker(s), {server})")
+    _serve(site, host, port, workers, dev=False, server=server)
+
+
+@main.command()
+@click.argument("site", type=click.Path(file_okay=False, path_type=Path), default=".")
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=3000, show_default=True, type=int)
+def dev(site: Path, host: str, port: int) -> None:
+    """Serve SITE for development: reload on change, never cache."""
+    _config(site)
+    console.print(f"pyisr dev server for {site} on http://{host}:{port} (reloads on change, no cache)")
+    _serve(site, host, port, 1, dev=True, server="uvicorn")
+
+
+@main.command()
+@click.option("--path", "path", help="Regenerate this path now (e.g. /blog/1).")
+@click.option("--tag", help="Invalidate every entry with this tag.")
+@click.option(
+    "--type", "kind", type=click.Choice(["page", "layout"]), help="With --path: mark a route or subtree."
+)
+@click.option("--url", default="http://127.0.0.1:3000", show_default=True, help="The running server.")
+@click.option("--secret", envvar="PYISR_REVALIDATE_SECRET", help="Defaults to $PYISR_REVALIDATE_SECRET.")
+def revalidate(path: str | None, tag: str | None, kind: str | None, url: str, secret: str | None) -> None:
+    """Ask a running server to revalidate a path or a tag."""
+    import httpx
+
+    if not path and not tag:
+        raise click.UsageError("give --path or --tag")
+    if not secret:
+        raise click.UsageError("no secret: set PYISR_REVALIDATE_SECRET or pass --secret")
+    params = {k: v for k, v in {"path": path, "tag": tag, "type": kind}.items() if v}
+    try:
+        response = httpx.post(
+            url.rstrip("/") + "/_pyisr/revalidate",
+            params=params,
+            headers={"authorization": f"Bearer {secret}"},
+            timeout=60,
+        )
+    except httpx.HTTPError as exc:
+        console.print(f"[red]Cannot reach {url}:[/red] {exc}")
+        sys.exit(1)
+    click.echo(response.text)
+    sys.exit(0 if response.status_code == 200 else 1)
+
+
+@main.group()
+def cache() -> None:
+    """Look at and clear the cache of a built site."""
+
+
+def _site_engine(site: Path) -> Any:
+    from pyisr.cache.urls import build_handler
+    from pyisr.engine import Engine
+
+    config = _config(site)
+    handler = build_handler(
+        config.cache or str(site.resolve() / ".pyisr" / "cache"), base_dir=site, memory_tier_bytes=0
+    )
+    return Engine(handler, debug=False)
+
+
+@cache.command("inspect")
+@click.argument("path")
+@click.option("--site", type=click.Path(file_okay=False, path_type=Path), default=".")
+def cache_inspect(path: str, site: Path) -> None:
+    """Show what is cached for PATH: age, revalidate, tags and the last failure."""
+    from pyisr.paths import normalize_path
+    from pyisr.server.app import describe_entry
+
+    engine = _site_engine(site)
+
+    async def run() -> Any:
+        try:
+            return await engine.inspect(normalize_path(path))
+        finally:
+            await engine.handler.close()
+
+    entry = asyncio.run(run())
+    if entry is None:
+        click.echo(json.dumps({"key": normalize_path(path), "cached": False}))
+        sys.exit(1)
+    info = describe_entry(entry, time.time())
+    click.echo(json.dumps(info, indent=2))
+
+
+@cache.command("list")
+@click.option("--site", type=click.Path(file_okay=False, path_type=Path), default=".")
+@click.option("--prefix", default="")
+def cache_list(site: Path, prefix: str) -> None:
+    """List cached keys."""
+    engine = _site_engine(site)
+
+    async def run() -> None:
+        try:
+            async for key in engine.handler.keys(prefix):
+                click.echo(key)
+        finally:
+            await engine.handler.close()
+
+    asyncio.run(run())
+
+
+@cache.command("purge")
+@click.argument("path")
+@click.option("--site", type=click.Path(file_okay=False, path_type=Path), default=".")
+def cache_purge(path: str, site: Path) -> None:
+    """Delete the cached entry for PATH (it is rendered again on the next request)."""
+    from pyisr.paths import normalize_path
+
+    engine = _site_engine(site)
+
+    async def run() -> None:
+        try:
+            await engine.handler.delete(normalize_path(path))
+        finally:
+            await engine.handler.close()
+
+    asyncio.run(run())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,143 @@
+"""Site configuration: ``pyisr.toml``, then ``PYISR_*`` environment variables, then flags.
+
+Each later source overrides the earlier one. A bad value is reported with where it
+came from (the file and key, or the variable), what was wrong and how to fix it.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from pyisr.cache.urls import parse_size
+
+CONFIG_FILE = "pyisr.toml"
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass
+class Config:
+    #: Cache handler URL: file://PATH (default: SITE/.pyisr/cache), memory://, redis://...
+    cache: str | None = None
+    #: Bytes of the memory tier in front of a persistent handler; 0 turns it off.
+    memory_tier: int = 50 * 1024 * 1024
+    #: Secret for POST /_pyisr/revalidate and the inspection endpoint; unset turns them off.
+    revalidate_secret: str | None = None
+    debug_cache: bool = False
+    log_fetches: bool = False
+    log_fetches_full_url: bool = False
+    #: Seconds a render may take before it counts as failed.
+    render_timeout: float = 30.0
+    #: Renders running at once in one process.
+    render_concurrency: int = 16
+    #: False: /blog/1/ redirects to /blog/1 (Next.js' default); True: the reverse.
+    trailing_slash: bool = False
+
+
+def _as_bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError("expected true or false")
+
+
+def _as_positive_float(value: Any) -> float:
+    number = float(value)
+    if not number > 0:
+        raise ValueError("expected a number of seconds > 0")
+    return number
+
+
+def _as_positive_int(value: Any) -> int:
+    if isinstance(value, bool):
+        raise ValueError("expected a whole number >= 1")
+    number = int(value)
+    if number < 1 or float(value) != number:
+        raise ValueError("expected a whole number >= 1")
+    return number
+
+
+def _as_size(value: Any) -> int:
+    size = parse_size(value if isinstance(value, int) else str(value))
+    if size < 0:
+        raise ValueError("expected a size such as 50MB, or 0")
+    return size
+
+
+def _as_str(value: Any) -> str:
+    if not isinstance(value, str) or not value:
+        raise ValueError("expected a non-empty string")
+    return value
+
+
+PARSERS: dict[str, tuple[Callable[[Any], Any], str]] = {
+    "cache": (_as_str, 'cache = "file://.pyisr/cache" or "redis://localhost:6379/0"'),
+    "memory_tier": (_as_size, 'memory_tier = "50MB"'),
+    "revalidate_secret": (_as_str, 'revalidate_secret = "a-long-random-string"'),
+    "debug_cache": (_as_bool, "debug_cache = true"),
+    "log_fetches": (_as_bool, "log_fetches = true"),
+    "log_fetches_full_url": (_as_bool, "log_fetches_full_url = true"),
+    "render_timeout": (_as_positive_float, "render_timeout = 30"),
+    "render_concurrency": (_as_positive_int, "render_concurrency = 16"),
+    "trailing_slash": (_as_bool, "trailing_slash = false"),
+}
+
+
+def _apply(config: Config, values: Mapping[str, Any], source: Callable[[str], str]) -> None:
+    for key, raw in values.items():
+        if raw is None:
+            continue
+        if key not in PARSERS:
+            known = ", ".join(PARSERS)
+            raise ConfigError(f"{source(key)}: unknown setting {key!r}; known settings: {known}")
+        parse, example = PARSERS[key]
+        try:
+            setattr(config, key, parse(raw))
+        except (ValueError, TypeError) as exc:
+            raise ConfigError(
+                f"{source(key)}: invalid value {raw!r} ({exc}); for example: {example}"
+            ) from None
+
+
+def load_config(
+    site_dir: str | os.PathLike[str] | None,
+    overrides: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Config:
+    """Read ``SITE/pyisr.toml``, then ``PYISR_<KEY>`` variables, then ``overrides`` (flags)."""
+    config = Config()
+    env = os.environ if environ is None else environ
+    if site_dir is not None:
+        path = Path(site_dir) / CONFIG_FILE
+        if path.is_file():
+            try:
+                data = tomllib.loads(path.read_text(encoding="utf-8"))
+            except tomllib.TOMLDecodeError as exc:
+                raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+            section = data.get("pyisr", data)
+            _apply(config, section, lambda key: f"{path}, key {key!r}")
+    env_values = {f.name: env.get(f"PYISR_{f.name.upper()}") for f in fields(Config)}
+    env_values["cache"] = env_values["cache"] or None
+    _apply(
+        config,
+        {k: v for k, v in env_values.items() if v not in (None, "")},
+        lambda key: f"environment variable PYISR_{key.upper()}",
+    )
+    if overrides:
+        _apply(
+            config,
+            {k: v for k, v in overrides.items() if v is not None},
+            lambda key: f"option --{key.replace('_', '-')}",
+        )
+    return config

@@ -1,0 +1,580 @@
+"""The ASGI application that serves a site through the engine.
+
+Pages and cached route handlers go through :class:`~pyisr.engine.Engine`; the
+response carries the headers of SPEC.md (``Cache-Control``, ``x-pyisr-cache``,
+``Cache-Status``, ``Age``, ``ETag``) and answers ``If-None-Match`` with 304 and HEAD
+without a body. API routes and uncached handlers get a Starlette ``Request``;
+``public/`` files are served by Starlette's ``StaticFiles``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import re
+import time
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.staticfiles import StaticFiles
+from starlette.types import Receive, Scope, Send
+
+from pyisr.cache.entry import ONE_YEAR, CacheEntry
+from pyisr.cache.tags import tags_for_revalidate_path, validate_tags
+from pyisr.cache.urls import build_handler
+from pyisr.config import Config, load_config
+from pyisr.engine import CacheStatus, Engine, OnMissing, RenderFn, RenderPolicy, RevalidationError, Served
+from pyisr.log import enable_debug_logging
+from pyisr.paths import BadPath, normalize_path
+from pyisr.runtime import set_engine
+from pyisr.site.route import (
+    DEFAULT_404,
+    DEFAULT_500,
+    HTML,
+    PROPS_HEADER,
+    MethodNotAllowed,
+    Route,
+    RouteKind,
+)
+from pyisr.site.site import Site
+from pyisr.site.templates import has_template, render_template
+
+logger = logging.getLogger("pyisr.server")
+
+NOSTORE = "private, no-cache, no-store, max-age=0, must-revalidate"
+DEV_NOSTORE = "no-store, must-revalidate"
+
+#: Crawlers get a blocking render instead of a fallback shell (Next.js' bot-aware ISR fallback).
+BOT_UA = re.compile(
+    r"Googlebot|Google-InspectionTool|Mediapartners-Google|AdsBot-Google|Storebot-Google|Bingbot|"
+    r"BingPreview|Slurp|DuckDuckBot|Baiduspider|YandexBot|Sogou|Exabot|facebookexternalhit|"
+    r"Facebot|Twitterbot|LinkedInBot|Applebot|WhatsApp|TelegramBot|Discordbot|Slackbot|"
+    r"ia_archiver|Chrome-Lighthouse|Embedly|Pinterestbot|redditbot",
+    re.IGNORECASE,
+)
+
+#: Polls the page until it is generated, then swaps it in (fallback: True, SPEC S-17).
+FALLBACK_SCRIPT = (
+    "<script>(function(){fetch(location.href,{headers:{'x-pyisr-wait':'1'}})"
+    ".then(function(r){return r.text()}).then(function(h){document.open();document.write(h);"
+    "document.close()}).catch(function(){setTimeout(function(){location.reload()},2000)})})();</script>"
+)
+
+
+def cache_control(revalidate: int | None, expire: int = ONE_YEAR) -> str:
+    """``s-maxage=N, stale-while-revalidate=E-N`` (Next.js 15), or the long form for never."""
+    if revalidate == 0:
+        return NOSTORE
+    if revalidate is None:
+        return f"s-maxage={ONE_YEAR}"
+    if revalidate >= expire:
+        return f"s-maxage={revalidate}"
+    return f"s-maxage={revalidate}, stale-while-revalidate={expire - revalidate}"
+
+
+def _cache_status(status: CacheStatus, entry: CacheEntry, now: float) -> str:
+    """RFC 9211 ``Cache-Status`` for an ISR response."""
+    if status is CacheStatus.HIT:
+        due = entry.stale_at()
+        ttl = "" if due is None else f"; ttl={max(0, int(due - now))}"
+        return f"pyisr; hit{ttl}"
+    if status is CacheStatus.STALE:
+        return "pyisr; hit; fwd=stale; detail=revalidating"
+    return "pyisr; fwd=uri-miss; stored"
+
+
+def _etag_matches(header: str, etag: str) -> bool:
+    if header.strip() == "*":
+        return True
+    bare = etag.removeprefix("W/")
+    return any(t.strip().removeprefix("W/") == bare for t in header.split(","))
+
+
+class App:
+    """``pyisr.App("mysite")`` is an ASGI application serving that site."""
+
+    def __init__(
+        self,
+        site_dir: str | Path,
+        *,
+        dev: bool = False,
+        config: Config | None = None,
+        engine: Engine | None = None,
+        require_build: bool = False,
+    ) -> None:
+        self.site_dir = Path(site_dir).resolve()
+        self.config = config or load_config(self.site_dir)
+        self.dev = dev
+        if self.config.debug_cache:
+            enable_debug_logging()
+        self.site = Site.load(self.site_dir)
+        if require_build and self.site.read_manifest() is None:
+            raise FileNotFoundError(
+                f"no build found in {self.site_dir / '.pyisr'}: run `pyisr build {site_dir}` first"
+            )
+        if engine is None:
+            handler = (
+                build_handler(
+                    self.config.cache,
+                    base_dir=self.site_dir,
+                    memory_tier_bytes=self.config.memory_tier,
+                )
+                if self.config.cache
+                else build_handler(
+                    str(self.site_dir / ".pyisr" / "cache"), memory_tier_bytes=self.config.memory_tier
+                )
+            )
+            engine = Engine(
+                handler,
+                render_timeout=self.config.render_timeout,
+                max_concurrent_renders=self.config.render_concurrency,
+                debug=self.config.debug_cache or None,
+            )
+        self.engine = engine
+        self.engine.path_resolver = self._resolve_for_revalidate
+        set_engine(self.engine)
+        public = self.site.public_dir
+        self.static = StaticFiles(directory=str(public)) if public.is_dir() else None
+        self.public_files = self._scan_public()
+        self._prepared = False
+        self._prepare_lock: asyncio.Lock | None = None
+
+    # -- start-up -----------------------------------------------------------------------
+
+    def _scan_public(self) -> set[str]:
+        public = self.site.public_dir
+        if not public.is_dir():
+            return set()
+        return {"/" + p.relative_to(public).as_posix() for p in public.rglob("*") if p.is_file()}
+
+    async def _prepare(self) -> None:
+        if self._prepared:
+            return
+        if self._prepare_lock is None:
+            self._prepare_lock = asyncio.Lock()
+        async with self._prepare_lock:
+            if self._prepared:
+                return
+            if self.site.read_manifest() is None:
+                # No build (dev, or an app mounted without `pyisr build`): learn the static
+                # paths so fallback rules and known paths behave as after a build.
+                await self.site.prepare()
+            self._prepared = True
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind == "http":
+            if not self._prepared:
+                await self._prepare()
+            await self._http(scope, receive, send)
+        elif kind == "lifespan":
+            await self._lifespan(receive, send)
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                try:
+                    await self._prepare()
+                except Exception as exc:  # noqa: BLE001 - reported to the server
+                    await send({"type": "lifespan.startup.failed", "message": str(exc)})
+                    return
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                try:
+                    await self.engine.drain()
+                    await self.engine.handler.close()
+                finally:
+                    await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    # -- requests -----------------------------------------------------------------------
+
+    async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        raw = scope.get("raw_path")
+        path = raw.decode("latin-1") if raw else scope["path"]
+        path = path.split("?", 1)[0]
+        method = scope["method"]
+        if path.startswith("/_pyisr/"):
+            await self._internal(path, scope, receive, send)
+            return
+        if len(path) > 1 and path.endswith("/") != self.config.trailing_slash:
+            target = path.rstrip("/") if not self.config.trailing_slash else path + "/"
+            query = scope.get("query_string", b"")
+            location = target + ("?" + query.decode("latin-1") if query else "")
+            await self._send(send, 308, [(b"location", location.encode("latin-1"))], b"", method)
+            return
+        try:
+            key = normalize_path(path)
+        except BadPath:
+            await self._send(send, 400, [(b"cache-control", NOSTORE.encode())], b"Bad Request", method)
+            return
+        found = self.site.match(key)
+        if found is None:
+            if self.static is not None and key in self.public_files or self.dev and self.static is not None:
+                await self._static(scope, receive, send)
+                return
+            await self._not_found(send, method)
+            return
+        route, params = found
+        if not route.is_isr or (route.kind is RouteKind.ROUTE_HANDLER and method not in ("GET", "HEAD")):
+            if route.kind in (RouteKind.API, RouteKind.ROUTE_HANDLER):
+                await self._handler(route, scope, receive, send)
+                return
+        if method not in ("GET", "HEAD"):
+            await self._send(
+                send,
+                405,
+                [(b"allow", b"GET, HEAD"), (b"content-type", b"text/plain; charset=utf-8")],
+                b"Method Not Allowed",
+                method,
+            )
+            return
+        if not route.is_isr or self.dev:
+            await self._dynamic(route, key, params, send, method)
+            return
+        await self._isr(route, key, params, scope, send, method)
+
+    async def _isr(
+        self, route: Route, key: str, params: dict[str, Any], scope: Scope, send: Send, method: str
+    ) -> None:
+        headers = _headers(scope)
+        bot = bool(BOT_UA.search(headers.get("user-agent", "")))
+        wait = headers.get("x-pyisr-wait") == "1"
+        policy = route.policy(key, bot=bot or wait)
+        try:
+            served = await self.engine.get(key, route.renderer(key, params), policy)
+        except Exception as exc:  # noqa: BLE001 - a failing page is a 500, never a crash
+            logger.error("%s render failed: %s: %s", key, type(exc).__name__, exc, exc_info=exc)
+            await self._error(send, method)
+            return
+        if served.status is CacheStatus.NOT_ALLOWED:
+            await self._not_found(send, method)
+            return
+        if served.status is CacheStatus.FALLBACK:
+            await self._fallback(route, key, params, send, method)
+            return
+        await self._send_entry(served, scope, send, method, headers)
+
+    async def _fallback(
+        self, route: Route, key: str, params: dict[str, Any], send: Send, method: str
+    ) -> None:
+        try:
+            shell = await route.render(key, params, fallback_shell=True)
+        except Exception as exc:  # noqa: BLE001
+            logger.error("%s fallback shell failed: %s: %s", key, type(exc).__name__, exc)
+            await self._error(send, method)
+            return
+        body = shell.body.encode() if isinstance(shell.body, str) else shell.body
+        body = (
+            body.replace(b"</body>", FALLBACK_SCRIPT.encode() + b"</body>", 1)
+            if b"</body>" in body
+            else body + FALLBACK_SCRIPT.encode()
+        )
+        await self._send(
+            send,
+            200,
+            [
+                (b"content-type", HTML.encode()),
+                (b"cache-control", NOSTORE.encode()),
+                (b"x-pyisr-cache", b"MISS"),
+            ],
+            body,
+            method,
+        )
+
+    async def _send_entry(
+        self, served: Served, scope: Scope, send: Send, method: str, request_headers: dict[str, str]
+    ) -> None:
+        entry = served.entry
+        assert entry is not None
+        now = self.engine.clock()
+        out: list[tuple[bytes, bytes]] = []
+        content_type = None
+        for name, value in entry.headers.items():
+            lower = name.lower()
+            if lower == PROPS_HEADER or lower == "content-length":
+                continue
+            if lower == "content-type":
+                content_type = value
+            out.append((lower.encode("latin-1"), value.encode("latin-1")))
+        if content_type is None:
+            out.append((b"content-type", HTML.encode()))
+        if served.status is CacheStatus.BYPASS:
+            out.append((b"cache-control", NOSTORE.encode()))
+            await self._send(send, entry.status, out, entry.body, method)
+            return
+        word = "MISS" if served.status is CacheStatus.MISS else served.status.value
+        out += [
+            (b"cache-control", cache_control(entry.revalidate).encode()),
+            (b"x-pyisr-cache", word.encode()),
+            (b"cache-status", _cache_status(served.status, entry, now).encode()),
+            (b"age", str(entry.age(now)).encode()),
+            (b"etag", entry.etag.encode()),
+        ]
+        inm = request_headers.get("if-none-match")
+        if inm is not None and entry.status == 200 and _etag_matches(inm, entry.etag):
+            await self._send(send, 304, [h for h in out if h[0] != b"content-type"], b"", "HEAD")
+            return
+        await self._send(send, entry.status, out, entry.body, method)
+
+    async def _dynamic(self, route: Route, key: str, params: dict[str, Any], send: Send, method: str) -> None:
+        """``revalidate = 0`` pages, and every page in dev: rendered for this request only."""
+        try:
+            rendered = await route.render(key, params)
+        except Exception as exc:  # noqa: BLE001
+            logger.error("%s render failed: %s: %s", key, type(exc).__name__, exc, exc_info=exc)
+            await self._error(send, method)
+            return
+        body = rendered.body.encode() if isinstance(rendered.body, str) else rendered.body
+        out = [
+            (k.lower().encode("latin-1"), v.encode("latin-1"))
+            for k, v in rendered.headers.items()
+            if k.lower() not in (PROPS_HEADER, "content-length")
+        ]
+        if not any(k == b"content-type" for k, _ in out):
+            out.append((b"content-type", HTML.encode()))
+        out.append((b"cache-control", (DEV_NOSTORE if self.dev else NOSTORE).encode()))
+        await self._send(send, rendered.status, out, body, method)
+
+    async def _handler(self, route: Route, scope: Scope, receive: Receive, send: Send) -> None:
+        request = Request(scope, receive)
+        try:
+            response = await route.handle(request)
+        except MethodNotAllowed as exc:
+            allow = ", ".join(exc.allowed).encode()
+            await self._send(
+                send,
+                405,
+                [(b"allow", allow), (b"content-type", b"text/plain; charset=utf-8")],
+                b"Method Not Allowed",
+                scope["method"],
+            )
+            return
+        except Exception as exc:  # noqa: BLE001
+            logger.error(
+                "%s %s failed: %s: %s", scope["method"], scope["path"], type(exc).__name__, exc, exc_info=exc
+            )
+            await self._error(send, scope["method"])
+            return
+        await response(scope, receive, send)
+
+    async def _static(self, scope: Scope, receive: Receive, send: Send) -> None:
+        assert self.static is not None
+        await self.static(scope, receive, send)
+
+    # -- error pages --------------------------------------------------------------------
+
+    async def _not_found(self, send: Send, method: str) -> None:
+        body = render_template("404.html") if has_template("404.html") else DEFAULT_404
+        await self._send(
+            send,
+            404,
+            [(b"content-type", HTML.encode()), (b"cache-control", NOSTORE.encode())],
+            body.encode(),
+            method,
+        )
+
+    async def _error(self, send: Send, method: str) -> None:
+        try:
+            body = render_template("500.html") if has_template("500.html") else DEFAULT_500
+        except Exception:  # noqa: BLE001 - a broken error page must not hide the error
+            body = DEFAULT_500
+        await self._send(
+            send,
+            500,
+            [(b"content-type", HTML.encode()), (b"cache-control", NOSTORE.encode())],
+            body.encode(),
+            method,
+        )
+
+    @staticmethod
+    async def _send(
+        send: Send, status: int, headers: list[tuple[bytes, bytes]], body: bytes, method: str
+    ) -> None:
+        headers = headers + [(b"content-length", str(len(body)).encode())]
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": b"" if method == "HEAD" else body})
+
+    # -- /_pyisr/ endpoints -------------------------------------------------------------
+
+    async def _internal(self, path: str, scope: Scope, receive: Receive, send: Send) -> None:
+        request = Request(scope, receive)
+        if path == "/_pyisr/revalidate":
+            response = await self._revalidate_endpoint(request)
+        elif path == "/_pyisr/health":
+            response = self._health()
+        elif path == "/_pyisr/cache":
+            response = await self._inspect_endpoint(request)
+        elif path.startswith("/_pyisr/data/"):
+            await self._data_route(path, scope, send)
+            return
+        else:
+            response = JSONResponse({"error": "not found"}, status_code=404)
+        await response(scope, receive, send)
+
+    def _authorized(self, request: Request) -> bool:
+        secret = self.config.revalidate_secret
+        if not secret:
+            return False
+        given = request.headers.get("authorization", "")
+        given = given[7:] if given.lower().startswith("bearer ") else request.query_params.get("secret", "")
+        return hmac.compare_digest(given.encode(), secret.encode())
+
+    async def _revalidate_endpoint(self, request: Request) -> Response:
+        if not self.config.revalidate_secret:
+            return JSONResponse(
+                {"error": "on-demand revalidation is off: set PYISR_REVALIDATE_SECRET"}, status_code=404
+            )
+        if request.method != "POST":
+            return JSONResponse({"error": "use POST"}, status_code=405, headers={"allow": "POST"})
+        if not self._authorized(request):
+            return JSONResponse({"error": "invalid or missing secret"}, status_code=401)
+        params: dict[str, Any] = dict(request.query_params)
+        body = await request.body()
+        if body:
+            try:
+                if request.headers.get("content-type", "").startswith("application/json"):
+                    params.update(json.loads(body))
+                else:
+                    params.update({k: v[-1] for k, v in parse_qs(body.decode()).items()})
+            except ValueError:
+                return JSONResponse({"error": "body must be JSON or form data"}, status_code=400)
+        path, tag, kind = params.get("path"), params.get("tag"), params.get("type")
+        if not path and not tag:
+            return JSONResponse({"error": "give a path or a tag to revalidate"}, status_code=400)
+        try:
+            if tag:
+                await self.engine.revalidate_tags(validate_tags([tag], where="tag"))
+            if path and kind:
+                await self.engine.revalidate_tags(tags_for_revalidate_path(path, kind))
+            elif path:
+                from pyisr.revalidation import revalidate
+
+                await revalidate(path)
+        except ValueError as exc:
+            return JSONResponse({"error": str(exc)}, status_code=400)
+        except RevalidationError as exc:
+            status = 404 if "(404)" in str(exc) else 500
+            return JSONResponse({"revalidated": False, "error": str(exc)}, status_code=status)
+        return JSONResponse({"revalidated": True, "now": int(time.time() * 1000)})
+
+    async def _resolve_for_revalidate(self, key: str) -> tuple[str, RenderFn, RenderPolicy] | None:
+        found = self.site.match(key)
+        if found is None:
+            return None
+        route, params = found
+        if not route.is_isr:
+            return None
+        policy = route.policy(key, bot=True)
+        if policy.on_missing is OnMissing.NOT_FOUND:
+            return None
+        return key, route.renderer(key, params), policy
+
+    def _health(self) -> Response:
+        info = self.engine.handler.describe()
+        degraded = bool(info.get("degraded"))
+        return JSONResponse(
+            {"status": "degraded" if degraded else "ok", "build_id": self.site.build_id, "cache": info},
+            headers={"cache-control": NOSTORE},
+        )
+
+    async def _inspect_endpoint(self, request: Request) -> Response:
+        if not self._authorized(request):
+            return JSONResponse({"error": "invalid or missing secret"}, status_code=401)
+        path = request.query_params.get("path")
+        if not path:
+            return JSONResponse({"error": "give ?path=/some/page"}, status_code=400)
+        try:
+            key = normalize_path(path)
+        except BadPath as exc:
+            return JSONResponse({"error": str(exc)}, status_code=400)
+        entry = await self.engine.inspect(key)
+        if entry is None:
+            return JSONResponse({"key": key, "cached": False}, status_code=404)
+        return JSONResponse(describe_entry(entry, self.engine.clock()))
+
+    async def _data_route(self, path: str, scope: Scope, send: Send) -> None:
+        """``/_pyisr/data/<build id>/<path>.json``: a Pages page's props (SPEC S-51)."""
+        method = scope["method"]
+        rest = path[len("/_pyisr/data/") :]
+        build_id, _, page_path = rest.partition("/")
+        if build_id != self.site.build_id or not page_path.endswith(".json"):
+            await self._send(
+                send, 404, [(b"content-type", b"application/json")], b'{"not_found": true}', method
+            )
+            return
+        try:
+            key = normalize_path("/" + page_path[: -len(".json")])
+        except BadPath:
+            await self._send(send, 400, [], b"Bad Request", method)
+            return
+        found = self.site.match(key)
+        if found is None or found[0].kind is not RouteKind.PAGES_PAGE or not found[0].is_isr:
+            await self._send(
+                send, 404, [(b"content-type", b"application/json")], b'{"not_found": true}', method
+            )
+            return
+        route, params = found
+        policy = route.policy(key, bot=True)  # data requests always block
+        try:
+            served = await self.engine.get(key, route.renderer(key, params), policy)
+        except Exception:  # noqa: BLE001
+            await self._send(send, 500, [(b"cache-control", NOSTORE.encode())], b'{"error": true}', method)
+            return
+        if served.entry is None:
+            await self._send(
+                send,
+                404,
+                [(b"content-type", b"application/json"), (b"cache-control", NOSTORE.encode())],
+                b'{"not_found": true}',
+                method,
+            )
+            return
+        entry = served.entry
+        body = entry.headers.get(PROPS_HEADER, '{"props": {}}').encode()
+        status = 404 if entry.status == 404 else 200
+        now = self.engine.clock()
+        await self._send(
+            send,
+            status,
+            [
+                (b"content-type", b"application/json; charset=utf-8"),
+                (b"cache-control", cache_control(entry.revalidate).encode()),
+                (b"x-pyisr-cache", served.status.value.encode()),
+                (b"age", str(entry.age(now)).encode()),
+            ],
+            body,
+            method,
+        )
+
+
+def _headers(scope: Scope) -> dict[str, str]:
+    return {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+
+
+def describe_entry(entry: CacheEntry, now: float) -> dict[str, Any]:
+    """What ``pyisr cache inspect`` and the inspection endpoint show about one entry."""
+    due = entry.stale_at()
+    info: dict[str, Any] = {
+        "key": entry.key,
+        "cached": True,
+        "kind": entry.kind.value,
+        "status": entry.status,
+        "size": len(entry.body),
+        "etag": entry.etag,
+        "created_at": entry.created_at,
+        "age": entry.age(now),
+        "revalidate": entry.revalidate,
+        "stale": entry.is_stale(now),
+        "stale_at": due,
+        "tags": list(entry.tags),
+        "retry_at": entry.retry_at,
+        "last_failure": entry.last_failure.to_json() if entry.last_failure else None,
+    }
+    return info

@@ -1,0 +1,126 @@
+"""Loading a site's Python modules and checking what they export.
+
+A mistake in a page module must be reported at build time with the file, the line
+and the fix, before anything is served: a typo like ``revalidat = 60`` would
+otherwise silently mean "never revalidate".
+"""
+
+from __future__ import annotations
+
+import ast
+import difflib
+import hashlib
+import importlib.util
+import sys
+import traceback
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+
+
+@dataclass
+class SiteError:
+    """One problem in one file, printable as ``file:line: message``."""
+
+    file: Path
+    line: int | None
+    message: str
+
+    def __str__(self) -> str:
+        where = f"{self.file}:{self.line}" if self.line else str(self.file)
+        return f"{where}: {self.message}"
+
+
+class SiteLoadError(Exception):
+    """The site has mistakes; nothing of it is served."""
+
+    def __init__(self, errors: list[SiteError]) -> None:
+        self.errors = errors
+        lines = "\n".join(f"  {e}" for e in errors)
+        super().__init__(f"{len(errors)} problem(s) in the site:\n{lines}")
+
+
+#: Next.js names people will type out of habit, and what to write instead.
+NEXT_NAMES = {
+    "dynamicParams": "dynamic_params",
+    "generateStaticParams": "generate_static_params",
+    "getStaticProps": "get_static_props",
+    "getStaticPaths": "get_static_paths",
+    "notFound": "not_found",
+    "default": "page",
+    "Page": "page",
+}
+
+
+def load_module(path: Path, site_root: Path) -> ModuleType:
+    """Import ``path`` under a unique private name (brackets in file names are fine)."""
+    rel = path.relative_to(site_root).as_posix()
+    digest = hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:10]
+    name = f"pyisr_site_{digest}_" + "".join(c if c.isalnum() else "_" for c in rel[:-3])
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot load {path}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        sys.modules.pop(name, None)
+        raise
+    return module
+
+
+def definition_lines(path: Path) -> dict[str, int]:
+    """Line of each top-level name's definition, for error messages."""
+    try:
+        tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+    except SyntaxError:
+        return {}
+    lines: dict[str, int] = {}
+    for node in tree.body:
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+            lines.setdefault(node.name, node.lineno)
+        elif isinstance(node, ast.Assign):
+            for target in node.targets:
+                if isinstance(target, ast.Name):
+                    lines.setdefault(target.id, node.lineno)
+        elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            lines.setdefault(node.target.id, node.lineno)
+    return lines
+
+
+def import_error(path: Path, exc: BaseException) -> SiteError:
+    """Describe an exception raised while importing a site module."""
+    if isinstance(exc, SyntaxError):
+        return SiteError(path, exc.lineno, f"syntax error: {exc.msg}")
+    line = None
+    for frame in reversed(traceback.extract_tb(exc.__traceback__)):
+        if Path(frame.filename) == path:
+            line = frame.lineno
+            break
+    return SiteError(path, line, f"error while importing: {type(exc).__name__}: {exc}")
+
+
+def unknown_exports(
+    path: Path, module: ModuleType, known: Iterable[str], lines: dict[str, int]
+) -> list[SiteError]:
+    """Names that look like a misspelt or Next.js-style export."""
+    known = list(known)
+    errors: list[SiteError] = []
+    for name in lines:
+        if name in known or name.startswith("_"):
+            continue
+        if name in NEXT_NAMES and NEXT_NAMES[name] in known:
+            errors.append(
+                SiteError(
+                    path, lines[name], f"{name!r} is the Next.js name; in pyisr write {NEXT_NAMES[name]!r}"
+                )
+            )
+            continue
+        close = difflib.get_close_matches(name, known, n=1, cutoff=0.8)
+        if close:
+            errors.append(
+                SiteError(path, lines[name], f"unknown export {name!r}: did you mean {close[0]!r}?")
+            )
+    return errors

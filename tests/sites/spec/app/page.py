@@ -1,0 +1,2 @@
+def page(params):
+    return "<html><body>home</body></html>"

@@ -1,0 +1,2 @@
+def page(props):
+    return "<html><body>plain</body></html>"

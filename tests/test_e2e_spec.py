@@ -1,0 +1,428 @@
+"""SPEC.md cases at the HTTP level, against a real ``pyisr start`` process.
+
+The test site (tests/sites/spec) uses revalidate windows of 2 s (SPEC's 5 s scaled
+down) so time-based cases take seconds. Each case uses its own paths, so the cases
+share one build and one server.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+
+from e2e_support import DataServer, Server, copy_site, counts, run_cli
+
+pytestmark = pytest.mark.slow
+
+SITE = Path(__file__).parent / "sites" / "spec"
+SECRET = "spec-secret-123"
+N = 2  # the site's revalidate window
+ISR2 = f"s-maxage={N}, stale-while-revalidate={31536000 - N}"
+FOREVER = "s-maxage=31536000"
+NOSTORE = "private, no-cache, no-store, max-age=0, must-revalidate"
+
+
+def stamp(response: httpx.Response) -> str:
+    match = re.search(r"render=(\d+) at=([\d.]+)", response.text)
+    assert match, response.text
+    return match.group(0)
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("spec")
+    data = DataServer().__enter__()
+    return {
+        "SPEC_COUNTS": str(root / "counts"),
+        "SPEC_FLAG": str(root / "flag"),
+        "SPEC_DATA_URL": data.url,
+        "SPEC_REVALIDATE": str(N),
+        "SPEC_FETCH_REVALIDATE": "3",
+        "PYISR_REVALIDATE_SECRET": SECRET,
+        "PYISR_DEBUG_CACHE": "1",
+        "_ROOT": str(root),
+    }
+
+
+@pytest.fixture(scope="module")
+def server(env: dict[str, str]) -> Server:
+    root = Path(env["_ROOT"])
+    site = copy_site(SITE, root / "site")
+    result = run_cli(["build", str(site)], env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    srv = Server(site, env).start()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture
+def counts_dir(env: dict[str, str]) -> Path:
+    return Path(env["SPEC_COUNTS"])
+
+
+@pytest.fixture
+def flag(env: dict[str, str]) -> Path:
+    path = Path(env["SPEC_FLAG"])
+    yield path
+    path.unlink(missing_ok=True)
+
+
+def test_build_prints_a_summary_and_writes_the_build_id(server: Server) -> None:
+    build_id = (server.site / ".pyisr" / "BUILD_ID").read_text().strip()
+    assert re.fullmatch(r"[0-9a-f]{16}", build_id)
+    manifest = json.loads((server.site / ".pyisr" / "manifest.json").read_text())
+    routes = {r["pattern"]: r for r in manifest["routes"]}
+    assert routes["/blog/[id]"]["prerendered"] == ["/blog/1"]
+    assert routes["/blogf/[id]"]["fallback"] is False
+    # Prerendered pages are browsable files.
+    assert (server.site / ".pyisr" / "cache" / "entries" / "blog" / "1.html").is_file()
+
+
+def test_S01_S07_S09_S10_S28_S02_prerendered_page(server: Server, counts_dir: Path) -> None:
+    first = server.get("/blog/1")
+    assert first.status_code == 200
+    assert first.headers["x-pyisr-cache"] == "HIT"
+    assert first.headers["cache-control"] == ISR2
+    assert "render=1" in first.text  # S-01: the build's render
+    assert first.headers["etag"].startswith('"') and "age" in first.headers
+    assert first.headers["cache-status"].startswith("pyisr; hit")
+    # S-07: HEAD has the same headers and no body.
+    head = server.request("HEAD", "/blog/1")
+    assert head.status_code == 200 and head.content == b""
+    for name in ("etag", "content-length", "cache-control", "x-pyisr-cache"):
+        assert head.headers[name] == first.headers[name]
+    # S-09: 304 on If-None-Match.
+    not_modified = server.get("/blog/1", headers={"if-none-match": first.headers["etag"]})
+    assert not_modified.status_code == 304 and not_modified.content == b""
+    for name in ("etag", "cache-control", "x-pyisr-cache"):
+        assert not_modified.headers[name] == first.headers[name]
+    # S-10: a query string is the same entry.
+    query = server.get("/blog/1?foo=bar")
+    assert query.text == first.text and query.headers["etag"] == first.headers["etag"]
+    # S-28: a client cannot bypass the server cache.
+    assert server.get("/blog/1", headers={"cache-control": "no-cache"}).headers["x-pyisr-cache"] == "HIT"
+    # S-02: stale after the window: old body once, then the new one.
+    time.sleep(N + 0.3)
+    stale = server.get("/blog/1")
+    assert stale.headers["x-pyisr-cache"] == "STALE" and stamp(stale) == stamp(first)
+    time.sleep(0.5)
+    fresh = server.get("/blog/1")
+    assert fresh.headers["x-pyisr-cache"] == "HIT" and stamp(fresh) != stamp(first)
+    assert counts(counts_dir, "blog/1") == 2  # the build's render and one regeneration
+
+
+def test_S04_unknown_path_is_rendered_on_demand_then_cached(server: Server) -> None:
+    miss = server.get("/blog/2")
+    assert miss.status_code == 200 and miss.headers["x-pyisr-cache"] == "MISS"
+    assert miss.headers["cache-control"] == ISR2
+    hit = server.get("/blog/2")
+    assert hit.headers["x-pyisr-cache"] == "HIT" and hit.text == miss.text
+
+
+def test_S05_concurrent_misses_render_once(server: Server, counts_dir: Path) -> None:
+    with ThreadPoolExecutor(50) as pool:
+        responses = list(pool.map(lambda _: server.get("/blog/3"), range(50)))
+    assert {r.status_code for r in responses} == {200}
+    assert {r.headers["x-pyisr-cache"] for r in responses} == {"MISS"}
+    assert len({r.text for r in responses}) == 1
+    assert counts(counts_dir, "blog/3") == 1
+
+
+def test_S06_concurrent_stale_reads_regenerate_once(server: Server, counts_dir: Path) -> None:
+    old = server.get("/blog/4")
+    time.sleep(N + 0.3)
+    with ThreadPoolExecutor(50) as pool:
+        responses = list(pool.map(lambda _: server.get("/blog/4"), range(50)))
+    assert {r.headers["x-pyisr-cache"] for r in responses} == {"STALE"}
+    assert {stamp(r) for r in responses} == {stamp(old)}
+    time.sleep(0.5)
+    new = server.get("/blog/4")
+    assert new.headers["x-pyisr-cache"] == "HIT" and stamp(new) != stamp(old)
+    assert counts(counts_dir, "blog/4") == 2
+
+
+def test_S08_head_on_a_stale_entry_starts_the_regeneration(server: Server) -> None:
+    old = server.get("/blog/8")
+    time.sleep(N + 0.3)
+    assert server.request("HEAD", "/blog/8").headers["x-pyisr-cache"] == "STALE"
+    time.sleep(1)
+    new = server.get("/blog/8")
+    assert new.headers["x-pyisr-cache"] == "HIT" and stamp(new) != stamp(old)
+
+
+def test_S11_S12_trailing_slash_and_methods(server: Server) -> None:
+    slash = server.get("/blog/1/")
+    assert slash.status_code == 308 and slash.headers["location"] == "/blog/1"
+    post = server.request("POST", "/blog/1")
+    assert post.status_code == 405 and post.headers["allow"] == "GET, HEAD"
+
+
+def test_S13_page_without_revalidate_never_changes(server: Server) -> None:
+    a = server.get("/static")
+    assert a.headers["x-pyisr-cache"] == "HIT" and a.headers["cache-control"] == FOREVER
+    assert "render=1" in a.text
+
+
+def test_S14_revalidate_zero_is_dynamic(server: Server) -> None:
+    a, b = server.get("/dyn"), server.get("/dyn")
+    assert a.status_code == 200 and a.headers["cache-control"] == NOSTORE
+    assert "x-pyisr-cache" not in a.headers
+    assert stamp(a) != stamp(b)
+
+
+def test_S15_S16_fallback_false(server: Server) -> None:
+    missing = server.get("/blogf/2")
+    assert missing.status_code == 404 and missing.headers["cache-control"] == NOSTORE
+    assert "x-pyisr-cache" not in missing.headers
+    assert server.get("/blogf/1").headers["x-pyisr-cache"] == "HIT"
+
+
+def test_S17_fallback_true_serves_the_shell_then_the_page(server: Server) -> None:
+    shell = server.get("/blogt/2")
+    assert shell.status_code == 200 and shell.headers["x-pyisr-cache"] == "MISS"
+    assert shell.headers["cache-control"] == NOSTORE
+    assert "Loading..." in shell.text
+    time.sleep(1)
+    real = server.get("/blogt/2")
+    assert real.headers["x-pyisr-cache"] == "HIT" and "render=1" in real.text
+
+
+def test_S18_crawlers_get_the_blocking_render(server: Server) -> None:
+    bot = server.get("/blogt/4", headers={"user-agent": "Mozilla/5.0 (compatible; Googlebot/2.1)"})
+    assert bot.status_code == 200 and bot.headers["x-pyisr-cache"] == "MISS"
+    assert "render=1" in bot.text and bot.headers["cache-control"] == ISR2
+
+
+def test_S19_S20_not_found_is_cached(server: Server) -> None:
+    first = server.get("/nf/nf1")
+    assert (first.status_code, first.headers["x-pyisr-cache"]) == (404, "MISS")
+    assert first.headers["cache-control"] == "s-maxage=7, stale-while-revalidate=31535993"
+    second = server.get("/nf/nf1")
+    assert (second.status_code, second.headers["x-pyisr-cache"]) == (404, "HIT")
+    forever = server.get("/nf/nonrev1")
+    assert forever.status_code == 404 and forever.headers["cache-control"] == FOREVER
+
+
+def test_S21_redirects_are_cached(server: Server) -> None:
+    first = server.get("/r/temp")
+    assert (first.status_code, first.headers["x-pyisr-cache"], first.headers["location"]) == (307, "MISS", "/plain")
+    assert first.headers["cache-control"] == "s-maxage=9, stale-while-revalidate=31535991"
+    assert server.get("/r/temp").headers["x-pyisr-cache"] == "HIT"
+    assert server.get("/r/perm").status_code == 308
+
+
+def test_S22_S23_failing_regeneration(server: Server, flag: Path, counts_dir: Path) -> None:
+    old = server.get("/e/1")
+    assert old.headers["x-pyisr-cache"] == "MISS"
+    flag.touch()
+    time.sleep(3.5)
+    stale = server.get("/e/1")
+    assert stale.headers["x-pyisr-cache"] == "STALE" and stamp(stale) == stamp(old)
+    time.sleep(0.7)
+    kept = server.get("/e/1")  # in back-off: served as fresh, no new attempt
+    assert kept.headers["x-pyisr-cache"] == "HIT" and stamp(kept) == stamp(old)
+    assert counts(counts_dir, "e-fail/1") == 1
+    time.sleep(3.0)
+    retry = server.get("/e/1")
+    assert retry.headers["x-pyisr-cache"] == "STALE" and stamp(retry) == stamp(old)
+    time.sleep(0.3)
+    assert counts(counts_dir, "e-fail/1") == 2
+    assert server.log().count("/e/1 FAILED") == 2  # each failure logged once, with the exception
+    assert "RuntimeError: flag is on for 1" in server.log()
+    # S-63: the failure is visible through the inspection endpoint.
+    info = server.get("/_pyisr/cache?path=/e/1", headers={"authorization": f"Bearer {SECRET}"}).json()
+    assert info["last_failure"]["count"] == 2 and info["last_failure"]["type"] == "RuntimeError"
+    # S-23: the error goes away; after the back-off the page regenerates.
+    flag.unlink()
+    time.sleep(3.1)
+    assert server.get("/e/1").headers["x-pyisr-cache"] == "STALE"
+    time.sleep(0.7)
+    new = server.get("/e/1")
+    assert new.headers["x-pyisr-cache"] == "HIT" and stamp(new) != stamp(old)
+
+
+def test_S24_failure_with_nothing_cached_is_a_500(server: Server, flag: Path, counts_dir: Path) -> None:
+    flag.touch()
+    for _ in range(2):
+        response = server.get("/e/2")
+        assert response.status_code == 500 and response.headers["cache-control"] == NOSTORE
+    assert counts(counts_dir, "e-fail/2") == 2
+
+
+@pytest.mark.parametrize("value", ["zero", "neg", "frac", "str"])
+def test_S25_invalid_revalidate_from_get_static_props(server: Server, value: str) -> None:
+    response = server.get(f"/badrev/{value}")
+    assert response.status_code == 500
+    assert f"/badrev/{value}" in server.log() and "revalidate option" in server.log()
+
+
+def test_S26_S27_encoding(server: Server) -> None:
+    miss = server.get("/blog/%E3%81%82")
+    assert miss.headers["x-pyisr-cache"] == "MISS" and "Post あ" in miss.text
+    assert server.get("/blog/%E3%81%82").headers["x-pyisr-cache"] == "HIT"
+    assert server.get("/blog/%ZZ").status_code == 400
+
+
+def test_S30_S31_S32_S33_S35_revalidate_from_an_api_route(server: Server) -> None:
+    before = server.get("/blog/5")
+    call = server.get("/api/reval?path=/blog/5")
+    assert call.json() == {"revalidated": True}
+    after = server.get("/blog/5")
+    assert after.headers["x-pyisr-cache"] == "HIT" and stamp(after) != stamp(before)
+    # S-31: never visited, generated by the call.
+    assert server.get("/api/reval?path=/blog/77").status_code == 200
+    assert server.get("/blog/77").headers["x-pyisr-cache"] == "HIT"
+    # S-32 / S-33: not a page that can exist.
+    failed = server.get("/api/reval?path=/blogf/5")
+    assert failed.status_code == 500 and failed.json()["error"].startswith("Failed to revalidate /blogf/5:")
+    missing = server.get("/api/reval?path=/does-not-exist")
+    assert missing.json()["error"].startswith("Failed to revalidate /does-not-exist:")
+    # S-35: a page that never expires can be revalidated on demand.
+    old = server.get("/static")
+    server.get("/api/reval?path=/static")
+    assert stamp(server.get("/static")) != stamp(old)
+
+
+def test_S36_on_demand_failure_keeps_the_old_page(server: Server, flag: Path) -> None:
+    old = server.get("/e/3")
+    flag.touch()
+    failed = server.get("/api/reval?path=/e/3")
+    assert failed.status_code == 500 and failed.json()["error"].startswith("Failed to revalidate /e/3:")
+    assert stamp(server.get("/e/3")) == stamp(old)
+
+
+def test_S37_builtin_revalidate_endpoint(server: Server) -> None:
+    old = server.get("/blog/6")
+    auth = {"authorization": f"Bearer {SECRET}"}
+    ok = server.request("POST", "/_pyisr/revalidate?path=/blog/6", headers=auth)
+    assert ok.status_code == 200 and ok.json()["revalidated"] is True
+    assert abs(ok.json()["now"] - time.time() * 1000) < 60_000
+    assert stamp(server.get("/blog/6")) != stamp(old)
+    assert server.request("POST", "/_pyisr/revalidate?path=/blog/6",
+                          headers={"authorization": "Bearer wrong"}).status_code == 401
+    assert server.request("POST", "/_pyisr/revalidate?path=/blog/6").status_code == 401
+    assert server.request("POST", "/_pyisr/revalidate", headers=auth).status_code == 400
+    assert server.request("POST", "/_pyisr/revalidate?path=/nothing/here", headers=auth).status_code == 404
+    assert server.request("POST", "/_pyisr/revalidate?tag=posts", headers=auth).status_code == 200
+
+
+def test_S40_S41_S42_S43_app_pages(server: Server) -> None:
+    first = server.get("/a/1")
+    assert first.headers["x-pyisr-cache"] == "HIT" and first.headers["cache-control"] == ISR2
+    assert server.get("/a/2").headers["x-pyisr-cache"] == "MISS"
+    assert server.get("/a/2").headers["x-pyisr-cache"] == "HIT"
+    strict = server.get("/an/2")
+    assert strict.status_code == 404 and strict.headers["cache-control"] == NOSTORE
+    home = server.get("/")
+    assert home.headers["x-pyisr-cache"] == "HIT" and home.headers["cache-control"] == FOREVER
+    time.sleep(N + 0.3)
+    assert server.get("/a/1").headers["x-pyisr-cache"] == "STALE"
+    time.sleep(0.5)
+    new = server.get("/a/1")
+    assert new.headers["x-pyisr-cache"] == "HIT" and stamp(new) != stamp(first)
+
+
+def test_S44_S45_fetch_revalidate_and_tag(server: Server) -> None:
+    first = server.get("/af")
+    assert first.headers["cache-control"] == "s-maxage=3, stale-while-revalidate=31535997"
+    assert first.headers["x-pyisr-cache"] == "HIT"
+    server.get("/api/amark?tag=ft")
+    miss = server.get("/af")
+    assert miss.headers["x-pyisr-cache"] == "MISS"
+    assert re.search(r'"hit": (\d+)', miss.text).group(1) != re.search(r'"hit": (\d+)', first.text).group(1)
+    assert server.get("/af").headers["x-pyisr-cache"] == "HIT"
+    server.get("/api/mark?tag=ft")  # the sync form works too, and a second time
+    assert server.get("/af").headers["x-pyisr-cache"] == "MISS"
+
+
+def test_S46_S47_S48_S64_revalidate_path(server: Server) -> None:
+    server.get("/a/3")
+    server.get("/api/mark?path=/a/3")
+    assert server.get("/a/3").headers["x-pyisr-cache"] == "MISS"
+    server.get("/a/4")
+    server.get("/api/amark?path=/a/[id]&type=page")
+    assert server.get("/a/3").headers["x-pyisr-cache"] == "MISS"
+    assert server.get("/a/4").headers["x-pyisr-cache"] == "MISS"
+    server.get("/rh")
+    server.get("/static")
+    server.get("/api/mark?path=/&type=layout")
+    for path in ("/a/3", "/static", "/rh", "/"):
+        assert server.get(path).headers["x-pyisr-cache"] == "MISS", path
+    # S-64: Pages-style pages too.
+    old = server.get("/blog/9")
+    server.get("/api/mark?path=/blog/9")
+    new = server.get("/blog/9")
+    assert new.headers["x-pyisr-cache"] == "MISS" and stamp(new) != stamp(old)
+
+
+def test_S49_cached_function_recomputed_after_its_tag(server: Server) -> None:
+    first = server.get("/at")
+    server.get("/api/mark?tag=t1")
+    miss = server.get("/at")
+    assert miss.headers["x-pyisr-cache"] == "MISS"
+    data = re.search(r"id='data'>([^<]+)", miss.text).group(1)
+    assert data != re.search(r"id='data'>([^<]+)", first.text).group(1)
+    assert server.get("/at").headers["x-pyisr-cache"] == "HIT"
+
+
+def test_S50_cached_route_handler(server: Server) -> None:
+    first = server.get("/rh")
+    assert first.headers["content-type"].startswith("application/json")
+    assert first.headers["cache-control"] == ISR2 and first.headers["x-pyisr-cache"] in ("HIT", "MISS")
+    time.sleep(N + 0.3)
+    assert server.get("/rh").headers["x-pyisr-cache"] == "STALE"
+    time.sleep(0.5)
+    assert server.get("/rh").json()["stamp"] != first.json()["stamp"]
+
+
+def test_S51_data_route(server: Server) -> None:
+    build_id = (server.site / ".pyisr" / "BUILD_ID").read_text().strip()
+    data = server.get(f"/_pyisr/data/{build_id}/blog/11.json")
+    assert data.status_code == 200 and "stamp" in data.json()["props"]
+    page = server.get("/blog/11")
+    assert page.headers["x-pyisr-cache"] == "HIT" and data.json()["props"]["stamp"] in page.text
+    assert server.get(f"/_pyisr/data/{build_id}/blogf/9.json").status_code == 404
+    nf = server.get(f"/_pyisr/data/{build_id}/nf/nf9.json")
+    assert nf.status_code == 404 and nf.json() == {"not_found": True}
+
+
+def test_S62_debug_log_has_one_line_per_decision(server: Server) -> None:
+    server.get("/blog/1")
+    server.get("/blog/19")
+    log = server.log()
+    assert re.search(r"^/blog/1 HIT", log, re.M)
+    assert re.search(r"^/blog/19 MISS rendered in [\d.]+ms", log, re.M)
+
+
+def test_S63_cli_inspect_shows_the_entry(server: Server, env: dict[str, str]) -> None:
+    server.get("/blog/12")
+    result = run_cli(["cache", "inspect", "/blog/12", "--site", str(server.site)], env)
+    assert result.returncode == 0, result.stderr
+    info = json.loads(result.stdout)
+    assert info["key"] == "/blog/12" and info["revalidate"] == N and info["last_failure"] is None
+
+
+def test_zz_S60_S61_restart_keeps_timing_and_invalidations(server: Server) -> None:
+    """Runs last (name): restarts the shared server."""
+    server.get("/blog/30")
+    server.get("/af")
+    server.get("/api/amark?tag=ft")
+    server.restart()
+    hit = server.get("/blog/30")
+    assert hit.headers["x-pyisr-cache"] == "HIT" and hit.headers["cache-control"] == ISR2
+    assert server.get("/af").headers["x-pyisr-cache"] == "MISS"
+
+
+def test_start_without_a_build_is_a_clear_error(tmp_path: Path) -> None:
+    site = copy_site(SITE, tmp_path / "site")
+    result = subprocess.run([sys.executable, "-m", "pyisr.cli", "start", str(site)], capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 1 and "pyisr build" in result.stderr
