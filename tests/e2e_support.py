@@ -53,6 +53,9 @@ class Server:
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = site.parent / f"server-{self.port}.log"
         self.proc: subprocess.Popen[bytes] | None = None
+        # One pooled client: creating a client per request costs more than the request.
+        self.client = httpx.Client(timeout=30, follow_redirects=False,
+                                   limits=httpx.Limits(max_connections=200, max_keepalive_connections=200))
 
     def start(self) -> Server:
         log = open(self.log_path, "ab")
@@ -93,10 +96,10 @@ class Server:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
     def get(self, path: str, **kwargs: object) -> httpx.Response:
-        return httpx.get(self.url + path, follow_redirects=False, timeout=30, **kwargs)  # type: ignore[arg-type]
+        return self.client.get(self.url + path, **kwargs)  # type: ignore[arg-type]
 
     def request(self, method: str, path: str, **kwargs: object) -> httpx.Response:
-        return httpx.request(method, self.url + path, follow_redirects=False, timeout=30, **kwargs)  # type: ignore[arg-type]
+        return self.client.request(method, self.url + path, **kwargs)  # type: ignore[arg-type]
 
 
 @contextmanager

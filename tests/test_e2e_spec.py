@@ -131,22 +131,25 @@ def test_S05_concurrent_misses_render_once(server: Server, counts_dir: Path) -> 
     with ThreadPoolExecutor(50) as pool:
         responses = list(pool.map(lambda _: server.get("/blog/3"), range(50)))
     assert {r.status_code for r in responses} == {200}
-    assert {r.headers["x-pyisr-cache"] for r in responses} == {"MISS"}
+    # Joiners of the in-flight render say MISS; requests arriving after it was stored say
+    # HIT (NEXTJS-REFERENCE 1.3 calls both correct). Either way: one render, one body.
+    statuses = [r.headers["x-pyisr-cache"] for r in responses]
+    assert "MISS" in statuses and set(statuses) <= {"MISS", "HIT"}
     assert len({r.text for r in responses}) == 1
     assert counts(counts_dir, "blog/3") == 1
 
 
 def test_S06_concurrent_stale_reads_regenerate_once(server: Server, counts_dir: Path) -> None:
-    old = server.get("/blog/4")
+    old = server.get("/blog/slow4")
     time.sleep(N + 0.3)
     with ThreadPoolExecutor(50) as pool:
-        responses = list(pool.map(lambda _: server.get("/blog/4"), range(50)))
+        responses = list(pool.map(lambda _: server.get("/blog/slow4"), range(50)))
     assert {r.headers["x-pyisr-cache"] for r in responses} == {"STALE"}
     assert {stamp(r) for r in responses} == {stamp(old)}
-    time.sleep(0.5)
-    new = server.get("/blog/4")
+    time.sleep(0.8)
+    new = server.get("/blog/slow4")
     assert new.headers["x-pyisr-cache"] == "HIT" and stamp(new) != stamp(old)
-    assert counts(counts_dir, "blog/4") == 2
+    assert counts(counts_dir, "blog/slow4") == 2
 
 
 def test_S08_head_on_a_stale_entry_starts_the_regeneration(server: Server) -> None:
@@ -182,7 +185,15 @@ def test_S15_S16_fallback_false(server: Server) -> None:
     missing = server.get("/blogf/2")
     assert missing.status_code == 404 and missing.headers["cache-control"] == NOSTORE
     assert "x-pyisr-cache" not in missing.headers
-    assert server.get("/blogf/1").headers["x-pyisr-cache"] == "HIT"
+    # S-16: the prerendered path follows the normal rules (reset it so t=0 is now).
+    assert server.get("/api/reval?path=/blogf/1").status_code == 200
+    old = server.get("/blogf/1")
+    assert old.headers["x-pyisr-cache"] == "HIT"
+    time.sleep(N + 0.3)
+    assert server.get("/blogf/1").headers["x-pyisr-cache"] == "STALE"
+    time.sleep(0.5)
+    new = server.get("/blogf/1")
+    assert new.headers["x-pyisr-cache"] == "HIT" and stamp(new) != stamp(old)
 
 
 def test_S17_fallback_true_serves_the_shell_then_the_page(server: Server) -> None:
@@ -315,6 +326,7 @@ def test_S37_builtin_revalidate_endpoint(server: Server) -> None:
 
 
 def test_S40_S41_S42_S43_app_pages(server: Server) -> None:
+    assert server.get("/api/reval?path=/a/1").status_code == 200  # t=0 is now
     first = server.get("/a/1")
     assert first.headers["x-pyisr-cache"] == "HIT" and first.headers["cache-control"] == ISR2
     assert server.get("/a/2").headers["x-pyisr-cache"] == "MISS"
@@ -331,6 +343,7 @@ def test_S40_S41_S42_S43_app_pages(server: Server) -> None:
 
 
 def test_S44_S45_fetch_revalidate_and_tag(server: Server) -> None:
+    assert server.get("/api/reval?path=/af").status_code == 200  # t=0 is now
     first = server.get("/af")
     assert first.headers["cache-control"] == "s-maxage=3, stale-while-revalidate=31535997"
     assert first.headers["x-pyisr-cache"] == "HIT"
@@ -412,12 +425,13 @@ def test_S63_cli_inspect_shows_the_entry(server: Server, env: dict[str, str]) ->
 
 def test_zz_S60_S61_restart_keeps_timing_and_invalidations(server: Server) -> None:
     """Runs last (name): restarts the shared server."""
-    server.get("/blog/30")
+    assert server.get("/long/1").headers["x-pyisr-cache"] == "MISS"
     server.get("/af")
     server.get("/api/amark?tag=ft")
     server.restart()
-    hit = server.get("/blog/30")
-    assert hit.headers["x-pyisr-cache"] == "HIT" and hit.headers["cache-control"] == ISR2
+    hit = server.get("/long/1")
+    assert hit.headers["x-pyisr-cache"] == "HIT"
+    assert hit.headers["cache-control"] == "s-maxage=30, stale-while-revalidate=31535970"
     assert server.get("/af").headers["x-pyisr-cache"] == "MISS"
 
 
