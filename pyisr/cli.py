@@ -99,6 +99,7 @@ def _serve(site: Path, host: str, port: int, workers: int, dev: bool, server: st
     if server == "granian":
         try:
             from granian import Granian
+            from granian.constants import Interfaces
         except ImportError:
             console.print("[red]granian is not installed:[/red] pip install 'pyisr[granian]'")
             sys.exit(2)
@@ -106,7 +107,7 @@ def _serve(site: Path, host: str, port: int, workers: int, dev: bool, server: st
             "pyisr.server.entry:create_app",
             address=host,
             port=port,
-            interface="asgi",
+            interface=Interfaces.ASGI,
             workers=workers,
             factory=True,
         ).serve()

@@ -17,6 +17,7 @@ the old one is kept, marked with the failure and a back-off, and retried later.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import inspect
 import time
@@ -377,7 +378,7 @@ class Engine:
         )
         word = "REGENERATE" if previous is not None or mode is not _Mode.BLOCKING else "MISS"
         try:
-            rendered = await self._run(render, ctx)
+            rendered = await self._run(render, ctx, limited=policy.kind is not EntryKind.DATA)
             entry = self._make_entry(key, rendered, policy, ctx, started_at)
         except Exception as exc:
             elapsed = (time.perf_counter() - t0) * 1000
@@ -406,12 +407,15 @@ class Engine:
                 await self.handler.revalidate_tags([PATH_TAG + key], started_at - 1e-6)
         return entry
 
-    async def _run(self, render: RenderFn, ctx: render_context.RenderContext) -> Rendered:
+    async def _run(self, render: RenderFn, ctx: render_context.RenderContext, *, limited: bool) -> Rendered:
         state = self._state()
         assert state.renders is not None
         run_ctx = contextvars.copy_context()
         run_ctx.run(render_context.enter, ctx)
-        async with state.renders:
+        # Data computes run inside page renders: if they took a slot of the limit too,
+        # max_concurrent_renders pages waiting for their data would deadlock.
+        limit = state.renders if limited else contextlib.nullcontext()
+        async with limit:
             if _is_async(render):
                 job: Awaitable[Any] = asyncio.create_task(render(), context=run_ctx)  # type: ignore[arg-type]
             else:

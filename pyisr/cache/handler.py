@@ -93,6 +93,15 @@ class CacheHandler(ABC):
         return
         yield  # pragma: no cover - makes this an async generator
 
+    def tags_version(self) -> int | None:
+        """A number that changes whenever any tag time may have changed, or ``None``.
+
+        Lets the server's fast path reuse a HIT checked against the same tag state
+        without asking the handler again. ``None`` (the default) means "unknown":
+        every request then takes the full path.
+        """
+        return None
+
     async def close(self) -> None:
         """Release connections and files."""
 

@@ -22,6 +22,8 @@ class MemoryCache(CacheHandler):
     def __init__(self, max_bytes: int = DEFAULT_MEMORY_BYTES) -> None:
         self._entries: ByteLRU[CacheEntry] = ByteLRU(max_bytes, CacheEntry.size)
         self._tag_times: dict[str, float] = {}
+        self._tag_versions: dict[str, int] = {}
+        self._tags_version = 0
 
     async def get(self, key: str) -> CacheEntry | None:
         return self._entries.get(key)
@@ -37,8 +39,21 @@ class MemoryCache(CacheHandler):
         self._entries.pop(key)
 
     async def revalidate_tags(self, tags: Iterable[str], at: float) -> None:
+        times = self._tag_times
+        self._tags_version += 1
         for tag in tags:
-            self._tag_times[tag] = at
+            # The later time wins: a revalidation reported late must not undo a newer one.
+            if at > times.get(tag, float("-inf")):
+                times[tag] = at
+                self._tag_versions[tag] = self._tags_version
+
+    def tags_version(self) -> int | None:
+        return self._tags_version
+
+    async def tag_changes(self, cursor: Any) -> tuple[Any, Mapping[str, float]] | None:
+        since = cursor if isinstance(cursor, int) else -1
+        changed = {t: self._tag_times[t] for t, v in self._tag_versions.items() if v > since}
+        return self._tags_version, changed
 
     async def tag_times(self, tags: Iterable[str]) -> Mapping[str, float]:
         times = self._tag_times

@@ -39,6 +39,7 @@ class MemoryTier(CacheHandler):
         self._cursor: Any = None
         self._mirror_complete: bool | None = None  # unknown until first refresh
         self._refreshed_at = float("-inf")
+        self._tags_version = 0
 
     # -- tag mirror ---------------------------------------------------------------------
 
@@ -58,6 +59,7 @@ class MemoryTier(CacheHandler):
         for tag, at in times.items():
             if at > self._tags.get(tag, float("-inf")):
                 self._tags[tag] = at
+                self._tags_version += 1
 
     async def tag_times(self, tags: Iterable[str]) -> Mapping[str, float]:
         await self._refresh_tags()
@@ -82,6 +84,13 @@ class MemoryTier(CacheHandler):
         for tag in tags:
             if at > self._tags.get(tag, float("-inf")):
                 self._tags[tag] = at
+        self._tags_version += 1
+
+    def tags_version(self) -> int | None:
+        """Current only while the mirror is complete and refreshed within ``tag_refresh``."""
+        if not self._mirror_complete or time.monotonic() - self._refreshed_at >= self.tag_refresh:
+            return None
+        return self._tags_version
 
     def forget_tag_mirror(self) -> None:
         """Force the next lookup to re-read tag times (used after a reconnect)."""

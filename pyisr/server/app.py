@@ -15,6 +15,7 @@ import json
 import logging
 import re
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs
@@ -77,12 +78,10 @@ def cache_control(revalidate: int | None, expire: int = ONE_YEAR) -> str:
     return f"s-maxage={revalidate}, stale-while-revalidate={expire - revalidate}"
 
 
-def _cache_status(status: CacheStatus, entry: CacheEntry, now: float) -> str:
+def _cache_status(status: CacheStatus) -> str:
     """RFC 9211 ``Cache-Status`` for an ISR response."""
     if status is CacheStatus.HIT:
-        due = entry.stale_at()
-        ttl = "" if due is None else f"; ttl={max(0, int(due - now))}"
-        return f"pyisr; hit{ttl}"
+        return "pyisr; hit"
     if status is CacheStatus.STALE:
         return "pyisr; hit; fwd=stale; detail=revalidating"
     return "pyisr; fwd=uri-miss; stored"
@@ -93,6 +92,21 @@ def _etag_matches(header: str, etag: str) -> bool:
         return True
     bare = etag.removeprefix("W/")
     return any(t.strip().removeprefix("W/") == bare for t in header.split(","))
+
+
+@dataclass(slots=True)
+class _HotResponse:
+    """A fresh cached page with its response headers built once (the fast path)."""
+
+    entry: CacheEntry
+    stale_at: float | None
+    tags_version: int
+    status: int
+    headers: list[tuple[bytes, bytes]]
+    etag: str
+
+
+HOT_LIMIT = 10_000
 
 
 class App:
@@ -143,6 +157,9 @@ class App:
         self.public_files = self._scan_public()
         self._prepared = False
         self._prepare_lock: asyncio.Lock | None = None
+        #: raw request path -> ready response for fresh HITs; see ``_serve_hot``.
+        self._hot: dict[bytes, _HotResponse] = {}
+        self._hot_enabled = not dev
 
     # -- start-up -----------------------------------------------------------------------
 
@@ -169,11 +186,62 @@ class App:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
         if kind == "http":
+            hot = self._hot.get(scope.get("raw_path"))  # type: ignore[arg-type]
+            if hot is not None and await self._serve_hot(hot, scope, send):
+                return
             if not self._prepared:
                 await self._prepare()
             await self._http(scope, receive, send)
         elif kind == "lifespan":
             await self._lifespan(receive, send)
+
+    async def _serve_hot(self, hot: _HotResponse, scope: Scope, send: Send) -> bool:
+        """Answer a fresh HIT with no route matching, engine call or header building.
+
+        Valid while the entry is fresh and the handler's tag state is the one it was
+        checked against; anything else (stale, a tag revalidated anywhere, a method
+        other than GET/HEAD) falls through to the full path, which re-validates.
+        """
+        now = time.time()
+        if hot.stale_at is not None and now >= hot.stale_at:
+            return False
+        if self.engine.handler.tags_version() != hot.tags_version:
+            return False
+        method = scope["method"]
+        if method != "GET" and method != "HEAD":
+            return False
+        for name, value in scope["headers"]:
+            if name == b"if-none-match":
+                if hot.status == 200 and _etag_matches(value.decode("latin-1"), hot.etag):
+                    skip = (b"content-type", b"content-length")
+                    headers = [h for h in hot.headers if h[0] not in skip]
+                    headers.append((b"age", str(max(0, int(now - hot.entry.created_at))).encode()))
+                    await self._send(send, 304, headers, b"", "HEAD")
+                    return True
+                break
+        headers = hot.headers.copy()
+        age = max(0, int(now - hot.entry.created_at))
+        headers.append((b"age", str(age).encode()))
+        if self.engine.log.enabled:
+            self.engine.log.decision(hot.entry.key, "HIT", f"age={age}s")
+        await send({"type": "http.response.start", "status": hot.status, "headers": headers})
+        await send({"type": "http.response.body", "body": b"" if method == "HEAD" else hot.entry.body})
+        return True
+
+    def _remember_hot(self, scope: Scope, entry: CacheEntry, headers: list[tuple[bytes, bytes]]) -> None:
+        raw = scope.get("raw_path")
+        version = self.engine.handler.tags_version()
+        if not self._hot_enabled or raw is None or version is None:
+            return
+        if len(self._hot) >= HOT_LIMIT:
+            self._hot.clear()
+        hit_headers = [h for h in headers if h[0] != b"x-pyisr-cache" and h[0] != b"cache-status"]
+        hit_headers += [
+            (b"x-pyisr-cache", b"HIT"),
+            (b"cache-status", _cache_status(CacheStatus.HIT).encode()),
+            (b"content-length", str(len(entry.body)).encode()),
+        ]
+        self._hot[raw] = _HotResponse(entry, entry.stale_at(), version, entry.status, hit_headers, entry.etag)
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
         while True:
@@ -313,10 +381,12 @@ class App:
         out += [
             (b"cache-control", cache_control(entry.revalidate).encode()),
             (b"x-pyisr-cache", word.encode()),
-            (b"cache-status", _cache_status(served.status, entry, now).encode()),
-            (b"age", str(entry.age(now)).encode()),
+            (b"cache-status", _cache_status(served.status).encode()),
             (b"etag", entry.etag.encode()),
         ]
+        if served.status is not CacheStatus.STALE:
+            self._remember_hot(scope, entry, out)
+        out.append((b"age", str(entry.age(now)).encode()))
         inm = request_headers.get("if-none-match")
         if inm is not None and entry.status == 200 and _etag_matches(inm, entry.etag):
             await self._send(send, 304, [h for h in out if h[0] != b"content-type"], b"", "HEAD")
