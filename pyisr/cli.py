@@ -19,7 +19,7 @@ from rich.table import Table
 from pyisr.config import Config, ConfigError, load_config
 from pyisr.site.loader import SiteLoadError
 
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)
 
 
 def _config(site: Path, **overrides: Any) -> Config:
@@ -84,7 +84,8 @@ def build(site: Path, cache: str | None, debug_cache: bool | None) -> None:
     table.add_column("Size", justify="right")
     for report in sorted(result.reports, key=lambda r: r.route.pattern):
         kind = report.route.describe_kind()
-        if report.revalidates and kind == "ISR (per page)":
+        if report.revalidates:
+            # What the pages really got: data calls can lower a route's own revalidate.
             values = sorted(v for v in report.revalidates if v is not None)
             kind = f"ISR {values[0]}s" if values else "static"
         table.add_row(escape(report.route.pattern), kind, str(len(report.keys)), _human(report.bytes))

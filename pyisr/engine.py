@@ -249,8 +249,10 @@ class Engine:
         try:
             entry = await asyncio.shield(task)
         except Exception:
-            if previous is not None:
-                # Keep serving the last good page (the failure is logged and recorded).
+            if previous is not None and not policy.stale_blocks:
+                # Keep serving the last good entry (the failure is logged and recorded).
+                # Not while a page regenerates: its data must not hide a failure, so the
+                # page's regeneration fails and the last good *page* stays instead.
                 return Served(previous, CacheStatus.STALE)
             raise
         if entry.revalidate == 0:

@@ -1,8 +1,8 @@
 """Turning request paths into cache keys.
 
 A key is the path with each segment percent-decoded (so ``/blog/%E3%81%82`` and
-``/blog/あ`` are one entry), dot segments resolved, empty segments and ``index``
-dropped, and only the four characters that would change a path's meaning if
+``/blog/あ`` are one entry), dot segments resolved, empty segments dropped, ``/index``
+made ``/``, and only the four characters that would change a path's meaning if
 decoded (``% / ? #``) kept encoded. Normalising a key again gives the same key.
 """
 
@@ -66,8 +66,10 @@ def normalize_path(path: str) -> str:
                 segments.pop()
             continue
         segments.append(_encode_segment(segment))
-    while segments and segments[-1] == "index":
-        segments.pop()
+    if segments == ["index"]:
+        # Only the root's ``/index`` is ``/`` (as in Next.js): ``/blog/index`` is the
+        # ``[id]`` page for id "index", not the ``/blog`` page.
+        segments = []
     return "/" + "/".join(segments)
 
 

@@ -71,6 +71,11 @@ class _SyncBridge:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._lock = threading.Lock()
 
+    def _forget(self) -> None:
+        """After ``fork`` the loop's thread exists only in the parent: start afresh."""
+        self._loop = None
+        self._lock = threading.Lock()
+
     def _ensure(self) -> asyncio.AbstractEventLoop:
         with self._lock:
             if self._loop is None or self._loop.is_closed():
@@ -97,6 +102,9 @@ class _SyncBridge:
 
 
 bridge = _SyncBridge()
+if hasattr(os, "register_at_fork"):
+    # Pre-forking servers (gunicorn --preload) fork after the app may have made sync calls.
+    os.register_at_fork(after_in_child=bridge._forget)
 
 
 def run_sync(coro: Coroutine[Any, Any, T]) -> T:

@@ -527,3 +527,41 @@ def test_valid_revalidate_values():
     assert validate_revalidate(0) == 0
     assert validate_revalidate(60) == 60
     assert validate_revalidate(60.0) == 60
+
+
+async def test_failing_data_refetch_during_regeneration_fails_the_page_not_the_data(engine, clock):
+    """The seed's 'throw so the cache is not updated': stale data that cannot be refetched
+    while its page regenerates fails that regeneration, and the last good page stays."""
+    from pyisr import cached
+
+    state = {"fail": False, "n": 0}
+
+    def load() -> int:
+        state["n"] += 1
+        if state["fail"]:
+            raise ConnectionError("origin down")
+        return state["n"]
+
+    get = cached(load, ["d"], revalidate=5)
+
+    async def render() -> Rendered:
+        return Rendered(f"data={await get.aio()}")
+
+    policy = policy_for("/d", "/d", revalidate=5)
+    assert (await engine.get("/d", render, policy)).entry.body == b"data=1"
+    state["fail"] = True
+    clock.advance(6)
+    assert (await engine.get("/d", render, policy)).status is CacheStatus.STALE
+    await engine.drain()
+    page = await engine.inspect("/d")
+    assert page.body == b"data=1" and page.last_failure.exc_type == "ConnectionError"
+
+
+async def test_app_not_found_and_redirect_take_the_route_revalidate(engine):
+    from pyisr.engine import UNSET
+
+    async def render() -> Rendered:
+        return Rendered("gone", status=404, revalidate=UNSET)
+
+    served = await engine.get("/gone", render, policy_for("/gone", "/gone", revalidate=7))
+    assert served.entry.status == 404 and served.entry.revalidate == 7

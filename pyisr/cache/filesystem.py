@@ -9,7 +9,7 @@ Layout under ``root`` (by default ``<site>/.pyisr/cache``)::
     long/<h2>/<sha256>.bin  any key the readable mapping cannot hold (+ ``.json``)
     locks/<sha1>.lock       regeneration lock of a key (``acquire_lock``)
     locks/<sha1>.write      held while a key's files are compared and replaced
-    tags.log                tag manifest: one JSON line per invalidation
+    tags.log                tag manifest: a header line, then one JSON line per invalidation
     tags.lock               appenders share it, compaction takes it exclusively
 
 Key -> path mapping (page keys, which start with ``/``): the key is split on ``/``
@@ -39,16 +39,29 @@ check atomic across processes). A reader checks that the body matches the size a
 digest the metadata records; a mismatch means it raced a writer (or a writer was
 killed between its two renames), so it reads again under the key's flock and, if
 still inconsistent, completes the dead writer's rename from its fsynced temporary
-metadata. Readers therefore never see a torn entry.
+metadata. Readers therefore never see a torn entry. Temporary files are named
+``.<final name>.<token>.tmp``; readers and ``keys`` ignore them and
+``sweep_temp_files`` removes those a killed writer left.
 
-POSIX only (``fcntl.flock``); on a case-insensitive file system keys differing only
-in case share files, and ``get`` then returns ``None`` for the one not stored last.
+Tag log: ``revalidate_tags`` is one ``O_APPEND`` write of a line shorter than 4 KB
+(``{"t": [tags], "at": epoch}``), made under a shared flock on ``tags.lock``. Past
+4 MB the log is rewritten with one line per tag under the exclusive flock, so no
+append can go to the file being replaced. The first line carries a random id;
+cursors are ``(id, offset)``, so a reader notices a replaced log even when the file
+system reuses the inode number. A line without its newline is not read until it is
+finished, and a corrupt line is skipped with a warning.
+
+POSIX only (``fcntl.flock``). On a case-insensitive or Unicode-normalising file system
+(macOS) keys differing only in case or normalisation share files, and ``get`` returns
+``None`` for the one not stored last. Lock files are small and never removed (removing
+a lock file another process has open would let two processes hold the "same" lock).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import fcntl
 import hashlib
 import json
@@ -84,7 +97,7 @@ _TEMP_SUFFIX = ".tmp"
 
 
 @dataclass(frozen=True, slots=True)
-class _Slot:
+class EntryFiles:
     """Where one key lives: its directory, the body file and the metadata file."""
 
     dir: Path
@@ -99,15 +112,18 @@ class _Slot:
 # -- key -> path --------------------------------------------------------------------------
 
 
-def _escape_char(char: str) -> str:
-    return f"%{ord(char):02X}"
+_UNSAFE_CHARS = re.compile(r"[%\\\x00-\x1f\x7f]")
+
+
+def _escape_char(match: re.Match[str]) -> str:
+    return f"%{ord(match.group()):02X}"
 
 
 def _encode_segment(segment: str, *, final: bool) -> str:
     """One key segment as a path component (see the module docstring for the rules)."""
     if not segment:
         return "%"
-    out = "".join(_escape_char(c) if c == "%" or c == "\\" or c < " " or c == "\x7f" else c for c in segment)
+    out = _UNSAFE_CHARS.sub(_escape_char, segment)
     if out[0] == ".":
         out = "%2E" + out[1:]
     if not final and out.endswith((".html", ".json")):
@@ -119,24 +135,29 @@ def _key_bytes(key: str) -> bytes:
     return key.encode("utf-8", "surrogatepass")
 
 
-def _hashed_slot(root: Path, key: str) -> _Slot:
+def _key_hash(key: str) -> str:
+    """Lock-file name of a key: short, fixed length, any characters."""
+    return hashlib.sha1(_key_bytes(key), usedforsecurity=False).hexdigest()
+
+
+def _hashed_slot(root: Path, key: str) -> EntryFiles:
     digest = hashlib.sha256(_key_bytes(key)).hexdigest()
     directory = root / "long" / digest[:2]
-    return _Slot(directory, directory / f"{digest}.bin", directory / f"{digest}.json")
+    return EntryFiles(directory, directory / f"{digest}.bin", directory / f"{digest}.json")
 
 
-def key_to_slot(root: Path, key: str) -> _Slot:
+def key_to_slot(root: Path, key: str) -> EntryFiles:
     """The files that hold ``key`` under ``root``; always inside ``root``."""
     match = _DATA_KEY.fullmatch(key)
     if match:
         digest = match.group(1)
         directory = root / "data" / digest[:2]
-        return _Slot(directory, directory / f"{digest[2:]}.bin", directory / f"{digest[2:]}.json")
+        return EntryFiles(directory, directory / f"{digest[2:]}.bin", directory / f"{digest[2:]}.json")
     if not key.startswith("/"):
         return _hashed_slot(root, key)
     if key == "/":
         directory = root / "entries"
-        return _Slot(directory, directory / "index.html", directory / "index.json")
+        return EntryFiles(directory, directory / "index.html", directory / "index.json")
     segments = key[1:].split("/")
     parts = [_encode_segment(s, final=i == len(segments) - 1) for i, s in enumerate(segments)]
     if parts == ["index"]:
@@ -148,7 +169,7 @@ def key_to_slot(root: Path, key: str) -> _Slot:
     if max(sizes) > MAX_SEGMENT_BYTES or sum(sizes) + len(sizes) > MAX_PATH_BYTES:
         return _hashed_slot(root, key)
     directory = root.joinpath("entries", *parts[:-1])
-    return _Slot(directory, directory / f"{parts[-1]}.html", directory / f"{parts[-1]}.json")
+    return EntryFiles(directory, directory / f"{parts[-1]}.html", directory / f"{parts[-1]}.json")
 
 
 # -- small file helpers -------------------------------------------------------------------
@@ -243,7 +264,7 @@ def _build(key: str, meta: dict[str, Any], body: bytes | None) -> CacheEntry | N
         raise _Torn from exc
 
 
-def _needs_repair(key: str, slot: _Slot) -> bool:
+def _needs_repair(key: str, slot: EntryFiles) -> bool:
     """True when the files of ``key`` do not form an entry (a writer died mid-way)."""
     body = _read_file(slot.body)
     try:
@@ -313,6 +334,28 @@ def _tag_line(tags: list[str], at: float) -> bytes:
     return json.dumps({"t": tags, "at": at}, separators=(",", ":"), ensure_ascii=False).encode() + b"\n"
 
 
+def _log_header() -> bytes:
+    """First line of a tag log: a record with no tags (so any parser accepts it) and a
+    random id that tells a reader's cursor which file it points into."""
+    return json.dumps({"t": [], "at": 0, "log": secrets.token_hex(8)}, separators=(",", ":")).encode() + b"\n"
+
+
+def _log_id(head: bytes) -> str | None:
+    line, newline, _rest = head.partition(b"\n")
+    if not newline:
+        return None
+    try:
+        log_id = json.loads(line).get("log")
+    except (ValueError, AttributeError):
+        return None
+    return log_id if isinstance(log_id, str) else None
+
+
+def _stat_key(st: os.stat_result) -> tuple[int, ...]:
+    """Changes whenever the log is appended to or replaced."""
+    return (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
 def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
@@ -340,10 +383,10 @@ class FileSystemCache(CacheHandler):
         self._locks_dir = self.root / "locks"
         #: Regeneration locks held by this object: key -> (fd, token, monotonic expiry).
         self._held: dict[str, tuple[int, str, float]] = {}
-        #: Mirror of the tag log: times, and the (inode, offset) read up to, and the size seen.
+        #: Mirror of the tag log: times, the cursor read up to, and the file state seen.
         self._tag_mirror: dict[str, float] = {}
-        self._mirror_cursor: tuple[int, int] | None = None
-        self._mirror_seen: tuple[int, int] | None = None
+        self._mirror_cursor: tuple[str, int] | None = None
+        self._mirror_seen: tuple[int, ...] | None = None
         #: Do not compact again until the log reaches this size (a compaction that saves
         #: little would otherwise repeat on every append).
         self._compact_floor = 0
@@ -354,8 +397,9 @@ class FileSystemCache(CacheHandler):
         try:
             for sub in ("entries", "data", "long", "locks"):
                 (self.root / sub).mkdir(parents=True, exist_ok=True)
+            self._ensure_tag_log()
             if not os.access(self.root, os.R_OK | os.W_OK | os.X_OK):
-                raise PermissionError(13, "Permission denied")
+                raise PermissionError(errno.EACCES, "Permission denied")
             os.listdir(self.root)
         except OSError as exc:
             raise type(exc)(
@@ -367,7 +411,7 @@ class FileSystemCache(CacheHandler):
 
     # -- entries ------------------------------------------------------------------------
 
-    def slot(self, key: str) -> _Slot:
+    def slot(self, key: str) -> EntryFiles:
         """The body and metadata paths of ``key`` (for tools and tests)."""
         return key_to_slot(self.root, key)
 
@@ -388,7 +432,7 @@ class FileSystemCache(CacheHandler):
             # Raced a writer, or a writer died between its renames: wait for the key's lock.
             return await asyncio.to_thread(self._get_locked, key, slot)
 
-    def _get_locked(self, key: str, slot: _Slot) -> CacheEntry | None:
+    def _get_locked(self, key: str, slot: EntryFiles) -> CacheEntry | None:
         with _flocked(self._write_lock_path(key), fcntl.LOCK_EX):
             for attempt in range(2):
                 try:
@@ -400,7 +444,7 @@ class FileSystemCache(CacheHandler):
         logger.warning("pyisr: cache entry %r at %s is inconsistent; treating it as missing", key, slot.meta)
         return None
 
-    def _roll_forward(self, key: str, slot: _Slot) -> bool:
+    def _roll_forward(self, key: str, slot: EntryFiles) -> bool:
         """Finish a write killed between renaming its body and its metadata.
 
         Its temporary metadata was fsynced before the body was renamed, so if one
@@ -461,13 +505,16 @@ class FileSystemCache(CacheHandler):
             slot.dir.mkdir(parents=True, exist_ok=True)
             token = secrets.token_hex(6)
             temps: list[Path] = []
+            body_in_place = False
             try:
                 temps.append(self._temp(slot.dir, slot.body.name, body, token))
                 temps.append(self._temp(slot.dir, slot.meta.name, meta_bytes, token))
                 os.replace(temps[0], slot.body)
+                body_in_place = True
                 os.replace(temps[1], slot.meta)
             except BaseException:
-                for path in temps:
+                # Once the body is in place, its metadata temp is what a reader finishes from.
+                for path in [] if body_in_place else temps:
                     with contextlib.suppress(FileNotFoundError):
                         path.unlink()
                 raise
@@ -483,7 +530,7 @@ class FileSystemCache(CacheHandler):
         return path
 
     @staticmethod
-    def _body_size_matches(slot: _Slot, meta: Mapping[str, Any]) -> bool:
+    def _body_size_matches(slot: EntryFiles, meta: Mapping[str, Any]) -> bool:
         try:
             return os.stat(slot.body).st_size == meta.get("size")
         except FileNotFoundError:
@@ -504,7 +551,7 @@ class FileSystemCache(CacheHandler):
                     path.unlink()
 
     def _write_lock_path(self, key: str) -> Path:
-        return self._locks_dir / f"{hashlib.sha1(_key_bytes(key)).hexdigest()}.write"
+        return self._locks_dir / f"{_key_hash(key)}.write"
 
     # -- listing and maintenance ----------------------------------------------------------
 
@@ -600,7 +647,11 @@ class FileSystemCache(CacheHandler):
         lines = _tag_lines(tags, at)
         # Shared: appenders run together, but never while compaction swaps the file.
         with _flocked(self._tags_lock_path, fcntl.LOCK_SH):
-            fd = os.open(self._tags_path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o666)
+            try:
+                fd = os.open(self._tags_path, os.O_RDWR | os.O_APPEND)
+            except FileNotFoundError:  # removed by hand while we run
+                self._ensure_tag_log()
+                fd = os.open(self._tags_path, os.O_RDWR | os.O_APPEND)
             try:
                 size = os.fstat(fd).st_size
                 # A killed writer's unfinished line must not swallow ours.
@@ -616,23 +667,35 @@ class FileSystemCache(CacheHandler):
         if size > max(self.tag_log_compact_bytes, self._compact_floor):
             self.compact_tag_log()
 
+    def _ensure_tag_log(self) -> None:
+        """Create the tag log, header included, in one step (a hard link never overwrites)."""
+        if self._tags_path.exists():
+            return
+        temp = self._temp(self.root, self._tags_path.name, _log_header(), secrets.token_hex(6))
+        try:
+            os.link(temp, self._tags_path)
+        except FileExistsError:
+            pass
+        finally:
+            temp.unlink()
+
     def compact_tag_log(self) -> bool:
         """Rewrite the tag log with one line per tag (its latest time); True if rewritten.
 
         Runs under the exclusive ``tags.lock``, so no append is in flight and none can
-        go to the file being replaced; readers notice the new inode and re-read it.
+        go to the file being replaced. The new file has a new id in its header line, so
+        readers holding a cursor into the old one start again from the top.
         """
         with _flocked(self._tags_lock_path, fcntl.LOCK_EX):
             data = _read_file(self._tags_path)
             if data is None or len(data) <= self.tag_log_compact_bytes:
                 return False  # another process compacted it meanwhile
             times, _ = _parse_tag_lines(data, self._tags_path)
-            compacted = b"".join(_tag_line([tag], at) for tag, at in times.items())
+            compacted = _log_header() + b"".join(_tag_line([tag], at) for tag, at in times.items())
             if len(compacted) * 2 > len(data):
                 self._compact_floor = len(data) * 2
                 return False
-            token = secrets.token_hex(6)
-            temp = self._temp(self.root, self._tags_path.name, compacted, token)
+            temp = self._temp(self.root, self._tags_path.name, compacted, secrets.token_hex(6))
             try:
                 os.replace(temp, self._tags_path)
             except BaseException:
@@ -650,11 +713,12 @@ class FileSystemCache(CacheHandler):
         return {t: mirror[t] for t in tags if t in mirror}
 
     def _refresh_mirror(self) -> None:
+        """Read new log lines into the mirror; one ``stat`` when nothing changed."""
         try:
             st = os.stat(self._tags_path)
         except FileNotFoundError:
             return
-        if self._mirror_seen == (st.st_ino, st.st_size):
+        if self._mirror_seen == _stat_key(st):
             return
         read = self._read_changes(self._mirror_cursor)
         if read is None:
@@ -666,10 +730,10 @@ class FileSystemCache(CacheHandler):
                 mirror[tag] = at
 
     async def tag_changes(self, cursor: Any) -> tuple[Any, Mapping[str, float]] | None:
-        """Tag times from lines appended after ``cursor`` (an ``(inode, offset)`` pair).
+        """Tag times from lines appended after ``cursor`` (a ``(log id, offset)`` pair).
 
-        A cursor into a file that compaction replaced (another inode) restarts from
-        the beginning of the new file, which holds every tag's latest time.
+        A cursor into a log that compaction replaced (another id) restarts from the top
+        of the new one, which holds every tag's latest time.
         """
         read = self._read_changes(cursor)
         if read is None:
@@ -677,22 +741,25 @@ class FileSystemCache(CacheHandler):
         new_cursor, times, _seen = read
         return new_cursor, times
 
-    def _read_changes(self, cursor: Any) -> tuple[tuple[int, int], dict[str, float], tuple[int, int]] | None:
-        """Read the log from ``cursor``: (new cursor, times, (inode, size) read)."""
+    def _read_changes(self, cursor: Any) -> tuple[tuple[str, int], dict[str, float], tuple[int, ...]] | None:
+        """Read the log after ``cursor``: (new cursor, times, stat key of what was read)."""
         try:
             fd = os.open(self._tags_path, os.O_RDONLY)
         except FileNotFoundError:
             return None
         try:
             st = os.fstat(fd)
+            # The id, not the inode: inode numbers are reused as soon as they are freed.
+            log_id = _log_id(os.pread(fd, 256, 0)) or f"inode-{st.st_ino}"
             start = 0
             if (
                 isinstance(cursor, tuple | list)
                 and len(cursor) == 2
-                and cursor[0] == st.st_ino
+                and cursor[0] == log_id
+                and isinstance(cursor[1], int)
                 and 0 <= cursor[1] <= st.st_size
             ):
-                start = int(cursor[1])
+                start = cursor[1]
                 # Offsets always follow a newline; anything else means a different file.
                 if start and os.pread(fd, 1, start - 1) != b"\n":
                     start = 0
@@ -707,7 +774,7 @@ class FileSystemCache(CacheHandler):
         finally:
             os.close(fd)
         times, consumed = _parse_tag_lines(b"".join(chunks), self._tags_path)
-        return (st.st_ino, start + consumed), times, (st.st_ino, offset)
+        return (log_id, start + consumed), times, _stat_key(st)
 
     # -- regeneration lock -----------------------------------------------------------------
 
@@ -721,7 +788,7 @@ class FileSystemCache(CacheHandler):
             # Our own holder overran its ttl: take the lock over.
             del self._held[key]
             os.close(held[0])
-        path = self._locks_dir / f"{hashlib.sha1(_key_bytes(key)).hexdigest()}.lock"
+        path = self._locks_dir / f"{_key_hash(key)}.lock"
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -757,5 +824,5 @@ class FileSystemCache(CacheHandler):
             "handler": self.name,
             "root": str(self.root),
             "locks_held": len(self._held),
-            "tag_log_bytes": self._mirror_seen[1] if self._mirror_seen else 0,
+            "tag_log_bytes": self._mirror_cursor[1] if self._mirror_cursor else 0,
         }

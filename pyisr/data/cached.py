@@ -7,11 +7,17 @@ call's arguments. Results are pickled, like Django's cache: anything picklable w
 
 from __future__ import annotations
 
+import asyncio
+import contextvars
 import functools
 import hashlib
 import inspect
+import os
 import pickle
+import threading
+import types
 from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar, overload
 
 from pyisr.cache.entry import validate_revalidate
@@ -22,12 +28,61 @@ from pyisr.engine import Rendered
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+def _stable_repr(value: Any) -> str:
+    """``repr`` of a code constant, the same in every process (no addresses, no hash order)."""
+    if isinstance(value, types.CodeType):
+        return "code:" + _code_digest(value)
+    if isinstance(value, frozenset):
+        return "frozenset(" + ",".join(sorted(_stable_repr(v) for v in value)) + ")"
+    if isinstance(value, tuple):
+        return "(" + ",".join(_stable_repr(v) for v in value) + ")"
+    return repr(value)
+
+
+def _code_digest(code: types.CodeType) -> str:
+    # The bytecode alone misses the names it uses (``db.posts()`` vs ``db.users()``), and
+    # ``repr`` of nested code objects (comprehensions, lambdas) holds their address.
+    h = hashlib.sha256(code.co_code)
+    h.update(repr(code.co_names).encode())
+    for const in code.co_consts:
+        h.update(_stable_repr(const).encode())
+        h.update(b"\0")
+    return h.hexdigest()
+
+
 def _function_identity(fn: Callable[..., Any]) -> str:
     code = getattr(fn, "__code__", None)
-    digest = ""
-    if code is not None:
-        digest = hashlib.sha256(code.co_code + repr(code.co_consts).encode()).hexdigest()[:16]
+    digest = _code_digest(code)[:16] if isinstance(code, types.CodeType) else ""
     return f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', repr(fn))}#{digest}"
+
+
+_data_threads: ThreadPoolExecutor | None = None
+_data_threads_lock = threading.Lock()
+
+
+def _data_executor() -> ThreadPoolExecutor:
+    """Threads for sync data functions, apart from the engine's render threads.
+
+    A sync page holds a render thread while it waits for its data; if the data needed a
+    render thread too, as many concurrent pages as there are render threads would wait
+    for each other until the render timeout.
+    """
+    global _data_threads
+    with _data_threads_lock:
+        if _data_threads is None:
+            _data_threads = ThreadPoolExecutor(max_workers=64, thread_name_prefix="pyisr-data")
+        return _data_threads
+
+
+def _forget_data_threads() -> None:
+    # A forked child has none of the parent's threads; an inherited pool would never run.
+    global _data_threads, _data_threads_lock
+    _data_threads = None
+    _data_threads_lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_data_threads)
 
 
 @overload
@@ -91,8 +146,11 @@ def cached(
 
             return compute_async
 
-        def compute_sync() -> Rendered:
-            return Rendered(pickle.dumps(fn(*args, **kwargs), protocol=5))
+        async def compute_sync() -> Rendered:
+            loop = asyncio.get_running_loop()
+            call = functools.partial(contextvars.copy_context().run, fn, *args, **kwargs)
+            value = await loop.run_in_executor(_data_executor(), call)
+            return Rendered(pickle.dumps(value, protocol=5))
 
         return compute_sync
 

@@ -11,9 +11,11 @@ plain fetch outside any page is not cached.
 
 from __future__ import annotations
 
+import asyncio
 import pickle
 import time
 import warnings
+import weakref
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -69,11 +71,12 @@ def _resolve_revalidate(
 
 
 def _auto(tags: tuple[str, ...]) -> Revalidate | None:
-    ctx = current_render()
+    """No ``cache``/``revalidate``: take the page's revalidate (Next.js' "auto cache");
+    outside a page, keep tagged responses until their tag is revalidated, else don't cache."""
+    if current_render() is not None:
+        return -1  # inherit the page's revalidate, resolved by the caller
     if tags:
         return None
-    if ctx is not None:
-        return -1  # inherit the page's revalidate, resolved by the caller
     return 0
 
 
@@ -94,13 +97,27 @@ def _log_fetch(method: str, url: str, status: int, ms: float, outcome: str) -> N
     fetch_logger.debug("%s %s %s in %.0fms (cache %s)", method, shown, status, ms, outcome)
 
 
+#: One client per event loop: a new client per call costs ~50 ms of TLS set-up.
+_clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, httpx.AsyncClient] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _client() -> httpx.AsyncClient:
+    loop = asyncio.get_running_loop()
+    client = _clients.get(loop)
+    if client is None or client.is_closed:
+        client = httpx.AsyncClient(follow_redirects=True)
+        _clients[loop] = client
+    return client
+
+
 async def _send(
     method: str, url: str, headers: Mapping[str, str], content: bytes | None, timeout: float
 ) -> httpx.Response:
-    async with httpx.AsyncClient(timeout=timeout, follow_redirects=True) as client:
-        response = await client.request(method, url, headers=dict(headers), content=content)
-        await response.aread()
-        return response
+    response = await _client().request(method, url, headers=dict(headers), content=content, timeout=timeout)
+    await response.aread()
+    return response
 
 
 def _encode(response: httpx.Response) -> bytes:

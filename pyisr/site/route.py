@@ -24,7 +24,7 @@ from starlette.responses import JSONResponse, Response
 
 from pyisr.cache.entry import ONE_YEAR, EntryKind, Revalidate, validate_revalidate
 from pyisr.cache.tags import implicit_tags, validate_tags
-from pyisr.engine import OnMissing, Rendered, RenderPolicy
+from pyisr.engine import UNSET, OnMissing, Rendered, RenderPolicy
 from pyisr.site.routes import Params, PatternRoute, path_for
 from pyisr.site.signals import NotFoundSignal, RedirectSignal
 from pyisr.site.templates import has_template, render_template
@@ -75,12 +75,12 @@ def _body_of(result: Any, where: str) -> Rendered:
     )
 
 
-def not_found_result(revalidate: Any = None) -> Rendered:
+def not_found_result(revalidate: Any = UNSET) -> Rendered:
     body = render_template("404.html") if has_template("404.html") else DEFAULT_404
     return Rendered(body, status=404, headers={"content-type": HTML}, revalidate=revalidate)
 
 
-def redirect_result(destination: str, permanent: bool, revalidate: Any = None) -> Rendered:
+def redirect_result(destination: str, permanent: bool, revalidate: Any = UNSET) -> Rendered:
     headers = {"location": destination, "content-type": "text/plain; charset=utf-8"}
     if permanent:
         headers["refresh"] = f"0;url={destination}"

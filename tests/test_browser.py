@@ -1,0 +1,105 @@
+"""examples/blog in a real browser: the pages render as a styled blog.
+
+Needs the system Chromium (``/usr/bin/chromium``) and the ``playwright`` package; it
+never downloads a browser (no ``playwright install``). Skipped when either is missing.
+The browser only talks to the example's server on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from e2e_support import Server, copy_site, run_cli
+
+pytestmark = pytest.mark.slow
+
+CHROMIUM = Path("/usr/bin/chromium")
+EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "blog"
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+
+if not CHROMIUM.exists():
+    pytest.skip(f"no Chromium at {CHROMIUM} (apt-get install chromium)", allow_module_level=True)
+if importlib.util.find_spec("playwright") is None:
+    pytest.skip("the playwright package is not installed (pip install playwright)", allow_module_level=True)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    root = tmp_path_factory.mktemp("browser")
+    site = copy_site(EXAMPLE, root / "site")
+    env = {"BLOG_DB": str(root / "blog.db"), "BLOG_API_URL": ""}
+    result = run_cli(["build", str(site)], env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    srv = Server(site, env).start()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[object]:
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        chromium = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
+        try:
+            yield chromium
+        finally:
+            chromium.close()
+
+
+def _default_font(browser: object) -> str:
+    """The body font of an unstyled page: what the stylesheet must change."""
+    page = browser.new_page()  # type: ignore[attr-defined]
+    try:
+        page.set_content("<html><body><p>plain</p></body></html>")
+        return str(page.evaluate("getComputedStyle(document.body).fontFamily"))
+    finally:
+        page.close()
+
+
+def test_blog_pages_render_styled(server: Server, browser: object, tmp_path: Path) -> None:
+    default_font = _default_font(browser)
+    page = browser.new_page(viewport={"width": 1100, "height": 900})  # type: ignore[attr-defined]
+    requested: list[str] = []
+    page.on("request", lambda request: requested.append(request.url))
+    try:
+        response = page.goto(server.url + "/blog")
+        assert response is not None and response.status == 200
+        assert response.headers["x-pyisr-cache"] == "HIT"
+        assert page.title() == "Blog Posts · The ISR Journal"
+        assert page.locator("h1").inner_text() == "Blog Posts"
+        assert page.locator("#posts li").count() == 25
+        font = page.evaluate("getComputedStyle(document.body).fontFamily")
+        assert "Georgia" in font and font != default_font
+        background = page.evaluate("getComputedStyle(document.body).backgroundColor")
+        assert background == "rgb(251, 250, 247)"  # --paper from style.css
+        page.screenshot(path=str(tmp_path / "blog.png"), full_page=True)
+
+        page.click("text=Hello, Incremental Static Regeneration")
+        page.wait_for_url(server.url + "/blog/1")
+        assert page.locator("article h1").inner_text() == "Hello, Incremental Static Regeneration"
+        assert page.locator("#content p").count() == 2
+        header_font = page.evaluate("getComputedStyle(document.querySelector('h1')).fontFamily")
+        assert "Georgia" not in header_font  # headings use the sans-serif stack
+        page.screenshot(path=str(tmp_path / "post.png"), full_page=True)
+
+        missing = page.goto(server.url + "/blog/999")
+        assert missing is not None and missing.status == 404
+        assert page.locator("h1").inner_text() == "404: Page not found"
+        assert "Georgia" in page.evaluate("getComputedStyle(document.body).fontFamily")
+    finally:
+        page.close()
+    assert all(url.startswith(server.url) for url in requested), requested
+    assert (tmp_path / "blog.png").stat().st_size > 10_000
+    assert (tmp_path / "post.png").stat().st_size > 10_000

@@ -1,0 +1,133 @@
+"""The ``pyisr`` command: build errors and summary, config errors, dev, several workers."""
+
+from __future__ import annotations
+
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from e2e_support import Server, run_cli
+
+pytestmark = pytest.mark.slow
+
+
+def write(root: Path, files: dict[str, str]) -> Path:
+    for rel, text in files.items():
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(textwrap.dedent(text))
+    return root
+
+
+STAMP_PAGE = """
+import time
+revalidate = 60
+tags = ["stamp"]
+
+def generate_static_params():
+    return [{"id": str(i)} for i in range(1, 6)]
+
+def page(params):
+    return f"<p>{params['id']} at={time.time():.6f}</p>"
+"""
+
+
+def test_build_prints_a_summary_table(tmp_path: Path) -> None:
+    site = write(tmp_path / "site", {"app/p/[id]/page.py": STAMP_PAGE, "app/page.py": "def page(p):\n    return 'home'\n"})
+    result = run_cli(["build", str(site)], {})
+    assert result.returncode == 0, result.stderr
+    assert "/p/[id]" in result.stdout and "ISR 60s" in result.stdout and "static" in result.stdout
+    assert "Built 6 pages" in result.stderr
+    assert (site / ".pyisr" / "cache" / "entries" / "p" / "3.html").is_file()
+
+
+def test_a_page_that_raises_fails_the_build(tmp_path: Path) -> None:
+    site = write(tmp_path / "site", {"app/p/[id]/page.py": """
+        def generate_static_params():
+            return [{"id": "1"}, {"id": "2"}]
+
+        def page(params):
+            if params["id"] == "2":
+                raise RuntimeError("database unreachable")
+            return "ok"
+    """})
+    result = run_cli(["build", str(site)], {})
+    assert result.returncode == 1
+    assert "/p/2" in result.stderr and "RuntimeError: database unreachable" in result.stderr
+    assert not (site / ".pyisr" / "manifest.json").exists()
+
+
+def test_S25_invalid_revalidate_fails_the_build(tmp_path: Path) -> None:
+    site = write(tmp_path / "site", {"pages/b/[id].py": """
+        def get_static_paths():
+            return {"paths": ["/b/1"], "fallback": False}
+
+        def get_static_props(params):
+            return {"props": {}, "revalidate": 1.5}
+
+        def page(props):
+            return "x"
+    """})
+    result = run_cli(["build", str(site)], {})
+    assert result.returncode == 1 and "/b/1" in result.stderr and "1.5" in result.stderr
+
+
+def test_a_site_mistake_fails_the_build_with_file_and_line(tmp_path: Path) -> None:
+    site = write(tmp_path / "site", {"app/page.py": "revalidat = 60\ndef page(p):\n    return 'x'\n"})
+    result = run_cli(["build", str(site)], {})
+    assert result.returncode == 1
+    assert "app/page.py:1" in result.stderr.replace("\n", "") and "revalidate" in result.stderr
+
+
+def test_bad_config_names_the_file_key_and_fix(tmp_path: Path) -> None:
+    site = write(tmp_path / "site", {"app/page.py": "def page(p):\n    return 'x'\n",
+                                     "pyisr.toml": "render_timeout = -3\n"})
+    result = run_cli(["build", str(site)], {})
+    assert result.returncode == 2
+    err = result.stderr
+    assert "pyisr.toml" in err and "render_timeout" in err and "for example" in err
+    (site / "pyisr.toml").write_text("render_timeout = 3\n")
+    env_result = run_cli(["build", str(site)], {"PYISR_RENDER_CONCURRENCY": "many"})
+    assert env_result.returncode == 2 and "PYISR_RENDER_CONCURRENCY" in env_result.stderr
+
+
+def test_dev_never_caches_and_reloads_on_change(tmp_path: Path) -> None:
+    site = write(tmp_path / "site", {"app/page.py": "revalidate = 60\ndef page(p):\n    return 'version one'\n"})
+    server = Server(site, {}, command="dev").start()
+    try:
+        first = server.get("/")
+        assert first.text == "version one"
+        assert first.headers["cache-control"] == "no-store, must-revalidate"
+        assert "x-pyisr-cache" not in first.headers
+        (site / "app" / "page.py").write_text("revalidate = 60\ndef page(p):\n    return 'version two'\n")
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            try:
+                if server.get("/").text == "version two":
+                    break
+            except Exception:  # noqa: BLE001 - the server is restarting
+                pass
+            time.sleep(0.2)
+        assert server.get("/").text == "version two"
+    finally:
+        server.stop()
+
+
+def test_every_worker_sees_an_invalidation_within_a_second(tmp_path: Path) -> None:
+    site = write(tmp_path / "site", {"app/p/[id]/page.py": STAMP_PAGE})
+    assert run_cli(["build", str(site)], {}).returncode == 0
+    server = Server(site, {"PYISR_REVALIDATE_SECRET": "s"}, workers=2).start()
+    try:
+        before = {server.get("/p/1").text for _ in range(40)}
+        assert len(before) == 1  # both workers serve the build's page
+        response = server.request("POST", "/_pyisr/revalidate?tag=stamp", headers={"authorization": "Bearer s"})
+        assert response.status_code == 200
+        marked = time.monotonic()
+        time.sleep(1.0)
+        after = [server.get("/p/1") for _ in range(40)]
+        assert all(r.text not in before for r in after), "a worker still served the old page after 1 s"
+        assert time.monotonic() - marked < 10
+    finally:
+        server.stop()

@@ -1,0 +1,121 @@
+"""Loading a site: routes from files, precedence, and mistakes reported with file and line."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from pyisr.site.loader import SiteLoadError
+from pyisr.site.site import Site
+
+
+def write(root: Path, files: dict[str, str]) -> Path:
+    for rel, text in files.items():
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(textwrap.dedent(text))
+    return root
+
+
+PAGE = "def page(params):\n    return 'x'\n"
+
+
+def test_patterns_from_both_styles(tmp_path: Path) -> None:
+    site = Site.load(write(tmp_path, {
+        "app/page.py": PAGE,
+        "app/blog/[id]/page.py": PAGE,
+        "app/(marketing)/about/page.py": PAGE,
+        "app/api/items/route.py": "def GET(request):\n    return {}\n",
+        "pages/docs/[...slug].py": "def get_static_paths():\n    return {'paths': [], 'fallback': 'blocking'}\n"
+                                   "def page(props):\n    return 'x'\n",
+        "pages/shop/[[...path]].py": "def get_static_paths():\n    return {'paths': [], 'fallback': 'blocking'}\n"
+                                     "def page(props):\n    return 'x'\n",
+        "pages/api/hello.py": "def handler(request):\n    return {}\n",
+        "pages/_helpers.py": "x = 1\n",
+    }))
+    patterns = sorted(r.pattern for r in site.routes)
+    assert patterns == ["/", "/about", "/api/hello", "/api/items", "/blog/[id]", "/docs/[...slug]",
+                        "/shop/[[...path]]"]
+    assert site.match("/blog/7")[1] == {"id": "7"}
+    assert site.match("/docs/a/b")[1] == {"slug": ["a", "b"]}
+    assert site.match("/docs") is None  # a catch-all needs one segment
+    assert site.match("/shop")[1] == {"path": []}
+    assert site.match("/shop/x/y")[1] == {"path": ["x", "y"]}
+
+
+def test_static_segments_win_over_dynamic_ones(tmp_path: Path) -> None:
+    site = Site.load(write(tmp_path, {
+        "app/blog/[id]/page.py": PAGE,
+        "app/blog/new/page.py": PAGE,
+        "app/[...all]/page.py": PAGE,
+    }))
+    assert site.match("/blog/new")[0].pattern == "/blog/new"
+    assert site.match("/blog/3")[0].pattern == "/blog/[id]"
+    assert site.match("/other/thing")[0].pattern == "/[...all]"
+
+
+def test_encoded_slash_stays_inside_its_segment(tmp_path: Path) -> None:
+    site = Site.load(write(tmp_path, {"app/blog/[id]/page.py": PAGE}))
+    route, params = site.match("/blog/a%2Fb")
+    assert route.pattern == "/blog/[id]" and params == {"id": "a/b"}
+
+
+def errors_of(root: Path) -> list[str]:
+    with pytest.raises(SiteLoadError) as info:
+        Site.load(root)
+    return [str(e) for e in info.value.errors]
+
+
+def test_syntax_error_is_reported_with_file_and_line(tmp_path: Path) -> None:
+    errors = errors_of(write(tmp_path, {"app/page.py": "def page(params):\n    return (\n"}))
+    assert len(errors) == 1 and "app/page.py:" in errors[0] and "syntax error" in errors[0]
+
+
+def test_misspelt_export_is_reported_with_the_fix(tmp_path: Path) -> None:
+    errors = errors_of(write(tmp_path, {"app/page.py": "revalidat = 60\n" + PAGE}))
+    assert any("app/page.py:1" in e and "did you mean 'revalidate'" in e for e in errors)
+
+
+def test_nextjs_names_are_reported_with_the_python_name(tmp_path: Path) -> None:
+    errors = errors_of(write(tmp_path, {"app/[id]/page.py": "dynamicParams = False\n" + PAGE}))
+    assert any("'dynamicParams' is the Next.js name" in e and "dynamic_params" in e for e in errors)
+
+
+@pytest.mark.parametrize("value", ["'60'", "-5", "1.5", "True"])
+def test_wrong_revalidate_type_is_reported(tmp_path: Path, value: str) -> None:
+    errors = errors_of(write(tmp_path, {"app/page.py": f"revalidate = {value}\n" + PAGE}))
+    assert any("app/page.py:1" in e and "revalidate" in e for e in errors)
+
+
+def test_missing_page_function(tmp_path: Path) -> None:
+    errors = errors_of(write(tmp_path, {"app/page.py": "revalidate = 5\n"}))
+    assert any("missing page()" in e for e in errors)
+
+
+def test_a_path_defined_twice_names_both_files(tmp_path: Path) -> None:
+    errors = errors_of(write(tmp_path, {
+        "app/blog/[id]/page.py": PAGE,
+        "pages/blog/[slug].py": "def get_static_paths():\n    return {'paths': [], 'fallback': False}\n"
+                                "def page(props):\n    return 'x'\n",
+    }))
+    assert any("app/blog/[id]/page.py" in e and "pages/blog/[slug].py" in e for e in errors)
+
+
+def test_import_error_names_the_line(tmp_path: Path) -> None:
+    errors = errors_of(write(tmp_path, {"app/page.py": "x = 1\nraise RuntimeError('boom')\n" + PAGE}))
+    assert any("app/page.py:2" in e and "RuntimeError: boom" in e for e in errors)
+
+
+def test_every_problem_is_reported_at_once(tmp_path: Path) -> None:
+    errors = errors_of(write(tmp_path, {
+        "app/a/page.py": "revalidat = 1\n" + PAGE,
+        "app/b/page.py": "def page(:\n",
+    }))
+    assert len(errors) == 2
+
+
+def test_no_routes_folder(tmp_path: Path) -> None:
+    errors = errors_of(tmp_path)
+    assert "no app/ or pages/ folder" in errors[0]
