@@ -35,16 +35,26 @@ def copy_site(source: Path, dest: Path) -> Path:
     return dest
 
 
-def run_cli(args: list[str], env: Mapping[str, str], timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(PYISR + args, env={**os.environ, **env}, capture_output=True, text=True,
-                          timeout=timeout)
+def run_cli(
+    args: list[str], env: Mapping[str, str], timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        PYISR + args, env={**os.environ, **env}, capture_output=True, text=True, timeout=timeout
+    )
 
 
 class Server:
     """A ``pyisr start`` subprocess and its log."""
 
-    def __init__(self, site: Path, env: Mapping[str, str], *, workers: int = 1, port: int | None = None,
-                 command: str = "start") -> None:
+    def __init__(
+        self,
+        site: Path,
+        env: Mapping[str, str],
+        *,
+        workers: int = 1,
+        port: int | None = None,
+        command: str = "start",
+    ) -> None:
         self.site = site
         self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **env}
         self.workers = workers
@@ -54,16 +64,20 @@ class Server:
         self.log_path = site.parent / f"server-{self.port}.log"
         self.proc: subprocess.Popen[bytes] | None = None
         # One pooled client: creating a client per request costs more than the request.
-        self.client = httpx.Client(timeout=30, follow_redirects=False,
-                                   limits=httpx.Limits(max_connections=200, max_keepalive_connections=200))
+        self.client = httpx.Client(
+            timeout=30,
+            follow_redirects=False,
+            limits=httpx.Limits(max_connections=200, max_keepalive_connections=200),
+        )
 
     def start(self) -> Server:
         log = open(self.log_path, "ab")
         args = [self.command, str(self.site), "--host", "127.0.0.1", "--port", str(self.port)]
         if self.command == "start":
             args += ["--workers", str(self.workers)]
-        self.proc = subprocess.Popen(PYISR + args, env=self.env, stdout=log, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
+        self.proc = subprocess.Popen(
+            PYISR + args, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

@@ -7,7 +7,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from e2e_support import Server, run_cli
 
 pytestmark = pytest.mark.slow
@@ -35,7 +34,10 @@ def page(params):
 
 
 def test_build_prints_a_summary_table(tmp_path: Path) -> None:
-    site = write(tmp_path / "site", {"app/p/[id]/page.py": STAMP_PAGE, "app/page.py": "def page(p):\n    return 'home'\n"})
+    site = write(
+        tmp_path / "site",
+        {"app/p/[id]/page.py": STAMP_PAGE, "app/page.py": "def page(p):\n    return 'home'\n"},
+    )
     result = run_cli(["build", str(site)], {})
     assert result.returncode == 0, result.stderr
     assert "/p/[id]" in result.stdout and "ISR 60s" in result.stdout and "static" in result.stdout
@@ -44,7 +46,10 @@ def test_build_prints_a_summary_table(tmp_path: Path) -> None:
 
 
 def test_a_page_that_raises_fails_the_build(tmp_path: Path) -> None:
-    site = write(tmp_path / "site", {"app/p/[id]/page.py": """
+    site = write(
+        tmp_path / "site",
+        {
+            "app/p/[id]/page.py": """
         def generate_static_params():
             return [{"id": "1"}, {"id": "2"}]
 
@@ -52,7 +57,9 @@ def test_a_page_that_raises_fails_the_build(tmp_path: Path) -> None:
             if params["id"] == "2":
                 raise RuntimeError("database unreachable")
             return "ok"
-    """})
+    """
+        },
+    )
     result = run_cli(["build", str(site)], {})
     assert result.returncode == 1
     assert "/p/2" in result.stderr and "RuntimeError: database unreachable" in result.stderr
@@ -60,7 +67,10 @@ def test_a_page_that_raises_fails_the_build(tmp_path: Path) -> None:
 
 
 def test_S25_invalid_revalidate_fails_the_build(tmp_path: Path) -> None:
-    site = write(tmp_path / "site", {"pages/b/[id].py": """
+    site = write(
+        tmp_path / "site",
+        {
+            "pages/b/[id].py": """
         def get_static_paths():
             return {"paths": ["/b/1"], "fallback": False}
 
@@ -69,7 +79,9 @@ def test_S25_invalid_revalidate_fails_the_build(tmp_path: Path) -> None:
 
         def page(props):
             return "x"
-    """})
+    """
+        },
+    )
     result = run_cli(["build", str(site)], {})
     assert result.returncode == 1 and "/b/1" in result.stderr and "1.5" in result.stderr
 
@@ -82,8 +94,10 @@ def test_a_site_mistake_fails_the_build_with_file_and_line(tmp_path: Path) -> No
 
 
 def test_bad_config_names_the_file_key_and_fix(tmp_path: Path) -> None:
-    site = write(tmp_path / "site", {"app/page.py": "def page(p):\n    return 'x'\n",
-                                     "pyisr.toml": "render_timeout = -3\n"})
+    site = write(
+        tmp_path / "site",
+        {"app/page.py": "def page(p):\n    return 'x'\n", "pyisr.toml": "render_timeout = -3\n"},
+    )
     result = run_cli(["build", str(site)], {})
     assert result.returncode == 2
     err = result.stderr
@@ -94,7 +108,9 @@ def test_bad_config_names_the_file_key_and_fix(tmp_path: Path) -> None:
 
 
 def test_dev_never_caches_and_reloads_on_change(tmp_path: Path) -> None:
-    site = write(tmp_path / "site", {"app/page.py": "revalidate = 60\ndef page(p):\n    return 'version one'\n"})
+    site = write(
+        tmp_path / "site", {"app/page.py": "revalidate = 60\ndef page(p):\n    return 'version one'\n"}
+    )
     server = Server(site, {}, command="dev").start()
     try:
         first = server.get("/")
@@ -122,7 +138,9 @@ def test_every_worker_sees_an_invalidation_within_a_second(tmp_path: Path) -> No
     try:
         before = {server.get("/p/1").text for _ in range(40)}
         assert len(before) == 1  # both workers serve the build's page
-        response = server.request("POST", "/_pyisr/revalidate?tag=stamp", headers={"authorization": "Bearer s"})
+        response = server.request(
+            "POST", "/_pyisr/revalidate?tag=stamp", headers={"authorization": "Bearer s"}
+        )
         assert response.status_code == 200
         marked = time.monotonic()
         time.sleep(1.0)

@@ -17,7 +17,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-
 from e2e_support import DataServer, Server, copy_site, counts, run_cli
 
 pytestmark = pytest.mark.slow
@@ -224,7 +223,11 @@ def test_S19_S20_not_found_is_cached(server: Server) -> None:
 
 def test_S21_redirects_are_cached(server: Server) -> None:
     first = server.get("/r/temp")
-    assert (first.status_code, first.headers["x-pyisr-cache"], first.headers["location"]) == (307, "MISS", "/plain")
+    assert (first.status_code, first.headers["x-pyisr-cache"], first.headers["location"]) == (
+        307,
+        "MISS",
+        "/plain",
+    )
     assert first.headers["cache-control"] == "s-maxage=9, stale-while-revalidate=31535991"
     assert server.get("/r/temp").headers["x-pyisr-cache"] == "HIT"
     assert server.get("/r/perm").status_code == 308
@@ -317,8 +320,12 @@ def test_S37_builtin_revalidate_endpoint(server: Server) -> None:
     assert ok.status_code == 200 and ok.json()["revalidated"] is True
     assert abs(ok.json()["now"] - time.time() * 1000) < 60_000
     assert stamp(server.get("/blog/6")) != stamp(old)
-    assert server.request("POST", "/_pyisr/revalidate?path=/blog/6",
-                          headers={"authorization": "Bearer wrong"}).status_code == 401
+    assert (
+        server.request(
+            "POST", "/_pyisr/revalidate?path=/blog/6", headers={"authorization": "Bearer wrong"}
+        ).status_code
+        == 401
+    )
     assert server.request("POST", "/_pyisr/revalidate?path=/blog/6").status_code == 401
     assert server.request("POST", "/_pyisr/revalidate", headers=auth).status_code == 400
     assert server.request("POST", "/_pyisr/revalidate?path=/nothing/here", headers=auth).status_code == 404
@@ -437,6 +444,7 @@ def test_zz_S60_S61_restart_keeps_timing_and_invalidations(server: Server) -> No
 
 def test_start_without_a_build_is_a_clear_error(tmp_path: Path) -> None:
     site = copy_site(SITE, tmp_path / "site")
-    result = subprocess.run([sys.executable, "-m", "pyisr.cli", "start", str(site)], capture_output=True, text=True,
-                            timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-m", "pyisr.cli", "start", str(site)], capture_output=True, text=True, timeout=60
+    )
     assert result.returncode == 1 and "pyisr build" in result.stderr

@@ -21,7 +21,9 @@ from pyisr.cache.tags import implicit_tags, tags_for_revalidate_path
 ISR5 = RenderPolicy(revalidate=5, tags=implicit_tags("/blog/1", "/blog/[id]"))
 
 
-def policy_for(path: str, pattern: str = "/blog/[id]", revalidate: int | None = 5, **kw: object) -> RenderPolicy:
+def policy_for(
+    path: str, pattern: str = "/blog/[id]", revalidate: int | None = 5, **kw: object
+) -> RenderPolicy:
     return RenderPolicy(revalidate=revalidate, tags=implicit_tags(path, pattern), **kw)  # type: ignore[arg-type]
 
 
@@ -182,7 +184,11 @@ async def test_S21_redirects_are_cached(engine):
 
     policy = policy_for("/r/temp", "/r/[id]", revalidate=None)
     first = await engine.get("/r/temp", render, policy)
-    assert (first.status, first.entry.status, first.entry.headers["location"]) == (CacheStatus.MISS, 307, "/plain")
+    assert (first.status, first.entry.status, first.entry.headers["location"]) == (
+        CacheStatus.MISS,
+        307,
+        "/plain",
+    )
     assert (await engine.get("/r/temp", render, policy)).status is CacheStatus.HIT
 
 
@@ -344,8 +350,11 @@ async def test_S46_revalidate_path(engine, clock, page_factory):
 
 async def test_S47_S48_revalidate_route_pattern_and_layout(engine, clock, page_factory):
     pages = {p: page_factory() for p in ("/a/1", "/a/2", "/about")}
-    policies = {"/a/1": policy_for("/a/1", "/a/[id]"), "/a/2": policy_for("/a/2", "/a/[id]"),
-                "/about": policy_for("/about", "/about")}
+    policies = {
+        "/a/1": policy_for("/a/1", "/a/[id]"),
+        "/a/2": policy_for("/a/2", "/a/[id]"),
+        "/about": policy_for("/about", "/about"),
+    }
     for key, page in pages.items():
         await engine.get(key, page, policies[key])
     clock.advance(1)
@@ -425,8 +434,9 @@ async def test_fencing_an_older_render_never_overwrites_a_newer_entry(engine, cl
     policy = policy_for("/x", "/x")
     handler = engine.handler
     await handler.set(
-        __import__("pyisr").CacheEntry(key="/x", body=b"orig", created_at=clock.now, revalidate=5,
-                                       tags=policy.tags)
+        __import__("pyisr").CacheEntry(
+            key="/x", body=b"orig", created_at=clock.now, revalidate=5, tags=policy.tags
+        )
     )
     clock.advance(6)
     assert (await engine.get("/x", render, policy)).status is CacheStatus.STALE  # slow render starts

@@ -12,6 +12,7 @@ import signal
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import _fs_worker
 import pytest
@@ -330,8 +331,13 @@ async def test_a_failed_write_raises_and_leaves_a_readable_entry(
     # The body was renamed, the metadata was not: the kept temp file completes the write.
     assert await cache.get("/w") == entry("/w", b"new body", created_at=2.0)
 
-    def failing_write(*args: object) -> None:
-        raise OSError(28, "No space left on device")
+    real_write, writes = filesystem._write_temp, []
+
+    def failing_write(*args: Any) -> Path:
+        writes.append(args)
+        if len(writes) == 2:  # the body temp is written, the metadata temp fails
+            raise OSError(28, "No space left on device")
+        return real_write(*args)
 
     monkeypatch.setattr(filesystem, "_write_temp", failing_write)
     with pytest.raises(OSError):

@@ -20,24 +20,40 @@ def write(root: Path, files: dict[str, str]) -> Path:
 
 
 PAGE = "def page(params):\n    return 'x'\n"
+PAGES_PAGE = (
+    "def get_static_paths():\n    return {{'paths': [], 'fallback': {}}}\n"
+    "def page(props):\n    return 'x'\n"
+)
+BLOCKING = PAGES_PAGE.format("'blocking'")
+STRICT = PAGES_PAGE.format("False")
 
 
 def test_patterns_from_both_styles(tmp_path: Path) -> None:
-    site = Site.load(write(tmp_path, {
-        "app/page.py": PAGE,
-        "app/blog/[id]/page.py": PAGE,
-        "app/(marketing)/about/page.py": PAGE,
-        "app/api/items/route.py": "def GET(request):\n    return {}\n",
-        "pages/docs/[...slug].py": "def get_static_paths():\n    return {'paths': [], 'fallback': 'blocking'}\n"
-                                   "def page(props):\n    return 'x'\n",
-        "pages/shop/[[...path]].py": "def get_static_paths():\n    return {'paths': [], 'fallback': 'blocking'}\n"
-                                     "def page(props):\n    return 'x'\n",
-        "pages/api/hello.py": "def handler(request):\n    return {}\n",
-        "pages/_helpers.py": "x = 1\n",
-    }))
+    site = Site.load(
+        write(
+            tmp_path,
+            {
+                "app/page.py": PAGE,
+                "app/blog/[id]/page.py": PAGE,
+                "app/(marketing)/about/page.py": PAGE,
+                "app/api/items/route.py": "def GET(request):\n    return {}\n",
+                "pages/docs/[...slug].py": BLOCKING,
+                "pages/shop/[[...path]].py": BLOCKING,
+                "pages/api/hello.py": "def handler(request):\n    return {}\n",
+                "pages/_helpers.py": "x = 1\n",
+            },
+        )
+    )
     patterns = sorted(r.pattern for r in site.routes)
-    assert patterns == ["/", "/about", "/api/hello", "/api/items", "/blog/[id]", "/docs/[...slug]",
-                        "/shop/[[...path]]"]
+    assert patterns == [
+        "/",
+        "/about",
+        "/api/hello",
+        "/api/items",
+        "/blog/[id]",
+        "/docs/[...slug]",
+        "/shop/[[...path]]",
+    ]
     assert site.match("/blog/7")[1] == {"id": "7"}
     assert site.match("/docs/a/b")[1] == {"slug": ["a", "b"]}
     assert site.match("/docs") is None  # a catch-all needs one segment
@@ -46,11 +62,16 @@ def test_patterns_from_both_styles(tmp_path: Path) -> None:
 
 
 def test_static_segments_win_over_dynamic_ones(tmp_path: Path) -> None:
-    site = Site.load(write(tmp_path, {
-        "app/blog/[id]/page.py": PAGE,
-        "app/blog/new/page.py": PAGE,
-        "app/[...all]/page.py": PAGE,
-    }))
+    site = Site.load(
+        write(
+            tmp_path,
+            {
+                "app/blog/[id]/page.py": PAGE,
+                "app/blog/new/page.py": PAGE,
+                "app/[...all]/page.py": PAGE,
+            },
+        )
+    )
     assert site.match("/blog/new")[0].pattern == "/blog/new"
     assert site.match("/blog/3")[0].pattern == "/blog/[id]"
     assert site.match("/other/thing")[0].pattern == "/[...all]"
@@ -95,11 +116,15 @@ def test_missing_page_function(tmp_path: Path) -> None:
 
 
 def test_a_path_defined_twice_names_both_files(tmp_path: Path) -> None:
-    errors = errors_of(write(tmp_path, {
-        "app/blog/[id]/page.py": PAGE,
-        "pages/blog/[slug].py": "def get_static_paths():\n    return {'paths': [], 'fallback': False}\n"
-                                "def page(props):\n    return 'x'\n",
-    }))
+    errors = errors_of(
+        write(
+            tmp_path,
+            {
+                "app/blog/[id]/page.py": PAGE,
+                "pages/blog/[slug].py": STRICT,
+            },
+        )
+    )
     assert any("app/blog/[id]/page.py" in e and "pages/blog/[slug].py" in e for e in errors)
 
 
@@ -109,10 +134,15 @@ def test_import_error_names_the_line(tmp_path: Path) -> None:
 
 
 def test_every_problem_is_reported_at_once(tmp_path: Path) -> None:
-    errors = errors_of(write(tmp_path, {
-        "app/a/page.py": "revalidat = 1\n" + PAGE,
-        "app/b/page.py": "def page(:\n",
-    }))
+    errors = errors_of(
+        write(
+            tmp_path,
+            {
+                "app/a/page.py": "revalidat = 1\n" + PAGE,
+                "app/b/page.py": "def page(:\n",
+            },
+        )
+    )
     assert len(errors) == 2
 
 
