@@ -132,16 +132,8 @@ class App:
                 f"no build found in {self.site_dir / '.pyisr'}: run `pyisr build {site_dir}` first"
             )
         if engine is None:
-            handler = (
-                build_handler(
-                    self.config.cache,
-                    base_dir=self.site_dir,
-                    memory_tier_bytes=self.config.memory_tier,
-                )
-                if self.config.cache
-                else build_handler(
-                    str(self.site_dir / ".pyisr" / "cache"), memory_tier_bytes=self.config.memory_tier
-                )
+            handler = build_handler(
+                self.cache_url(), base_dir=self.site_dir, memory_tier_bytes=self.config.memory_tier
             )
             engine = Engine(
                 handler,
@@ -163,6 +155,26 @@ class App:
 
     # -- start-up -----------------------------------------------------------------------
 
+    def cache_url(self) -> str:
+        """The configured cache, scoped to this build when it is shared (Redis)."""
+        url = self.config.cache or str(self.site_dir / ".pyisr" / "cache")
+        if is_shared_cache(url) and "build_id=" not in url:
+            # Two deployments never read each other's pages: the build id is in every key.
+            url += ("&" if "?" in url else "?") + f"build_id={self.site.build_id or 'dev'}"
+        return url
+
+    async def _seed_shared_cache(self) -> None:
+        """Copy the local build into an empty shared cache, once for all instances."""
+        handler = self.engine.handler
+        local_dir = self.site_dir / ".pyisr" / "cache"
+        if not is_shared_cache(self.config.cache or "") or not local_dir.is_dir():
+            return
+        from pyisr.cache.seed import seed_from_local
+
+        copied = await seed_from_local(handler, local_dir)
+        if copied:
+            logger.warning("seeded the shared cache with %d prerendered entries from %s", copied, local_dir)
+
     def _scan_public(self) -> set[str]:
         public = self.site.public_dir
         if not public.is_dir():
@@ -181,6 +193,8 @@ class App:
                 # No build (dev, or an app mounted without `pyisr build`): learn the static
                 # paths so fallback rules and known paths behave as after a build.
                 await self.site.prepare()
+            else:
+                await self._seed_shared_cache()
             self._prepared = True
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -622,6 +636,10 @@ class App:
             body,
             method,
         )
+
+
+def is_shared_cache(url: str) -> bool:
+    return url.startswith(("redis://", "rediss://", "redis+cluster://"))
 
 
 def _headers(scope: Scope) -> dict[str, str]:
