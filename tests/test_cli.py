@@ -149,3 +149,43 @@ def test_every_worker_sees_an_invalidation_within_a_second(tmp_path: Path) -> No
         assert time.monotonic() - marked < 10
     finally:
         server.stop()
+
+
+def test_middleware_runs_before_pages_but_not_for_on_demand_regeneration(tmp_path: Path) -> None:
+    site = write(
+        tmp_path / "site",
+        {
+            "app/plain/page.py": "import time\ndef page(p):\n    return f'plain {time.time()}'\n",
+            "app/page.py": "def page(p):\n    return 'home'\n",
+            "middleware.py": """
+                from starlette.responses import PlainTextResponse
+
+                def middleware(request):
+                    if request.url.path == "/old-home":
+                        return "/plain"  # a rewrite: serve /plain's page at this URL
+                    if request.url.path.startswith("/private"):
+                        return PlainTextResponse("members only", status_code=403)
+                    if request.url.path == "/plain":
+                        return PlainTextResponse("not here", status_code=404)
+                    return None
+            """,
+        },
+    )
+    assert run_cli(["build", str(site)], {}).returncode == 0
+    server = Server(site, {"PYISR_REVALIDATE_SECRET": "s"}).start()
+    try:
+        rewritten = server.get("/old-home")
+        assert rewritten.status_code == 200 and rewritten.text.startswith("plain")
+        assert rewritten.headers["x-pyisr-cache"] == "HIT"
+        blocked = server.get("/private/x")
+        assert blocked.status_code == 403 and blocked.text == "members only"
+        assert server.get("/plain").status_code == 404
+        assert server.get("/").text == "home"
+        # On-demand regeneration of the rewritten-to path does not go through middleware.
+        revalidated = server.request(
+            "POST", "/_pyisr/revalidate?path=/plain", headers={"authorization": "Bearer s"}
+        )
+        assert revalidated.status_code == 200
+        assert server.get("/old-home").text != rewritten.text
+    finally:
+        server.stop()

@@ -448,3 +448,4 @@ def test_start_without_a_build_is_a_clear_error(tmp_path: Path) -> None:
         [sys.executable, "-m", "pyisr.cli", "start", str(site)], capture_output=True, text=True, timeout=60
     )
     assert result.returncode == 1 and "pyisr build" in result.stderr
+

@@ -151,7 +151,8 @@ class App:
         self._prepare_lock: asyncio.Lock | None = None
         #: raw request path -> ready response for fresh HITs; see ``_serve_hot``.
         self._hot: dict[bytes, _HotResponse] = {}
-        self._hot_enabled = not dev
+        # Middleware must see every request, so it turns the fast path off.
+        self._hot_enabled = not dev and self.site.middleware is None
 
     # -- start-up -----------------------------------------------------------------------
 
@@ -291,6 +292,11 @@ class App:
             location = target + ("?" + query.decode("latin-1") if query else "")
             await self._send(send, 308, [(b"location", location.encode("latin-1"))], b"", method)
             return
+        if self.site.middleware is not None:
+            rewritten = await self._run_middleware(scope, receive, send)
+            if rewritten is None:
+                return
+            path = rewritten
         try:
             key = normalize_path(path)
         except BadPath:
@@ -321,6 +327,36 @@ class App:
             await self._dynamic(route, key, params, send, method)
             return
         await self._isr(route, key, params, scope, send, method)
+
+    async def _run_middleware(self, scope: Scope, receive: Receive, send: Send) -> str | None:
+        """Run ``SITE/middleware.py``: it may answer, rewrite the path, or let the request on.
+
+        Returns the path to serve, or ``None`` when the middleware answered. As in Next.js,
+        on-demand regeneration (``revalidate(path)``) does not run it: revalidate the
+        path a rewrite leads to.
+        """
+        from pyisr.site.route import call_maybe_async
+
+        request = Request(scope, receive)
+        try:
+            result = await call_maybe_async(self.site.middleware, request)
+            if isinstance(result, str) and not result.startswith("/"):
+                raise ValueError(f"middleware rewrote to {result!r}: return a path such as '/blog/1'")
+            if result is not None and not isinstance(result, str | Response):
+                raise TypeError(
+                    f"middleware returned {type(result).__name__}: return None, a path or a Response"
+                )
+        except Exception as exc:  # noqa: BLE001 - a broken middleware is a 500, never a crash
+            logger.error("middleware failed for %s: %s: %s", scope["path"], type(exc).__name__, exc)
+            await self._error(send, scope["method"])
+            return None
+        if result is None:
+            raw = scope.get("raw_path")
+            return str((raw.decode("latin-1") if raw else scope["path"]).split("?", 1)[0])
+        if isinstance(result, str):
+            return result
+        await result(scope, receive, send)
+        return None
 
     async def _isr(
         self, route: Route, key: str, params: dict[str, Any], scope: Scope, send: Send, method: str

@@ -54,6 +54,8 @@ class Site:
     routes: list[Route] = field(default_factory=list)
     router: Router[Route] = field(default_factory=lambda: Router([]))
     build_id: str | None = None
+    #: ``SITE/middleware.py``'s ``middleware(request)``, run before every page request.
+    middleware: Any = None
 
     @property
     def dot_dir(self) -> Path:
@@ -100,6 +102,18 @@ class Site:
             if route is not None:
                 routes.append(route)
         errors.extend(_duplicates(routes))
+        middleware_file = root / "middleware.py"
+        if middleware_file.is_file():
+            try:
+                module = load_module(middleware_file, root)
+            except BaseException as exc:  # noqa: BLE001
+                if isinstance(exc, KeyboardInterrupt):
+                    raise
+                errors.append(import_error(middleware_file, exc))
+            else:
+                site.middleware = getattr(module, "middleware", None)
+                if not callable(site.middleware):
+                    errors.append(SiteError(middleware_file, None, "define middleware(request)"))
         if errors:
             raise SiteLoadError(errors)
         site.routes = routes
