@@ -25,19 +25,29 @@ from starlette.responses import JSONResponse, Response
 from starlette.staticfiles import StaticFiles
 from starlette.types import Receive, Scope, Send
 
-from pyisr.cache.entry import ONE_YEAR, CacheEntry
+from pyisr.cache.entry import CacheEntry
 from pyisr.cache.tags import tags_for_revalidate_path, validate_tags
 from pyisr.cache.urls import build_handler
 from pyisr.config import Config, load_config
 from pyisr.engine import CacheStatus, Engine, OnMissing, RenderFn, RenderPolicy, RevalidationError, Served
+from pyisr.http import (
+    DEV_NOSTORE,
+    HTML,
+    NOSTORE,
+    PROPS_HEADER,
+    age_header,
+    cache_control,
+    cache_status,
+    entry_headers,
+    etag_matches,
+    not_modified,
+)
 from pyisr.log import enable_debug_logging
 from pyisr.paths import BadPath, normalize_path
 from pyisr.runtime import set_engine
 from pyisr.site.route import (
     DEFAULT_404,
     DEFAULT_500,
-    HTML,
-    PROPS_HEADER,
     MethodNotAllowed,
     Route,
     RouteKind,
@@ -47,8 +57,6 @@ from pyisr.site.templates import has_template, render_template
 
 logger = logging.getLogger("pyisr.server")
 
-NOSTORE = "private, no-cache, no-store, max-age=0, must-revalidate"
-DEV_NOSTORE = "no-store, must-revalidate"
 
 #: Crawlers get a blocking render instead of a fallback shell (Next.js' bot-aware ISR fallback).
 BOT_UA = re.compile(
@@ -65,33 +73,6 @@ FALLBACK_SCRIPT = (
     ".then(function(r){return r.text()}).then(function(h){document.open();document.write(h);"
     "document.close()}).catch(function(){setTimeout(function(){location.reload()},2000)})})();</script>"
 )
-
-
-def cache_control(revalidate: int | None, expire: int = ONE_YEAR) -> str:
-    """``s-maxage=N, stale-while-revalidate=E-N`` (Next.js 15), or the long form for never."""
-    if revalidate == 0:
-        return NOSTORE
-    if revalidate is None:
-        return f"s-maxage={ONE_YEAR}"
-    if revalidate >= expire:
-        return f"s-maxage={revalidate}"
-    return f"s-maxage={revalidate}, stale-while-revalidate={expire - revalidate}"
-
-
-def _cache_status(status: CacheStatus) -> str:
-    """RFC 9211 ``Cache-Status`` for an ISR response."""
-    if status is CacheStatus.HIT:
-        return "pyisr; hit"
-    if status is CacheStatus.STALE:
-        return "pyisr; hit; fwd=stale; detail=revalidating"
-    return "pyisr; fwd=uri-miss; stored"
-
-
-def _etag_matches(header: str, etag: str) -> bool:
-    if header.strip() == "*":
-        return True
-    bare = etag.removeprefix("W/")
-    return any(t.strip().removeprefix("W/") == bare for t in header.split(","))
 
 
 @dataclass(slots=True)
@@ -227,7 +208,7 @@ class App:
             return False
         for name, value in scope["headers"]:
             if name == b"if-none-match":
-                if hot.status == 200 and _etag_matches(value.decode("latin-1"), hot.etag):
+                if hot.status == 200 and etag_matches(value.decode("latin-1"), hot.etag):
                     skip = (b"content-type", b"content-length")
                     headers = [h for h in hot.headers if h[0] not in skip]
                     headers.append((b"age", str(max(0, int(now - hot.entry.created_at))).encode()))
@@ -253,7 +234,7 @@ class App:
         hit_headers = [h for h in headers if h[0] != b"x-pyisr-cache" and h[0] != b"cache-status"]
         hit_headers += [
             (b"x-pyisr-cache", b"HIT"),
-            (b"cache-status", _cache_status(CacheStatus.HIT).encode()),
+            (b"cache-status", cache_status(CacheStatus.HIT).encode()),
             (b"content-length", str(len(entry.body)).encode()),
         ]
         self._hot[raw] = _HotResponse(entry, entry.stale_at(), version, entry.status, hit_headers, entry.etag)
@@ -412,33 +393,14 @@ class App:
         entry = served.entry
         assert entry is not None
         now = self.engine.clock()
-        out: list[tuple[bytes, bytes]] = []
-        content_type = None
-        for name, value in entry.headers.items():
-            lower = name.lower()
-            if lower == PROPS_HEADER or lower == "content-length":
-                continue
-            if lower == "content-type":
-                content_type = value
-            out.append((lower.encode("latin-1"), value.encode("latin-1")))
-        if content_type is None:
-            out.append((b"content-type", HTML.encode()))
+        out = entry_headers(entry, served.status)
         if served.status is CacheStatus.BYPASS:
-            out.append((b"cache-control", NOSTORE.encode()))
             await self._send(send, entry.status, out, entry.body, method)
             return
-        word = "MISS" if served.status is CacheStatus.MISS else served.status.value
-        out += [
-            (b"cache-control", cache_control(entry.revalidate).encode()),
-            (b"x-pyisr-cache", word.encode()),
-            (b"cache-status", _cache_status(served.status).encode()),
-            (b"etag", entry.etag.encode()),
-        ]
         if served.status is not CacheStatus.STALE:
             self._remember_hot(scope, entry, out)
-        out.append((b"age", str(entry.age(now)).encode()))
-        inm = request_headers.get("if-none-match")
-        if inm is not None and entry.status == 200 and _etag_matches(inm, entry.etag):
+        out.append(age_header(entry, now))
+        if not_modified(entry, request_headers.get("if-none-match")):
             await self._send(send, 304, [h for h in out if h[0] != b"content-type"], b"", "HEAD")
             return
         await self._send(send, entry.status, out, entry.body, method)

@@ -25,13 +25,12 @@ from starlette.responses import JSONResponse, Response
 from pyisr.cache.entry import ONE_YEAR, EntryKind, Revalidate, validate_revalidate
 from pyisr.cache.tags import implicit_tags, validate_tags
 from pyisr.engine import UNSET, OnMissing, Rendered, RenderPolicy
+from pyisr.http import HTML, PROPS_HEADER
 from pyisr.site.routes import Params, PatternRoute, path_for
 from pyisr.site.signals import NotFoundSignal, RedirectSignal
 from pyisr.site.templates import has_template, render_template
 
 HTTP_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
-PROPS_HEADER = "x-pyisr-props"
-HTML = "text/html; charset=utf-8"
 
 
 class RouteKind(StrEnum):
