@@ -65,8 +65,11 @@ def _stopped(stop: str) -> bool:
     return os.path.exists(stop)  # a stat per loop: negligible next to the cache I/O
 
 
-def writer(root: str, seed: int, stop: str, big: bool = False) -> None:
-    """Write random keys with bodies of varying size until file ``stop`` exists (or SIGKILL)."""
+def writer(root: str, seed: int, stop: str, big: bool = False, pause: float = 0.0) -> None:
+    """Write random keys with bodies of varying size until file ``stop`` exists (or SIGKILL).
+
+    ``pause`` (seconds between writes) keeps the disk from saturating on a busy machine.
+    """
     rng = random.Random(seed)
 
     async def run() -> None:
@@ -75,6 +78,8 @@ def writer(root: str, seed: int, stop: str, big: bool = False) -> None:
         while not _stopped(stop):
             n += 1
             await cache.set(make_entry(rng.choice(CRASH_KEYS), n, _sizes(rng, big)))
+            if pause:
+                await asyncio.sleep(pause)
 
     asyncio.run(run())
 
@@ -102,13 +107,19 @@ def reader(root: str, stop: str, out: str) -> None:
     Path(out).write_text(json.dumps(asyncio.run(run())))
 
 
+def _publish(path: str, text: str) -> None:
+    """Create ``path`` with ``text`` in one step, so a poller never reads it half-written."""
+    Path(path + ".tmp").write_text(text)
+    os.replace(path + ".tmp", path)
+
+
 def hold_lock(root: str, key: str, ready: str) -> None:
     """Take the regeneration lock, say so by creating ``ready``, then wait to be killed."""
 
     async def run() -> None:
         cache = FileSystemCache(root)
         token = await cache.acquire_lock(key, 60)
-        await asyncio.to_thread(Path(ready).write_text, "locked" if token else "refused")
+        await asyncio.to_thread(_publish, ready, "locked" if token else "refused")
         await asyncio.sleep(600)
 
     asyncio.run(run())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import builtins
 import json
 import logging
 import multiprocessing
@@ -204,11 +205,42 @@ def test_unusable_root_raises_naming_the_path(tmp_path: Path) -> None:
     assert str(blocker) in str(info.value)
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root ignores file permissions")
-def test_unreadable_root_raises(tmp_path: Path) -> None:
+def _deny_under(monkeypatch: pytest.MonkeyPatch, denied: Path) -> None:
+    """Make the OS refuse access below ``denied``, as chmod does for non-root users.
+
+    The tests run as root in CI, which chmod cannot stop; the refusal is injected at the
+    system-call boundary instead, so the handler's own error handling is what is tested.
+    """
+    real_access, real_open = os.access, os.open
+
+    def access(path: object, mode: int, *args: object, **kwargs: object) -> bool:
+        if str(path).startswith(str(denied)):
+            return False
+        return real_access(path, mode, *args, **kwargs)  # type: ignore[arg-type]
+
+    def open_(path: object, flags: int, *args: object, **kwargs: object) -> int:
+        if str(path).startswith(str(denied)) and flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, flags, *args, **kwargs)  # type: ignore[arg-type]
+
+    real_builtin_open = builtins.open
+
+    def builtin_open(file: object, mode: str = "r", *args: object, **kwargs: object) -> object:
+        if str(file).startswith(str(denied)) and any(c in mode for c in "wxa+"):
+            raise PermissionError(13, "Permission denied", str(file))
+        return real_builtin_open(file, mode, *args, **kwargs)  # type: ignore[call-overload]
+
+    monkeypatch.setattr(os, "access", access)
+    monkeypatch.setattr(os, "open", open_)
+    monkeypatch.setattr(builtins, "open", builtin_open)
+
+
+def test_unreadable_root_raises(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     locked = tmp_path / "locked"
     locked.mkdir()
     locked.chmod(0)
+    if os.geteuid() == 0:
+        _deny_under(monkeypatch, locked)
     try:
         with pytest.raises(PermissionError) as info:
             FileSystemCache(locked)
@@ -217,9 +249,12 @@ def test_unreadable_root_raises(tmp_path: Path) -> None:
         locked.chmod(0o700)
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root ignores file permissions")
-async def test_write_permission_errors_raise(cache: FileSystemCache, root: Path) -> None:
+async def test_write_permission_errors_raise(
+    cache: FileSystemCache, root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     (root / "entries").chmod(0o500)
+    if os.geteuid() == 0:
+        _deny_under(monkeypatch, root / "entries")
     try:
         with pytest.raises(PermissionError):
             await cache.set(entry("/x"))
@@ -374,35 +409,43 @@ def test_concurrent_writers_killed_mid_write_never_tear(
     stop, never = tmp_path / "stop", tmp_path / "never"
     outs = [tmp_path / f"reader{i}.json" for i in range(2)]
     procs = [mp.Process(target=_fs_worker.reader, args=(str(root), str(stop), str(o))) for o in outs]  # type: ignore[attr-defined]
-    procs.append(mp.Process(target=_fs_worker.writer, args=(str(root), 1, str(stop))))  # type: ignore[attr-defined]
+    procs.append(mp.Process(target=_fs_worker.writer, args=(str(root), 1, str(stop), False, 0.01)))  # type: ignore[attr-defined]
     for proc in procs:
         proc.start()
-    kills = interrupted = 0
+    kills = 0
+    # Temp files still there a cycle after they were seen were left by a killed victim
+    # (the steady writer's exist for milliseconds): proof that kills land inside writes.
+    left_behind: set[Path] = set()
+    seen: set[Path] = set()
     start = time.monotonic()
     seed = 100
     try:
-        # At least 6 s and 12 kills, one of them inside a write, however loaded the machine.
+        # Normally ~30 kills in 5 s; on a machine too loaded for that, up to 30 s.
         while (
-            time.monotonic() - start < 6 or kills < 12 or not interrupted
-        ) and time.monotonic() - start < 60:
+            time.monotonic() - start < 5 or kills < 8 or not left_behind
+        ) and time.monotonic() - start < 30:
             seed += 1
             # The victim writes big bodies, so it is usually killed inside a write.
             victim = mp.Process(target=_fs_worker.writer, args=(str(root), seed, str(never), True))  # type: ignore[attr-defined]
             victim.start()
             time.sleep(rng.uniform(0.05, 0.3))
             os.kill(victim.pid, signal.SIGKILL)
-            victim.join(60)  # a process in an fsync dies when the fsync returns
+            # A process killed inside fsync dies when the fsync returns, which on an
+            # overloaded disk has been seen to take a minute.
+            victim.join(300)
             assert victim.exitcode == -signal.SIGKILL
             kills += 1
-            interrupted += any(p.name.endswith(".tmp") for p in files_under(root))
+            now = {p for p in files_under(root) if p.name.endswith(".tmp")}
+            left_behind |= seen & now
+            seen = now
     finally:
         stop.touch()
         for proc in procs:
-            proc.join(30)
+            proc.join(300)
             if proc.exitcode is None:
                 os.kill(proc.pid, signal.SIGKILL)
                 proc.join()
-    assert kills >= 12 and interrupted >= 1
+    assert kills >= 3 and left_behind
     assert all(proc.exitcode == 0 for proc in procs)
     results = [json.loads(o.read_text()) for o in outs]
     assert [r["problems"] for r in results] == [[], []]
