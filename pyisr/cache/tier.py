@@ -107,9 +107,19 @@ class MemoryTier(CacheHandler):
             # Invalidated here; another process may already have stored a newer entry.
         return await self.reload(key)
 
+    def _backing_down(self) -> bool:
+        """True while the backing store is unreachable (``RedisCache.degraded``).
+
+        Its answers then mean "unknown", not "missing" or "fenced": the tier keeps
+        its copies so this instance goes on serving, and rendering once, from memory.
+        """
+        return bool(getattr(self.backing, "degraded", False))
+
     async def reload(self, key: str) -> CacheEntry | None:
         entry = await self.backing.get(key)
         if entry is None:
+            if self._backing_down():
+                return self._entries.peek(key)
             self._entries.pop(key)
         else:
             self._entries.put(key, entry)
@@ -123,6 +133,10 @@ class MemoryTier(CacheHandler):
         stored = await self.backing.set(entry)
         if stored:
             self._entries.put(entry.key, entry)
+        elif self._backing_down():
+            current = self._entries.peek(entry.key)
+            if current is None or current.created_at <= entry.created_at:
+                self._entries.put(entry.key, entry)
         else:
             # A newer entry exists in the backing store; drop our copy so it is re-read.
             self._entries.pop(entry.key)

@@ -42,7 +42,7 @@ def handler_from_url(url: str, *, base_dir: str | os.PathLike[str] = ".") -> Cac
         from pyisr.cache.filesystem import FileSystemCache
 
         return FileSystemCache(path)
-    if scheme in ("redis", "rediss", "redis+cluster"):
+    if scheme in ("redis", "rediss", "redis+cluster", "rediss+cluster"):
         try:
             from pyisr.cache.redis import RedisCache
         except ImportError as exc:

@@ -637,7 +637,7 @@ class App:
 
 
 def is_shared_cache(url: str) -> bool:
-    return url.startswith(("redis://", "rediss://", "redis+cluster://"))
+    return url.startswith(("redis://", "rediss://", "redis+cluster://", "rediss+cluster://"))
 
 
 def _headers(scope: Scope) -> dict[str, str]:
