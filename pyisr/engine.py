@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import contextvars
 import inspect
+import os
 import time
 import weakref
 from collections.abc import Awaitable, Callable, Iterable, Mapping
@@ -167,9 +168,8 @@ class Engine:
         self.lock_ttl = render_timeout + 5.0
         self.lock_poll = lock_poll
         self.log = CacheLog(debug)
-        self._executor = ThreadPoolExecutor(
-            max_workers=max_concurrent_renders, thread_name_prefix="pyisr-render"
-        )
+        self._executor_pid = -1
+        self._executor_pool: ThreadPoolExecutor | None = None
         self._states: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopState] = (
             weakref.WeakKeyDictionary()
         )
@@ -177,6 +177,16 @@ class Engine:
         self.path_resolver: Callable[[str], Awaitable[tuple[str, RenderFn, RenderPolicy] | None]] | None = (
             None
         )
+
+    @property
+    def _executor(self) -> ThreadPoolExecutor:
+        """Render threads, created per process: a forked worker inherits no threads."""
+        if self._executor_pool is None or self._executor_pid != os.getpid():
+            self._executor_pool = ThreadPoolExecutor(
+                max_workers=self.max_concurrent_renders, thread_name_prefix="pyisr-render"
+            )
+            self._executor_pid = os.getpid()
+        return self._executor_pool
 
     # -- per-loop state -----------------------------------------------------------------
 
@@ -384,7 +394,11 @@ class Engine:
             entry = self._make_entry(key, rendered, policy, ctx, started_at)
         except Exception as exc:
             elapsed = (time.perf_counter() - t0) * 1000
-            self.log.failure(key, "FAILED", exc, f"{word.lower()} after {elapsed:.0f}ms")
+            if getattr(exc, "pyisr_expected", False):
+                # An outcome, not an error (a fetch that answered 404): never cached either.
+                self.log.decision(key, "UNCACHED", f"{exc} after {elapsed:.0f}ms")
+            else:
+                self.log.failure(key, "FAILED", exc, f"{word.lower()} after {elapsed:.0f}ms")
             if previous is not None:
                 failed = previous.with_failure(exc, self.clock(), _backoff(previous))
                 await self.handler.set(failed)
@@ -503,7 +517,8 @@ class Engine:
         try:
             await self.drain()
         finally:
-            self._executor.shutdown(wait=False, cancel_futures=True)
+            if self._executor_pool is not None:
+                self._executor_pool.shutdown(wait=False, cancel_futures=True)
             await self.handler.close()
 
 

@@ -9,7 +9,7 @@ import sys
 import textwrap
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -49,6 +49,20 @@ class Counter:
 @pytest.fixture
 def counter() -> Counter:
     return Counter()
+
+
+@pytest.fixture
+async def engine(clock) -> AsyncIterator[Engine]:
+    """conftest's ``engine``, with the default render timeout.
+
+    The 2 s of conftest's engine is too tight here: a loaded machine must not turn a
+    slow compute into a failure.
+    """
+    eng = Engine(MemoryCache(), clock=clock, debug=True)
+    set_engine(eng)
+    yield eng
+    await eng.drain()
+    set_engine(None)
 
 
 @pytest.fixture
@@ -485,6 +499,42 @@ async def test_background_regeneration_recomputes_stale_data_first(engine, clock
     assert counter.calls == 2
 
 
+async def test_regeneration_whose_data_fails_keeps_the_last_good_page(engine, clock, counter):
+    """The seed's rule: an error while regenerating keeps the last successfully generated page.
+
+    The stale data must not hide the failure: the page is not rebuilt from old data
+    (which would reset its timer as if it were fresh), it stays as it was and is retried.
+    """
+    broken = False
+
+    def load() -> int:
+        if broken:
+            raise ConnectionError("db down")
+        return counter.next()
+
+    data = cached(load, ["fails"], revalidate=5)
+
+    async def render() -> Rendered:
+        return Rendered(f"data {await data.aio()}")
+
+    policy = page_policy("/fails", revalidate=None)
+    first = await engine.get("/fails", render, policy)
+    assert first.entry.body == b"data 1"
+    broken = True
+    clock.advance(6)
+    assert (await engine.get("/fails", render, policy)).status is CacheStatus.STALE
+    await engine.drain()
+    kept = await engine.inspect("/fails")
+    assert kept.body == b"data 1" and kept.created_at == first.entry.created_at
+    assert kept.last_failure is not None and "db down" in kept.last_failure.message
+    broken = False
+    clock.advance(6)  # past both back-offs
+    assert (await engine.get("/fails", render, policy)).status is CacheStatus.STALE
+    await engine.drain()
+    served = await engine.get("/fails", render, policy)
+    assert served.status is CacheStatus.HIT and served.entry.body == b"data 2"
+
+
 async def test_first_render_of_a_page_gets_stale_data_and_refreshes_it(engine, clock, counter):
     """Outside a regeneration, stale data is served at once and recomputed in the background."""
     data = cached(lambda: counter.next(), ["shared"], revalidate=5)
@@ -567,24 +617,23 @@ async def test_sync_pages_calling_sync_data_do_not_exhaust_the_render_threads(cl
     The pages hold every render thread while they wait for their data; the data must not
     need one of those threads to be computed.
     """
-    eng = Engine(MemoryCache(), clock=clock, max_concurrent_renders=2, render_timeout=1.0)
+    # A deadlock shows as RenderTimeout after render_timeout; generous for slow machines.
+    eng = Engine(MemoryCache(), clock=clock, max_concurrent_renders=2, render_timeout=5.0)
     set_engine(eng)
     try:
         data = cached(lambda i: i * 2, ["limits-sync"])
         renders = _pages_with_data(data, 4, sync=True)
-        t0 = time.monotonic()
         results = await asyncio.gather(
             *(eng.get(f"/p/{i}", r, RenderPolicy(revalidate=60)) for i, r in enumerate(renders))
         )
         assert [r.entry.body for r in results] == [f"page {i * 2}".encode() for i in range(4)]
-        assert time.monotonic() - t0 < 0.8
     finally:
         await eng.drain()
         set_engine(None)
 
 
 async def test_async_pages_calling_data_do_not_exhaust_the_render_limit(clock, counter):
-    eng = Engine(MemoryCache(), clock=clock, max_concurrent_renders=2, render_timeout=0.5)
+    eng = Engine(MemoryCache(), clock=clock, max_concurrent_renders=2, render_timeout=5.0)
     set_engine(eng)
     try:
 

@@ -575,3 +575,32 @@ async def test_app_not_found_and_redirect_take_the_route_revalidate(engine):
 
     served = await engine.get("/gone", render, policy_for("/gone", "/gone", revalidate=7))
     assert served.entry.status == 404 and served.entry.revalidate == 7
+
+
+def _render_in_child(engine: Engine, queue: object) -> None:
+    def render() -> Rendered:
+        return Rendered("from the child")
+
+    served = asyncio.run(engine.get("/forked", render, RenderPolicy(revalidate=5)))
+    queue.put(served.entry.body)  # type: ignore[attr-defined]
+
+
+def test_sync_renders_work_in_a_forked_worker() -> None:
+    """Pre-forking servers fork after the engine ran sync renders: the child needs new threads."""
+    import multiprocessing
+
+    engine = Engine(MemoryCache())
+
+    def render() -> Rendered:
+        return Rendered("parent")
+
+    asyncio.run(engine.get("/parent", render, RenderPolicy(revalidate=5)))
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    child = ctx.Process(target=_render_in_child, args=(engine, queue))
+    child.start()
+    child.join(20)
+    if child.is_alive():
+        child.kill()
+    assert child.exitcode == 0
+    assert queue.get(timeout=1) == b"from the child"

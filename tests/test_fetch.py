@@ -8,7 +8,7 @@ import logging
 import threading
 import warnings
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -52,12 +52,15 @@ class Origin:
                         "n": n,
                         "method": self.command,
                         "x_key": self.headers.get("x-key"),
+                        "cookie": self.headers.get("cookie"),
                         "body": body.decode(),
                     }
                 ).encode()
                 self.send_response(status)
                 self.send_header("content-type", "application/json")
                 self.send_header("x-origin", "yes")
+                if self.path.startswith("/set-cookie"):
+                    self.send_header("set-cookie", "session=secret; Path=/")
                 self.send_header("content-length", str(len(payload)))
                 self.end_headers()
                 self.wfile.write(payload)
@@ -105,6 +108,19 @@ def origin(_origin_server: Origin, monkeypatch) -> Origin:
     monkeypatch.delenv("PYISR_DEBUG_CACHE", raising=False)
     _origin_server.reset()
     return _origin_server
+
+
+@pytest.fixture
+async def engine(clock) -> AsyncIterator[Engine]:
+    """conftest's ``engine``, with the default render timeout.
+
+    The 2 s of conftest's engine is too tight here: a local origin on a loaded machine can take seconds.
+    """
+    eng = Engine(MemoryCache(), clock=clock, debug=True)
+    set_engine(eng)
+    yield eng
+    await eng.drain()
+    set_engine(None)
 
 
 @pytest.fixture
@@ -276,6 +292,14 @@ async def test_headers_are_part_of_the_key_except_tracing(engine, origin):
     again = await fetch(url, headers={"X-Key": "1", "traceparent": "00-abc-def-01"}, revalidate=60)
     assert (one.json()["x_key"], two.json()["x_key"], again.json()["x_key"]) == ("1", "2", "1")
     assert origin.hits["/h"] == 2
+
+
+async def test_cookies_set_by_one_response_are_never_sent_with_another(engine, origin):
+    """A server's fetches serve every visitor: a cookie one origin response sets must not
+    ride along on later requests (nor change what the cache key does not record)."""
+    assert (await fetch(origin.url("/set-cookie"), cache="no-store")).headers["set-cookie"]
+    assert (await fetch(origin.url("/who"), cache="no-store")).json()["cookie"] is None
+    assert (await fetch(origin.url("/who"), revalidate=60)).json()["cookie"] is None
 
 
 async def test_method_and_body_are_part_of_the_key(engine, origin):

@@ -107,8 +107,7 @@ Op = tuple[Any, ...]
 
 ops_strategy = st.lists(
     st.one_of(
-        st.tuples(st.just("set"), st.sampled_from(KEYS), revalidates,
-                  st.frozensets(st.sampled_from(TAGS))),
+        st.tuples(st.just("set"), st.sampled_from(KEYS), revalidates, st.frozensets(st.sampled_from(TAGS))),
         st.tuples(st.just("read"), st.sampled_from(KEYS)),
         st.tuples(st.just("read"), st.sampled_from(KEYS)),  # reads twice as likely
         st.tuples(st.just("advance"), st.floats(min_value=0, max_value=15, allow_nan=False)),
@@ -184,8 +183,13 @@ class HandlerDriver:
     async def render(self, key: str) -> CacheEntry:
         self.renders[key] = self.renders.get(key, 0) + 1
         revalidate, tags = self.definitions.get(key, (None, frozenset()))
-        entry = CacheEntry(key=key, body=body_of(key, self.renders[key]), created_at=self.clock(),
-                           revalidate=revalidate, tags=tuple(sorted(tags)))
+        entry = CacheEntry(
+            key=key,
+            body=body_of(key, self.renders[key]),
+            created_at=self.clock(),
+            revalidate=revalidate,
+            tags=tuple(sorted(tags)),
+        )
         if revalidate != 0:
             assert await self.handler.set(entry)
         return entry
@@ -262,14 +266,32 @@ def test_model_examples(driver: str) -> None:
         # stale exactly at created_at + revalidate; regenerated at that same time
         [("set", "/a", 5, frozenset()), ("advance", 5.0), ("read", "/a"), ("read", "/a")],
         # a tag revalidated in the same instant as the render invalidates it (>=)
-        [("set", "/a", None, frozenset({"t1"})), ("revalidate_tag", "t1"), ("read", "/a"), ("read", "/a"),
-         ("advance", 0.5), ("read", "/a")],
+        [
+            ("set", "/a", None, frozenset({"t1"})),
+            ("revalidate_tag", "t1"),
+            ("read", "/a"),
+            ("read", "/a"),
+            ("advance", 0.5),
+            ("read", "/a"),
+        ],
         # revalidate 0 is never stored: the older entry stays and keeps going stale
-        [("set", "/a", 3, frozenset()), ("set", "/a", 0, frozenset()), ("read", "/a"), ("advance", 4.0),
-         ("read", "/a"), ("read", "/a")],
+        [
+            ("set", "/a", 3, frozenset()),
+            ("set", "/a", 0, frozenset()),
+            ("read", "/a"),
+            ("advance", 4.0),
+            ("read", "/a"),
+            ("read", "/a"),
+        ],
         # an invalidated entry whose definition became revalidate 0: BYPASS
-        [("set", "/a", 3, frozenset({"t2"})), ("set", "/a", 0, frozenset({"t2"})), ("advance", 1.0),
-         ("revalidate_tag", "t2"), ("read", "/a"), ("read", "/a")],
+        [
+            ("set", "/a", 3, frozenset({"t2"})),
+            ("set", "/a", 0, frozenset({"t2"})),
+            ("advance", 1.0),
+            ("revalidate_tag", "t2"),
+            ("read", "/a"),
+            ("read", "/a"),
+        ],
         # invalidation wins over staleness
         [("set", "/b", 1, frozenset({"t3"})), ("advance", 2.0), ("revalidate_tag", "t3"), ("read", "/b")],
     ]
@@ -297,8 +319,32 @@ def test_model_expectations() -> None:
 
 # Text with the characters that matter to paths well represented.
 path_pieces = st.one_of(
-    st.sampled_from(["", ".", "..", "index", "%2F", "%2f", "%2e", "%2E%2e", "%25", "%252F", "%3F", "%23", "?",
-                     "#", "%E3%81%82", "あ", "%20", "a", "blog", "[id]", "\\", "%00"]),
+    st.sampled_from(
+        [
+            "",
+            ".",
+            "..",
+            "index",
+            "%2F",
+            "%2f",
+            "%2e",
+            "%2E%2e",
+            "%25",
+            "%252F",
+            "%3F",
+            "%23",
+            "?",
+            "#",
+            "%E3%81%82",
+            "あ",
+            "%20",
+            "a",
+            "blog",
+            "[id]",
+            "\\",
+            "%00",
+        ]
+    ),
     st.text(max_size=6),
 )
 path_like = st.lists(path_pieces, max_size=8).map(lambda parts: "/" + "/".join(parts))

@@ -13,7 +13,11 @@ from pyisr import CacheEntry, CacheStatus, Engine, MemoryCache, MemoryTier, Rend
 
 
 class CountingCache(MemoryCache):
-    """A backing store that counts its I/O, standing in for disk or Redis."""
+    """A backing store that counts its I/O, standing in for disk or Redis.
+
+    Like every built-in handler it can list tag changes since a cursor, so a tier in
+    front of it mirrors the whole tag manifest.
+    """
 
     def __init__(self, max_bytes: int = 50 * 1024 * 1024) -> None:
         super().__init__(max_bytes)
@@ -28,25 +32,21 @@ class CountingCache(MemoryCache):
         self.tag_reads += 1
         return await super().tag_times(tags)
 
+    async def tag_changes(self, cursor: Any) -> tuple[Any, Mapping[str, float]] | None:
+        self.tag_reads += 1
+        return await super().tag_changes(cursor)
 
-class ChangeLogCache(CountingCache):
-    """A backing store that can list tag changes since a cursor (full-mirror mode)."""
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.log: list[tuple[str, float]] = []
-
-    async def revalidate_tags(self, tags: Iterable[str], at: float) -> None:
-        tags = list(tags)
-        await super().revalidate_tags(tags, at)
-        self.log.extend((t, at) for t in tags)
+class TagTimesOnlyCache(CountingCache):
+    """A custom handler with no change log: the tier asks it for the tags it needs."""
 
     async def tag_changes(self, cursor: Any) -> tuple[Any, Mapping[str, float]] | None:
-        start = cursor or 0
-        changes: dict[str, float] = {}
-        for tag, at in self.log[start:]:
-            changes[tag] = max(at, changes.get(tag, float("-inf")))
-        return len(self.log), changes
+        return None
+
+
+BACKINGS = pytest.mark.parametrize(
+    "backing_cls", [CountingCache, TagTimesOnlyCache], ids=["tag_changes", "tag_times"]
+)
 
 
 def entry(
@@ -62,9 +62,9 @@ def entry(
 POLICY = RenderPolicy(revalidate=60, tags=("t",))
 
 
-@pytest.fixture
-def backing() -> CountingCache:
-    return CountingCache()
+@pytest.fixture(params=[CountingCache, TagTimesOnlyCache], ids=["tag_changes", "tag_times"])
+def backing(request) -> CountingCache:
+    return request.param()
 
 
 @pytest.fixture
@@ -166,7 +166,7 @@ async def test_fenced_set_drops_the_memory_copy(backing, clock):
     assert (await backing.get("/p")).body == b"v3"
 
 
-@pytest.mark.parametrize("backing_cls", [CountingCache, ChangeLogCache], ids=["tag_times", "tag_changes"])
+@BACKINGS
 @pytest.mark.parametrize("tag_refresh", [0.1, 0.5])
 async def test_invalidation_in_one_process_is_seen_by_another_within_1s(
     clock, page_factory, backing_cls, tag_refresh
@@ -184,10 +184,12 @@ async def test_invalidation_in_one_process_is_seen_by_another_within_1s(
     clock.advance(0.001)
     t0 = time.monotonic()
     while True:
+        # Timed before the read, so a slow machine cannot turn a timely HIT into a failure.
+        asked_at = time.monotonic()
         served = await two.get("/p", page_two, POLICY)
         if served.status is not CacheStatus.HIT:
             break
-        assert time.monotonic() - t0 < 1.0, "process two still serves the invalidated page after 1 s"
+        assert asked_at - t0 < 1.0, "process two still serves the invalidated page after 1 s"
         await asyncio.sleep(0.05)
     assert served.status is CacheStatus.MISS and served.entry.body == b"render 1" and page_two.calls == 1
     # Process one now finds the page process two stored, instead of rendering again.
@@ -195,8 +197,9 @@ async def test_invalidation_in_one_process_is_seen_by_another_within_1s(
     assert served.status is CacheStatus.HIT and page_one.calls == 1
 
 
-async def test_other_process_adopts_a_newer_entry_without_rendering(clock, page_factory):
-    shared = CountingCache()
+@BACKINGS
+async def test_other_process_adopts_a_newer_entry_without_rendering(clock, page_factory, backing_cls):
+    shared = backing_cls()
     one = Engine(MemoryTier(shared, tag_refresh=0.1), clock=clock)
     two = Engine(MemoryTier(shared, tag_refresh=0.1), clock=clock)
     page_one, page_two = page_factory(), page_factory()
@@ -212,8 +215,9 @@ async def test_other_process_adopts_a_newer_entry_without_rendering(clock, page_
     assert page_two.calls == 0
 
 
-async def test_forget_tag_mirror_forces_a_reread(clock):
-    shared = CountingCache()
+@BACKINGS
+async def test_forget_tag_mirror_forces_a_reread(clock, backing_cls):
+    shared = backing_cls()
     one, two = MemoryTier(shared, tag_refresh=60), MemoryTier(shared, tag_refresh=60)
     await one.set(entry("/p", clock.now))
     assert await two.get("/p") is not None
@@ -222,3 +226,35 @@ async def test_forget_tag_mirror_forces_a_reread(clock):
     assert await two.tag_times(["t"]) == {}  # two's mirror is fresh for 60 s
     two.forget_tag_mirror()
     assert await two.tag_times(["t"]) == {"t": clock.now + 1}
+
+
+async def test_tags_version_is_only_given_while_the_mirror_is_current(clock, monkeypatch):
+    """The server's fast path reuses a HIT while ``tags_version()`` is unchanged.
+
+    So the tier must answer ``None`` ("unknown") whenever its mirror may be behind other
+    processes: before the first refresh and once ``tag_refresh`` has passed.
+    """
+    now = [100.0]
+    monkeypatch.setattr("pyisr.cache.tier.time.monotonic", lambda: now[0])
+    shared = CountingCache()
+    one, two = MemoryTier(shared, tag_refresh=0.5), MemoryTier(shared, tag_refresh=0.5)
+    assert two.tags_version() is None
+    await two.tag_times(["t"])
+    first = two.tags_version()
+    assert first is not None
+    await two.revalidate_tags(["t"], clock.now)  # its own invalidation: a new version at once
+    assert two.tags_version() not in (None, first)
+    mine = two.tags_version()
+    await one.revalidate_tags(["u"], clock.now)  # another process's invalidation
+    assert two.tags_version() == mine  # not seen yet, but still within tag_refresh
+    now[0] += 0.5
+    assert two.tags_version() is None  # the mirror may be behind: no fast path
+    assert await two.tag_times(["u"]) == {"u": clock.now}
+    assert two.tags_version() not in (None, mine)
+
+
+async def test_tags_version_is_unknown_without_a_change_log(clock):
+    tier = MemoryTier(TagTimesOnlyCache(), tag_refresh=60)
+    await tier.tag_times(["t"])
+    await tier.revalidate_tags(["t"], clock.now)
+    assert tier.tags_version() is None

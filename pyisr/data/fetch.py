@@ -17,6 +17,7 @@ import time
 import warnings
 import weakref
 from collections.abc import Iterable, Mapping
+from http.cookiejar import CookieJar, DefaultCookiePolicy
 from typing import Any
 
 import httpx
@@ -35,6 +36,9 @@ _IGNORED_KEY_HEADERS = {"traceparent", "tracestate"}
 
 class UncacheableResponse(Exception):
     """A non-2xx response: returned to the caller, never stored."""
+
+    #: Tells the engine this is an outcome to log quietly, not a render error.
+    pyisr_expected = True
 
     def __init__(self, response: httpx.Response) -> None:
         super().__init__(f"{response.request.method} {response.request.url} returned {response.status_code}")
@@ -107,7 +111,10 @@ def _client() -> httpx.AsyncClient:
     loop = asyncio.get_running_loop()
     client = _clients.get(loop)
     if client is None or client.is_closed:
-        client = httpx.AsyncClient(follow_redirects=True)
+        # The client is shared by every render in the process, so it keeps no cookies: a
+        # Set-Cookie in one response must not be sent with another visitor's page's fetches.
+        no_cookies = CookieJar(policy=DefaultCookiePolicy(allowed_domains=[]))
+        client = httpx.AsyncClient(follow_redirects=True, cookies=no_cookies)
         _clients[loop] = client
     return client
 
