@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -80,5 +79,3 @@ def read_through_sync(
     request = DataRequest.from_context()
     return run_sync(read_through(key, compute, revalidate, tags, request))
 
-
-ComputeFactory = Callable[[], RenderFn]

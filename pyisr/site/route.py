@@ -22,8 +22,8 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from pyisr.cache.entry import ONE_YEAR, EntryKind, Revalidate, validate_revalidate
-from pyisr.cache.tags import implicit_tags, validate_tags
+from pyisr.cache.entry import EntryKind, Revalidate
+from pyisr.cache.tags import implicit_tags
 from pyisr.engine import UNSET, OnMissing, Rendered, RenderPolicy
 from pyisr.http import HTML, PROPS_HEADER
 from pyisr.site.routes import Params, PatternRoute, path_for
@@ -390,15 +390,3 @@ def synthetic_request(path: str) -> Request:
         "http_version": "1.1",
     }
     return Request(scope)
-
-
-def long_lived(revalidate: Revalidate) -> bool:
-    return revalidate is None or revalidate >= ONE_YEAR
-
-
-def explicit_tags(module: ModuleType, file: Path) -> tuple[str, ...]:
-    return validate_tags(getattr(module, "tags", None), where=f"{file}: tags")
-
-
-def module_revalidate(module: ModuleType, file: Path) -> Revalidate:
-    return validate_revalidate(getattr(module, "revalidate", False), where=f"{file}")

@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 from pyisr.cache.entry import validate_revalidate
-from pyisr.paths import normalize_path
 from pyisr.site.loader import (
     SiteError,
     SiteLoadError,
@@ -180,16 +179,6 @@ class Site:
         if found is None:
             return None
         return found[0].target, found[1]
-
-    def route_for_pattern(self, pattern: str) -> Route | None:
-        return next((r for r in self.routes if r.pattern == pattern), None)
-
-    def resolve(self, path: str) -> tuple[str, Route, Params] | None:
-        key = normalize_path(path)
-        found = self.match(key)
-        if found is None:
-            return None
-        return key, found[0], found[1]
 
 
 def _make_route(

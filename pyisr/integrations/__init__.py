@@ -1,0 +1,253 @@
+"""ISR for views of an existing app: Starlette/FastAPI (ASGI), Django and Flask.
+
+Each integration is an adapter to the engine, like the server (DESIGN.md, "Layers"):
+it turns a request into a cache key (the normalised path; the query string never makes
+a new entry) and a render (the app's own view, called with a request stripped of what
+identifies the visitor), hands both to :meth:`Engine.get`, and turns the answer back
+into the framework's response with pyisr's headers (``pyisr.http``).
+
+- :class:`pyisr.integrations.asgi.ISRMiddleware` — any ASGI app (Starlette, FastAPI).
+- :func:`pyisr.integrations.django.isr` — a Django view decorator (``pyisr[django]``).
+- :func:`pyisr.integrations.flask.isr` — a Flask view decorator (``pyisr[flask]``).
+
+This package only holds what the three share; it imports no framework.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import weakref
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+from urllib.parse import quote
+
+from pyisr.cache.entry import EntryKind, Revalidate, validate_revalidate
+from pyisr.cache.tags import implicit_tags, validate_tags
+from pyisr.engine import CacheStatus, Engine, RenderFn, RenderPolicy, Served
+from pyisr.http import NOSTORE, age_header, entry_headers, not_modified
+from pyisr.paths import normalize_path
+from pyisr.runtime import bridge
+
+T = TypeVar("T")
+
+#: Request headers a render sees by default. Everything else (cookies, authorization,
+#: accept-language, user-agent...) is dropped, because one render is served to everyone.
+DEFAULT_ALLOW_HEADERS: tuple[str, ...] = ("host",)
+
+#: Response headers never stored with a page: per-visitor (set-cookie, vary), per-hop,
+#: or ones pyisr writes itself (cache-control, etag, age, content-length).
+DROPPED_RESPONSE_HEADERS = frozenset(
+    {
+        "set-cookie",
+        "vary",
+        "content-length",
+        "transfer-encoding",
+        "connection",
+        "keep-alive",
+        "date",
+        "server",
+        "cache-control",
+        "pragma",
+        "expires",
+        "etag",
+        "age",
+        "x-pyisr-cache",
+        "cache-status",
+    }
+)
+
+#: Characters left as they are when re-encoding a decoded request path (RFC 3986 pchar + "/").
+_PATH_SAFE = "/!$&'()*+,;=:@~"
+
+Resolver = Callable[[str], Awaitable[tuple[str, RenderFn, RenderPolicy] | None]]
+
+
+def key_for_decoded_path(path: str) -> str:
+    """The cache key for a path a framework has already percent-decoded.
+
+    Re-encoding first keeps a literal ``%`` (sent as ``%25``) from being decoded twice
+    by :func:`normalize_path`; the result is the key the server would use for the URL.
+    """
+    return normalize_path(quote(path, safe=_PATH_SAFE))
+
+
+def allow_list(headers: Iterable[str]) -> frozenset[str]:
+    """Lower-cased header names, validated once when a view or middleware is set up."""
+    names = frozenset(h.lower() for h in headers)
+    for bad in ("cookie", "authorization"):
+        if bad in names:
+            raise ValueError(
+                f"allow_headers must not include {bad!r}: a page rendered for one visitor "
+                "would be served to everyone"
+            )
+    return names
+
+
+_CONVERTER = re.compile(r"<(?:(?P<conv>[^>:]+):)?(?P<name>[^>:]+)>")
+_REGEX_HINTS = ("^", "$", "(?", "\\", "[")
+
+
+def pattern_from_rule(rule: str) -> str | None:
+    """A Django route or Flask rule (``blog/<int:id>/``) as pyisr's pattern (``/blog/[id]``).
+
+    The pattern gives pages their implicit page tag, so
+    ``revalidate_path("/blog/[id]", "page")`` reaches every post. ``None`` for regular
+    expression routes (``re_path``), which have no such spelling.
+    """
+    if any(h in rule for h in _REGEX_HINTS):
+        return None
+
+    def repl(m: re.Match[str]) -> str:
+        conv = (m.group("conv") or "").split("(", 1)[0]
+        return f"[...{m.group('name')}]" if conv == "path" else f"[{m.group('name')}]"
+
+    return normalize_path("/" + _CONVERTER.sub(repl, rule).lstrip("/"))
+
+
+def page_policy(key: str, pattern: str | None, revalidate: Revalidate, tags: tuple[str, ...]) -> RenderPolicy:
+    """The policy of one page: the view's revalidate and tags plus the implicit path tags."""
+    if pattern is not None and pattern == key:
+        pattern = None
+    return RenderPolicy(kind=EntryKind.PAGE, revalidate=revalidate, tags=tags + implicit_tags(key, pattern))
+
+
+def check_options(
+    revalidate: object, tags: Iterable[str] | None, where: str
+) -> tuple[Revalidate, tuple[str, ...]]:
+    """Validate a view's ``revalidate`` and ``tags`` once, at decoration time."""
+    return validate_revalidate(revalidate, where=where), validate_tags(tags, where=f"{where} tags")
+
+
+def storable_headers(pairs: Iterable[tuple[str, str]]) -> dict[str, str]:
+    """The headers of an app's response worth storing with the page.
+
+    Repeated headers are joined with ``", "``; ``set-cookie`` and the others in
+    :data:`DROPPED_RESPONSE_HEADERS` are dropped (a cached cookie would leak one
+    visitor's session to all of them).
+    """
+    out: dict[str, str] = {}
+    for name, value in pairs:
+        lower = name.lower()
+        if lower in DROPPED_RESPONSE_HEADERS:
+            continue
+        out[lower] = f"{out[lower]}, {value}" if lower in out else value
+    return out
+
+
+def response_parts(
+    served: Served, now: float, if_none_match: str | None, *, head: bool
+) -> tuple[int, list[tuple[str, str]], bytes]:
+    """Status, headers and body of the response for ``served``, as the server sends it.
+
+    304 when ``If-None-Match`` matches; ``head`` empties the body but keeps its
+    ``Content-Length``. Header values are ``str`` for the WSGI frameworks; the ASGI
+    middleware encodes them back.
+    """
+    entry = served.entry
+    assert entry is not None, "integrations render unknown paths, so an entry always exists"
+    out = entry_headers(entry, served.status)
+    if served.status is not CacheStatus.BYPASS:
+        out.append(age_header(entry, now))
+        if not_modified(entry, if_none_match):
+            headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in out if k != b"content-type"]
+            return 304, headers + [("content-length", "0")], b""
+    headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in out]
+    headers.append(("content-length", str(len(entry.body))))
+    return entry.status, headers, b"" if head else entry.body
+
+
+def no_store(headers: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
+    """An app's own (failed) response headers, made uncacheable for every cache on the way."""
+    kept = [(k, v) for k, v in headers if k.lower() not in ("cache-control", "content-length")]
+    return kept + [("cache-control", NOSTORE)]
+
+
+@dataclass
+class FailedResponse:
+    """The 5xx response a render produced, kept so a MISS can show the app's own error page.
+
+    The engine never stores a 5xx; when nothing is cached yet the visitor still gets
+    what the app answered (with ``no-store``) instead of a generic error.
+    """
+
+    response: Any = None
+
+
+class _Resolvers:
+    """Every integration's ``path_resolver`` on one engine, tried in turn."""
+
+    def __init__(self) -> None:
+        self.resolvers: list[Resolver] = []
+        self.previous: Resolver | None = None
+
+    async def __call__(self, key: str) -> tuple[str, RenderFn, RenderPolicy] | None:
+        for resolver in list(self.resolvers):
+            found = await resolver(key)
+            if found is not None:
+                return found
+        if self.previous is not None:
+            return await self.previous(key)
+        return None
+
+
+_dispatchers: weakref.WeakKeyDictionary[Engine, _Resolvers] = weakref.WeakKeyDictionary()
+
+
+def install_resolver(engine: Engine, resolver: Resolver) -> None:
+    """Let ``pyisr.revalidate(path)`` regenerate pages of this integration.
+
+    A resolver the engine already has (a site's, another middleware's) is kept and
+    asked after ours, so several apps can share one engine.
+    """
+    dispatcher = _dispatchers.get(engine)
+    if dispatcher is None:
+        dispatcher = _Resolvers()
+        _dispatchers[engine] = dispatcher
+    if engine.path_resolver is not dispatcher:
+        dispatcher.previous = engine.path_resolver
+        engine.path_resolver = dispatcher
+    if resolver not in dispatcher.resolvers:
+        dispatcher.resolvers.append(resolver)
+
+
+async def on_bridge(coro: Coroutine[Any, Any, T]) -> T:
+    """Await ``coro`` on pyisr's long-lived bridge loop.
+
+    Async views of Django and Flask often run on a loop made for one request
+    (``async_to_sync``), which cancels leftover tasks when it ends: a background
+    regeneration started there would never finish. On the bridge loop it does, and
+    sync and async views share one single-flight state.
+    """
+    loop = bridge._ensure()
+    try:
+        running = asyncio.get_running_loop()
+    except RuntimeError:  # pragma: no cover - always called from async code
+        running = None
+    if running is loop:
+        return await coro
+    return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, loop))
+
+
+def __getattr__(name: str) -> object:
+    if name == "ISRMiddleware":
+        from pyisr.integrations.asgi import ISRMiddleware
+
+        return ISRMiddleware
+    raise AttributeError(f"module 'pyisr.integrations' has no attribute {name!r}")
+
+
+__all__ = [
+    "DEFAULT_ALLOW_HEADERS",
+    "ISRMiddleware",
+    "allow_list",
+    "check_options",
+    "install_resolver",
+    "key_for_decoded_path",
+    "on_bridge",
+    "page_policy",
+    "pattern_from_rule",
+    "response_parts",
+    "storable_headers",
+]
