@@ -76,6 +76,11 @@ class _SyncBridge:
         self._loop = None
         self._lock = threading.Lock()
 
+    def loop(self) -> asyncio.AbstractEventLoop:
+        """The bridge's long-lived loop (started on first use): work submitted to it
+        outlives the caller's own short-lived loop (e.g. ``async_to_sync``'s)."""
+        return self._ensure()
+
     def _ensure(self) -> asyncio.AbstractEventLoop:
         with self._lock:
             if self._loop is None or self._loop.is_closed():

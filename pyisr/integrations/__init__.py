@@ -220,7 +220,7 @@ async def on_bridge(coro: Coroutine[Any, Any, T]) -> T:
     regeneration started there would never finish. On the bridge loop it does, and
     sync and async views share one single-flight state.
     """
-    loop = bridge._ensure()
+    loop = bridge.loop()
     try:
         running = asyncio.get_running_loop()
     except RuntimeError:  # pragma: no cover - always called from async code

@@ -45,6 +45,7 @@ from pyisr.integrations import (
     response_parts,
     storable_headers,
 )
+from pyisr.paths import normalize_path
 from pyisr.runtime import get_engine, run_sync
 
 View = Callable[..., Any]
@@ -155,10 +156,11 @@ def _key_and_policy(request: Any, seconds: Revalidate, tags: tuple[str, ...]) ->
     match = getattr(request, "resolver_match", None)
     route = getattr(match, "route", None)
     if isinstance(route, str):
-        script_prefix = request.path[: len(request.path) - len(request.path_info)]
         found = pattern_from_rule(route)
         if found is not None:
-            pattern = key_for_decoded_path(script_prefix) + found if script_prefix.strip("/") else found
+            # ``route`` is relative to the script prefix (SCRIPT_NAME); the key is not.
+            prefix = request.path[: len(request.path) - len(request.path_info)]
+            pattern = normalize_path(key_for_decoded_path(prefix).rstrip("/") + found)
     return key, page_policy(key, pattern, seconds, tags)
 
 
@@ -176,6 +178,17 @@ def _anonymous_request(request: Any, allowed: frozenset[str]) -> Any:
         meta.pop(name, None)
     meta.update(REQUEST_METHOD="GET", QUERY_STRING="")
     clone.META = meta
+    if hasattr(request, "environ"):  # WSGIRequest: META *is* the environ
+        clone.environ = meta
+    if isinstance(getattr(request, "scope", None), dict):  # ASGIRequest
+        clone.scope = {
+            **request.scope,
+            "method": "GET",
+            "query_string": b"",
+            "headers": [
+                (k, v) for k, v in request.scope.get("headers", ()) if k.decode("latin-1").lower() in allowed
+            ],
+        }
     clone.method = "GET"
     clone.COOKIES = {}
     clone.GET = QueryDict()

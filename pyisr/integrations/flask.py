@@ -47,6 +47,7 @@ from pyisr.integrations import (
     response_parts,
     storable_headers,
 )
+from pyisr.paths import normalize_path
 from pyisr.runtime import get_engine, run_sync
 
 View = Callable[..., Any]
@@ -127,8 +128,8 @@ def _key_and_policy(request: Any, seconds: Revalidate, tags: tuple[str, ...]) ->
     if isinstance(rule, str):
         found = pattern_from_rule(rule)
         if found is not None:
-            root = key_for_decoded_path(request.script_root) if request.script_root else ""
-            pattern = (root if root != "/" else "") + found
+            root = key_for_decoded_path(request.script_root).rstrip("/")
+            pattern = normalize_path(root + found)
     return key, page_policy(key, pattern, seconds, tags)
 
 
