@@ -68,7 +68,16 @@ async def build_site(
     if isinstance(cache, str) and cache.startswith(("redis", "rediss")):
         sep = "&" if "?" in cache else "?"
         cache = f"{cache}{sep}build_id={build_id}"
-    handler = build_handler(cache, base_dir=site.root, memory_tier_bytes=0)
+    if isinstance(cache, str) and not config.cache:
+        from pyisr.cache.filesystem import FileSystemCache
+
+        # A fresh build directory: a crash only means building again, so pages are not
+        # fsynced one by one (that was most of the build's time); one sync at the end.
+        handler: Any = FileSystemCache(cache, fsync=False)
+        durable_at_end = True
+    else:
+        handler = build_handler(cache, base_dir=site.root, memory_tier_bytes=0)
+        durable_at_end = False
     engine = Engine(
         handler,
         render_timeout=config.render_timeout,
@@ -127,6 +136,8 @@ async def build_site(
     await asyncio.gather(*(prerender(r, k) for r, k in jobs))
     await engine.drain()
     await handler.close()
+    if durable_at_end:
+        os.sync()
     set_engine(None)
     result = BuildResult(build_id, reports, errors, time.perf_counter() - started)
     if not errors:

@@ -344,7 +344,9 @@ class Engine:
         previous: CacheEntry | None,
         mode: _Mode,
     ) -> CacheEntry:
-        token = await self.handler.acquire_lock(key, self.lock_ttl)
+        # On-demand regeneration must render whatever else runs (fencing orders the
+        # results), so it takes no lock: that also spares the build a lock per page.
+        token = None if mode is _Mode.ON_DEMAND else await self.handler.acquire_lock(key, self.lock_ttl)
         if token is None and mode is _Mode.BACKGROUND:
             self.log.decision(key, "REGENERATE", "skipped: another process is regenerating it")
             if previous is None:

@@ -193,13 +193,16 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def _write_temp(directory: Path, final_name: str, data: bytes, token: str) -> Path:
+def _write_temp(
+    directory: Path, final_name: str, data: bytes, token: str, fsync: bool = True
+) -> Path:
     """Write ``data`` to a fresh temporary file beside ``final_name`` and fsync it."""
     path = directory / f".{final_name}.{token}{_TEMP_SUFFIX}"
     with open(path, "xb") as f:
         f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+        if fsync:
+            f.flush()
+            os.fsync(f.fileno())
     return path
 
 
@@ -524,7 +527,7 @@ class FileSystemCache(CacheHandler):
 
     def _temp(self, directory: Path, final_name: str, data: bytes, token: str) -> Path:
         if self.fsync:
-            return _write_temp(directory, final_name, data, token)
+            return _write_temp(directory, final_name, data, token, self.fsync)
         path = directory / f".{final_name}.{token}{_TEMP_SUFFIX}"
         path.write_bytes(data)
         return path
