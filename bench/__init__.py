@@ -1,0 +1,1 @@
+"""pyisr's benchmark suite: ``python -m bench all`` (see bench/README.md)."""

@@ -1,0 +1,39 @@
+"""Smoke test of the benchmark suite: ``python -m bench herd --quick`` runs and writes its JSON.
+
+herd needs no wrk and no nginx, so this never skips. It checks the shape of the
+results, not the numbers: the suite reports targets, it does not assert them.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.slow
+def test_bench_herd_quick_writes_json(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "bench", "herd", "--quick", "--no-install", "--out", str(tmp_path)],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    data = json.loads((tmp_path / "herd.json").read_text())
+    assert data["scenario"] == "herd"
+    assert data["quick"] is True
+    assert data["skipped"] is None
+    assert data["machine"]["cores"] and data["machine"]["python"]
+    assert {row["page"] for row in data["rows"]} == {"missing", "stale"}
+    for row in data["rows"]:
+        assert row["answered"] + row["failed"] == data["params"]["concurrency"]
+        assert isinstance(row["renders"], int)
+    assert len(data["targets"]) == 2
+    assert all(t["met"] in (True, False) for t in data["targets"])
+    summary = (tmp_path / "summary.md").read_text()
+    assert "herd" in summary and "| target |" in summary
+    assert "herd" in done.stdout  # the table is printed too
