@@ -59,25 +59,24 @@ async def build_site(
     dot = site.dot_dir
     dot.mkdir(parents=True, exist_ok=True)
     build_id = build_id or secrets.token_hex(8)
+    staging: Path | None = None
     if not config.cache:
-        # A new build replaces the old pages; the default cache lives inside .pyisr/.
-        shutil.rmtree(dot / "cache", ignore_errors=True)
-        cache: Any = str(dot / "cache")
-    else:
-        cache = config.cache
-    if isinstance(cache, str) and cache.startswith(("redis", "rediss")):
-        sep = "&" if "?" in cache else "?"
-        cache = f"{cache}{sep}build_id={build_id}"
-    if isinstance(cache, str) and not config.cache:
         from pyisr.cache.filesystem import FileSystemCache
 
-        # A fresh build directory: a crash only means building again, so pages are not
-        # fsynced one by one (that was most of the build's time); one sync at the end.
-        handler: Any = FileSystemCache(cache, fsync=False)
-        durable_at_end = True
+        # The default cache lives inside .pyisr/. The new pages go to a private directory
+        # that replaces the old cache only once the build succeeded: a server still running
+        # on the old build keeps its pages meanwhile, and a failed build loses nothing. As
+        # nobody reads that directory yet, pages are written straight into place, unfsynced
+        # (that was most of the build's time); one sync before it is published.
+        _remove_stale_staging(dot)
+        staging = dot / f"{_STAGING_PREFIX}{build_id}"
+        handler: Any = FileSystemCache(staging, fsync=False, staging=True)
     else:
+        cache: Any = config.cache
+        if isinstance(cache, str) and cache.startswith(("redis", "rediss")):
+            sep = "&" if "?" in cache else "?"
+            cache = f"{cache}{sep}build_id={build_id}"
         handler = build_handler(cache, base_dir=site.root, memory_tier_bytes=0)
-        durable_at_end = False
     engine = Engine(
         handler,
         render_timeout=config.render_timeout,
@@ -116,7 +115,7 @@ async def build_site(
         async with semaphore:
             try:
                 entry = await engine.revalidate_now(
-                    key, route.renderer(key, params), route.policy(key, bot=True)
+                    key, route.renderer(key, params), route.policy(key, bot=True), prerender=True
                 )
             except RevalidationError as exc:
                 cause = exc.__cause__ or exc
@@ -133,16 +132,52 @@ async def build_site(
         if progress is not None:
             progress(done, total)
 
-    await asyncio.gather(*(prerender(r, k) for r, k in jobs))
-    await engine.drain()
-    await handler.close()
-    if durable_at_end:
+    try:
+        await asyncio.gather(*(prerender(r, k) for r, k in jobs))
+        await engine.drain()
+    finally:
+        await handler.close()
+        set_engine(None)
+        if staging is not None and errors:
+            shutil.rmtree(staging, ignore_errors=True)
+    if staging is not None and not errors:
         os.sync()
-    set_engine(None)
+        _publish(staging, dot / "cache")
     result = BuildResult(build_id, reports, errors, time.perf_counter() - started)
     if not errors:
         _write_manifest(site, result)
     return result
+
+
+_STAGING_PREFIX = "cache.building-"
+_RETIRED_PREFIX = "cache.old-"
+
+
+def _remove_stale_staging(dot: Path) -> None:
+    """Directories a killed build or an interrupted publish left behind."""
+    for path in dot.glob("cache.*-*"):
+        if path.name.startswith((_STAGING_PREFIX, _RETIRED_PREFIX)) and path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _publish(staging: Path, target: Path) -> None:
+    """Swap the freshly built cache in for the old one (two renames, then a cleanup).
+
+    Between the renames ``target`` is briefly absent; a server reading it then finds no
+    entry and renders the page, as after a cache purge. A server may even recreate a
+    subdirectory of ``target`` in that instant, so the swap is retried.
+    """
+    retired = target.with_name(f"{_RETIRED_PREFIX}{staging.name.removeprefix(_STAGING_PREFIX)}")
+    for attempt in range(5):
+        if target.exists():
+            os.rename(target, retired if attempt == 0 else retired.with_name(f"{retired.name}-{attempt}"))
+        try:
+            os.rename(staging, target)
+            break
+        except OSError:
+            if attempt == 4:
+                raise
+    _remove_stale_staging(target.parent)
 
 
 def _write_manifest(site: Site, result: BuildResult) -> None:

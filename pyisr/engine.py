@@ -125,7 +125,11 @@ class _Mode(StrEnum):
     BLOCKING = "blocking"
     BACKGROUND = "background"
     ON_DEMAND = "on_demand"
+    PRERENDER = "prerender"  # a build filling a store nobody serves yet
 
+
+#: Modes that render whatever else runs: fencing orders their results, so no lock.
+_FORCED = frozenset({_Mode.ON_DEMAND, _Mode.PRERENDER})
 
 @dataclass
 class _LoopState:
@@ -280,7 +284,7 @@ class Engine:
         """The one render of ``key`` in this loop: join it if it runs, start it if not."""
         state = self._state()
         # On-demand revalidation must not join a normal render that started earlier.
-        lane = "on_demand" if mode is _Mode.ON_DEMAND else "normal"
+        lane = "on_demand" if mode in _FORCED else "normal"
         task = state.inflight.get((key, lane))
         if task is not None:
             return task
@@ -346,7 +350,7 @@ class Engine:
     ) -> CacheEntry:
         # On-demand regeneration must render whatever else runs (fencing orders the
         # results), so it takes no lock: that also spares the build a lock per page.
-        token = None if mode is _Mode.ON_DEMAND else await self.handler.acquire_lock(key, self.lock_ttl)
+        token = None if mode in _FORCED else await self.handler.acquire_lock(key, self.lock_ttl)
         if token is None and mode is _Mode.BACKGROUND:
             self.log.decision(key, "REGENERATE", "skipped: another process is regenerating it")
             if previous is None:
@@ -364,7 +368,7 @@ class Engine:
                     return adopted
                 token = await self.handler.acquire_lock(key, self.lock_ttl)
         try:
-            if mode is not _Mode.ON_DEMAND and token is not None:
+            if mode not in _FORCED and token is not None:
                 adopted = await self._adoptable(key, policy, previous)
                 if adopted is not None:
                     self.log.decision(key, "ADOPT", "rendered by another process")
@@ -387,10 +391,13 @@ class Engine:
         ctx = render_context.RenderContext(
             key=key,
             soft_tags=policy.tags if policy.kind is not EntryKind.DATA else policy.soft_tags,
-            is_revalidating=previous is not None or mode is _Mode.ON_DEMAND,
+            is_revalidating=previous is not None or mode in _FORCED,
             page_revalidate=policy.revalidate,
         )
-        word = "REGENERATE" if previous is not None or mode is not _Mode.BLOCKING else "MISS"
+        if mode is _Mode.PRERENDER:
+            word = "PRERENDER"
+        else:
+            word = "REGENERATE" if previous is not None or mode is not _Mode.BLOCKING else "MISS"
         try:
             rendered = await self._run(render, ctx, limited=policy.kind is not EntryKind.DATA)
             entry = self._make_entry(key, rendered, policy, ctx, started_at)
@@ -484,14 +491,17 @@ class Engine:
     # -- on-demand ----------------------------------------------------------------------
 
     async def revalidate_now(
-        self, key: str, render: RenderFn, policy: RenderPolicy = DEFAULT_POLICY
+        self, key: str, render: RenderFn, policy: RenderPolicy = DEFAULT_POLICY, *, prerender: bool = False
     ) -> CacheEntry:
         """Regenerate ``key`` now and return only once it is stored (``res.revalidate``).
 
         Raises :class:`RevalidationError` if the render fails; the old entry stays served.
+        ``prerender=True`` is for a build filling a store nobody serves yet: there is no
+        previous entry to read and no other process holding a copy to tell.
         """
-        previous = await self.handler.get(key)
-        task = self._flight(key, render, policy, previous, _Mode.ON_DEMAND)
+        previous = None if prerender else await self.handler.get(key)
+        mode = _Mode.PRERENDER if prerender else _Mode.ON_DEMAND
+        task = self._flight(key, render, policy, previous, mode)
         try:
             return await asyncio.shield(task)
         except Exception as exc:

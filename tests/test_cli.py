@@ -66,6 +66,39 @@ def test_a_page_that_raises_fails_the_build(tmp_path: Path) -> None:
     assert not (site / ".pyisr" / "manifest.json").exists()
 
 
+def test_a_failed_rebuild_keeps_the_previous_build_whole(tmp_path: Path) -> None:
+    """The new pages replace the old cache only once the whole build succeeded."""
+    page = """
+        import os
+        revalidate = 60
+
+        def generate_static_params():
+            return [{"id": "1"}, {"id": "2"}]
+
+        def page(params):
+            if os.environ.get("BREAK") and params["id"] == "2":
+                raise RuntimeError("database unreachable")
+            return f"<p>{params['id']} build={os.environ.get('BUILD_NO')}</p>"
+    """
+    site = write(tmp_path / "site", {"app/p/[id]/page.py": page})
+    assert run_cli(["build", str(site)], {"BUILD_NO": "1"}).returncode == 0
+    dot = site / ".pyisr"
+    first_id = (dot / "BUILD_ID").read_text()
+    # A build killed midway leaves its private directory behind; the next build removes it.
+    (dot / "cache.building-deadbeef" / "entries").mkdir(parents=True)
+
+    failed = run_cli(["build", str(site)], {"BUILD_NO": "2", "BREAK": "1"})
+    assert failed.returncode == 1
+    assert (dot / "BUILD_ID").read_text() == first_id
+    for n in ("1", "2"):
+        assert "build=1" in (dot / "cache" / "entries" / "p" / f"{n}.html").read_text()
+
+    assert run_cli(["build", str(site)], {"BUILD_NO": "3"}).returncode == 0
+    assert (dot / "BUILD_ID").read_text() != first_id
+    assert "build=3" in (dot / "cache" / "entries" / "p" / "2.html").read_text()
+    assert sorted(p.name for p in dot.iterdir()) == ["BUILD_ID", "cache", "manifest.json"]
+
+
 def test_S25_invalid_revalidate_fails_the_build(tmp_path: Path) -> None:
     site = write(
         tmp_path / "site",

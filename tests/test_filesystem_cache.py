@@ -138,6 +138,22 @@ async def test_odd_keys_round_trip_and_stay_inside_root(cache: FileSystemCache, 
     assert len({key_to_slot(root, k).meta for k in ODD_KEYS}) == len(ODD_KEYS)
 
 
+async def test_a_staging_directory_reads_back_as_a_normal_cache(root: Path) -> None:
+    """What a build writes straight into place (no locks, temps) is an ordinary cache."""
+    staged = FileSystemCache(root, fsync=False, staging=True)
+    for i, key in enumerate(ODD_KEYS):
+        assert await staged.set(entry(key, f"body {i}".encode(), tags=("t",)))
+    await staged.close()
+    assert not [p for p in files_under(root) if p.name.endswith(".tmp")]
+    assert not list((root / "locks").iterdir())
+    reader = FileSystemCache(root)
+    try:
+        for i, key in enumerate(ODD_KEYS):
+            assert await reader.get(key) == entry(key, f"body {i}".encode(), tags=("t",))
+    finally:
+        await reader.close()
+
+
 async def test_metadata_survives_a_round_trip(cache: FileSystemCache) -> None:
     failure = FailureRecord(at=1234.5, exc_type="TimeoutError", message="render took too long", count=3)
     stored = CacheEntry(

@@ -71,6 +71,7 @@ import re
 import secrets
 import time
 from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -377,9 +378,16 @@ class FileSystemCache(CacheHandler):
         *,
         fsync: bool = True,
         tag_log_compact_bytes: int = TAG_LOG_COMPACT_BYTES,
+        staging: bool = False,
     ) -> None:
         self.root = Path(root)
         self.fsync = fsync
+        #: The directory is private to this one writer until it is published (renamed into
+        #: place, as ``pyisr build`` does): nobody reads it meanwhile and a crash only
+        #: leaves a directory nobody serves, so writes need no lock, no fencing read and
+        #: no temporary files. Cuts a prerendered page's write from ~9 system calls to ~4.
+        self.staging = staging
+        self._staging_writer: ThreadPoolExecutor | None = None
         self.tag_log_compact_bytes = tag_log_compact_bytes
         self._tags_path = self.root / "tags.log"
         self._tags_lock_path = self.root / "tags.lock"
@@ -485,6 +493,13 @@ class FileSystemCache(CacheHandler):
 
     async def set(self, entry: CacheEntry) -> bool:
         """Store ``entry`` unless a newer one is stored (fsync blocks, so in a thread)."""
+        if self.staging:
+            # One writer thread: file creations in one directory serialise in the kernel
+            # anyway, and fewer threads contend less for the GIL.
+            if self._staging_writer is None:
+                self._staging_writer = ThreadPoolExecutor(1, thread_name_prefix="pyisr-build-writer")
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(self._staging_writer, self._set_sync, entry)
         return await asyncio.to_thread(self._set_sync, entry)
 
     def _set_sync(self, entry: CacheEntry) -> bool:
@@ -495,6 +510,8 @@ class FileSystemCache(CacheHandler):
         if entry.etag != digest:  # a custom ETag: keep our own digest for the torn check
             meta["body_etag"] = digest
         meta_bytes = json.dumps(meta, separators=(",", ":"), ensure_ascii=False).encode()
+        if self.staging:
+            return self._set_staged(slot, body, meta_bytes)
         with _flocked(self._write_lock_path(entry.key), fcntl.LOCK_EX):
             current = _try_load_meta(_read_file(slot.meta))
             if current is not None and current.get("key") == entry.key:
@@ -523,6 +540,21 @@ class FileSystemCache(CacheHandler):
                 raise
             if self.fsync:
                 _fsync_dir(slot.dir)
+        return True
+
+    def _set_staged(self, slot: EntryFiles, body: bytes, meta_bytes: bytes) -> bool:
+        """Write straight into place: body first, so a meta file always has its body."""
+        for attempt in (0, 1):
+            try:
+                with open(slot.body, "wb") as f:
+                    f.write(body)
+                break
+            except FileNotFoundError:
+                if attempt:
+                    raise
+                slot.dir.mkdir(parents=True, exist_ok=True)
+        with open(slot.meta, "wb") as f:
+            f.write(meta_bytes)
         return True
 
     def _temp(self, directory: Path, final_name: str, data: bytes, token: str) -> Path:
@@ -820,6 +852,9 @@ class FileSystemCache(CacheHandler):
         for fd, _token, _expires in held.values():
             with contextlib.suppress(OSError):
                 os.close(fd)
+        writer, self._staging_writer = self._staging_writer, None
+        if writer is not None:
+            writer.shutdown(wait=True)
 
     def describe(self) -> dict[str, Any]:
         """Root and lock count; no directory walk, which could be slow on a big cache."""
