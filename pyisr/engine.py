@@ -310,6 +310,15 @@ class Engine:
         state.background.add(task)
         task.add_done_callback(state.background.discard)
 
+    def regenerating(self, key: str) -> bool:
+        """Whether this loop is regenerating ``key`` in the background right now.
+
+        While it is, a stale copy may be served without asking the engine again: the
+        answer would be STALE and the regeneration is already under way.
+        """
+        state = self._states.get(asyncio.get_running_loop())
+        return state is not None and (key, "normal") in state.inflight
+
     async def drain(self) -> None:
         """Wait for every background regeneration started in this loop (tests, shutdown)."""
         state = self._state()

@@ -84,6 +84,8 @@ class _HotResponse:
     tags_version: int
     status: int
     headers: list[tuple[bytes, bytes]]
+    #: The same answer once the entry is stale, while its regeneration runs.
+    stale_headers: list[tuple[bytes, bytes]]
     etag: str
 
 
@@ -192,34 +194,39 @@ class App:
             await self._lifespan(receive, send)
 
     async def _serve_hot(self, hot: _HotResponse, scope: Scope, send: Send) -> bool:
-        """Answer a fresh HIT with no route matching, engine call or header building.
+        """Answer a fresh HIT, or a STALE one whose regeneration already runs, with no
+        route matching, engine call or header building.
 
-        Valid while the entry is fresh and the handler's tag state is the one it was
-        checked against; anything else (stale, a tag revalidated anywhere, a method
-        other than GET/HEAD) falls through to the full path, which re-validates.
+        Valid while the handler's tag state is the one the entry was checked against, and
+        while the entry is fresh or this process is regenerating it (the engine would say
+        STALE and start nothing). Anything else (stale with no regeneration under way, a
+        tag revalidated anywhere, a method other than GET/HEAD) falls through to the full
+        path, which re-validates.
         """
         now = time.time()
-        if hot.stale_at is not None and now >= hot.stale_at:
+        stale = hot.stale_at is not None and now >= hot.stale_at
+        if stale and not self.engine.regenerating(hot.entry.key):
             return False
         if self.engine.handler.tags_version() != hot.tags_version:
             return False
         method = scope["method"]
         if method != "GET" and method != "HEAD":
             return False
+        prepared = hot.stale_headers if stale else hot.headers
         for name, value in scope["headers"]:
             if name == b"if-none-match":
                 if hot.status == 200 and etag_matches(value.decode("latin-1"), hot.etag):
                     skip = (b"content-type", b"content-length")
-                    headers = [h for h in hot.headers if h[0] not in skip]
+                    headers = [h for h in prepared if h[0] not in skip]
                     headers.append((b"age", str(max(0, int(now - hot.entry.created_at))).encode()))
                     await self._send(send, 304, headers, b"", "HEAD")
                     return True
                 break
-        headers = hot.headers.copy()
+        headers = prepared.copy()
         age = max(0, int(now - hot.entry.created_at))
         headers.append((b"age", str(age).encode()))
         if self.engine.log.enabled:
-            self.engine.log.decision(hot.entry.key, "HIT", f"age={age}s")
+            self.engine.log.decision(hot.entry.key, "STALE" if stale else "HIT", f"age={age}s")
         await send({"type": "http.response.start", "status": hot.status, "headers": headers})
         await send({"type": "http.response.body", "body": b"" if method == "HEAD" else hot.entry.body})
         return True
@@ -231,13 +238,25 @@ class App:
             return
         if len(self._hot) >= HOT_LIMIT:
             self._hot.clear()
-        hit_headers = [h for h in headers if h[0] != b"x-pyisr-cache" and h[0] != b"cache-status"]
-        hit_headers += [
-            (b"x-pyisr-cache", b"HIT"),
-            (b"cache-status", cache_status(CacheStatus.HIT).encode()),
-            (b"content-length", str(len(entry.body)).encode()),
-        ]
-        self._hot[raw] = _HotResponse(entry, entry.stale_at(), version, entry.status, hit_headers, entry.etag)
+        common = [h for h in headers if h[0] != b"x-pyisr-cache" and h[0] != b"cache-status"]
+        common.append((b"content-length", str(len(entry.body)).encode()))
+        prepared = {
+            status: [
+                *common,
+                (b"x-pyisr-cache", status.value.encode()),
+                (b"cache-status", cache_status(status).encode()),
+            ]
+            for status in (CacheStatus.HIT, CacheStatus.STALE)
+        }
+        self._hot[raw] = _HotResponse(
+            entry,
+            entry.stale_at(),
+            version,
+            entry.status,
+            prepared[CacheStatus.HIT],
+            prepared[CacheStatus.STALE],
+            entry.etag,
+        )
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
         while True:
