@@ -108,9 +108,11 @@ def _serve(site: Path, host: str, port: int, workers: int, dev: bool, server: st
             "pyisr.server.entry:create_app",
             address=host,
             port=port,
-            interface=Interfaces.ASGI,
+            # RSGI: a cached page is answered in one call (see pyisr/server/rsgi.py).
+            interface=Interfaces.RSGI,
             workers=workers,
             factory=True,
+            websockets=False,
         ).serve()
         return
     import uvicorn

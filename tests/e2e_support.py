@@ -54,8 +54,10 @@ class Server:
         workers: int = 1,
         port: int | None = None,
         command: str = "start",
+        server: str = "uvicorn",
     ) -> None:
         self.site = site
+        self.server = server
         self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **env}
         self.workers = workers
         self.port = port or free_port()
@@ -74,7 +76,7 @@ class Server:
         log = open(self.log_path, "ab")
         args = [self.command, str(self.site), "--host", "127.0.0.1", "--port", str(self.port)]
         if self.command == "start":
-            args += ["--workers", str(self.workers)]
+            args += ["--workers", str(self.workers), "--server", self.server]
         self.proc = subprocess.Popen(
             PYISR + args, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
         )

@@ -7,7 +7,9 @@ share one build and one server.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import re
 import subprocess
 import sys
@@ -35,9 +37,15 @@ def stamp(response: httpx.Response) -> str:
     return match.group(0)
 
 
+@pytest.fixture(scope="module", params=["uvicorn", "granian"])
+def server_kind(request: pytest.FixtureRequest) -> str:
+    """Every case runs under both servers: uvicorn (ASGI) and granian (RSGI)."""
+    return str(request.param)
+
+
 @pytest.fixture(scope="module")
-def env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    root = tmp_path_factory.mktemp("spec")
+def env(tmp_path_factory: pytest.TempPathFactory, server_kind: str) -> dict[str, str]:
+    root = tmp_path_factory.mktemp(f"spec-{server_kind}")
     data = DataServer().__enter__()
     return {
         "SPEC_COUNTS": str(root / "counts"),
@@ -52,12 +60,14 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def server(env: dict[str, str]) -> Server:
+def server(env: dict[str, str], server_kind: str) -> Server:
     root = Path(env["_ROOT"])
     site = copy_site(SITE, root / "site")
+    (site / "public").mkdir(exist_ok=True)
+    (site / "public" / "big.bin").write_bytes(BIG_FILE)
     result = run_cli(["build", str(site)], env)
     assert result.returncode == 0, result.stdout + result.stderr
-    srv = Server(site, env).start()
+    srv = Server(site, env, server=server_kind).start()
     yield srv
     srv.stop()
 
@@ -440,6 +450,29 @@ def test_zz_S60_S61_restart_keeps_timing_and_invalidations(server: Server) -> No
     assert hit.headers["x-pyisr-cache"] == "HIT"
     assert hit.headers["cache-control"] == "s-maxage=30, stale-while-revalidate=31535970"
     assert server.get("/af").headers["x-pyisr-cache"] == "MISS"
+
+
+BIG_FILE = bytes(range(256)) * 1200  # 300 KB: sent in several chunks
+
+
+def test_request_bodies_headers_and_public_files_pass_through(server: Server) -> None:
+    body = os.urandom(200_000)
+    echo = server.request(
+        "POST", "/api/echo?x=1&y=two", content=body, headers=[("x-a", "1"), ("x-a", "2")]
+    )
+    assert echo.status_code == 200
+    assert echo.json() == {
+        "method": "POST",
+        "length": len(body),
+        "sha256": hashlib.sha256(body).hexdigest(),
+        "query": {"x": "1", "y": "two"},
+        "x_a": ["1", "2"],
+    }
+    big = server.get("/big.bin")
+    assert big.status_code == 200 and big.content == BIG_FILE
+    assert big.headers["content-length"] == str(len(BIG_FILE))
+    head = server.request("HEAD", "/big.bin")
+    assert head.status_code == 200 and head.content == b""
 
 
 def test_start_without_a_build_is_a_clear_error(tmp_path: Path) -> None:

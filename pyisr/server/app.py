@@ -45,6 +45,7 @@ from pyisr.http import (
 from pyisr.log import enable_debug_logging
 from pyisr.paths import BadPath, normalize_path
 from pyisr.runtime import set_engine
+from pyisr.server import rsgi
 from pyisr.site.route import (
     DEFAULT_404,
     DEFAULT_500,
@@ -75,18 +76,29 @@ FALLBACK_SCRIPT = (
 )
 
 
+@dataclass(slots=True, frozen=True)
+class _HotAnswer:
+    """One ready response of a hot entry, headers in both servers' forms (Age aside)."""
+
+    status: int
+    headers: list[tuple[bytes, bytes]]
+    text_headers: list[tuple[str, str]]
+    body: bytes
+
+
 @dataclass(slots=True)
 class _HotResponse:
-    """A fresh cached page with its response headers built once (the fast path)."""
+    """A cached page with its responses built once (the fast path).
+
+    ``answers`` holds the 200 (or cached status) and the 304, as HIT and as STALE:
+    index ``2 * stale + not_modified``.
+    """
 
     entry: CacheEntry
     stale_at: float | None
     tags_version: int
-    status: int
-    headers: list[tuple[bytes, bytes]]
-    #: The same answer once the entry is stale, while its regeneration runs.
-    stale_headers: list[tuple[bytes, bytes]]
     etag: str
+    answers: tuple[_HotAnswer, _HotAnswer, _HotAnswer, _HotAnswer]
 
 
 HOT_LIMIT = 10_000
@@ -132,8 +144,10 @@ class App:
         self.public_files = self._scan_public()
         self._prepared = False
         self._prepare_lock: asyncio.Lock | None = None
-        #: raw request path -> ready response for fresh HITs; see ``_serve_hot``.
+        #: raw request path -> ready responses of a cached page; see ``_hot_answer``.
         self._hot: dict[bytes, _HotResponse] = {}
+        #: The same, by decoded path: what RSGI gives (see pyisr/server/rsgi.py).
+        self._hot_by_path: dict[str, _HotResponse] = {}
         # Middleware must see every request, so it turns the fast path off.
         self._hot_enabled = not dev and self.site.middleware is None
 
@@ -193,42 +207,59 @@ class App:
         elif kind == "lifespan":
             await self._lifespan(receive, send)
 
-    async def _serve_hot(self, hot: _HotResponse, scope: Scope, send: Send) -> bool:
-        """Answer a fresh HIT, or a STALE one whose regeneration already runs, with no
-        route matching, engine call or header building.
+    # granian's RSGI interface (``pyisr start --server granian``): see pyisr/server/rsgi.py.
+
+    async def __rsgi__(self, scope: Any, proto: Any) -> None:
+        await rsgi.serve(self, scope, proto)
+
+    def __rsgi_init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        rsgi.startup(self, loop)
+
+    def __rsgi_del__(self, loop: asyncio.AbstractEventLoop) -> None:
+        rsgi.shutdown(self, loop)
+
+    # -- the fast path --------------------------------------------------------------------
+
+    def _hot_answer(
+        self, hot: _HotResponse, method: str, if_none_match: str | None
+    ) -> tuple[_HotAnswer, bytes, str] | None:
+        """The ready answer to a request for a hot entry, its body and its Age, or ``None``.
 
         Valid while the handler's tag state is the one the entry was checked against, and
         while the entry is fresh or this process is regenerating it (the engine would say
         STALE and start nothing). Anything else (stale with no regeneration under way, a
-        tag revalidated anywhere, a method other than GET/HEAD) falls through to the full
-        path, which re-validates.
+        tag revalidated anywhere, a method other than GET/HEAD) goes the full way, which
+        re-validates.
         """
         now = time.time()
         stale = hot.stale_at is not None and now >= hot.stale_at
         if stale and not self.engine.regenerating(hot.entry.key):
-            return False
+            return None
         if self.engine.handler.tags_version() != hot.tags_version:
-            return False
-        method = scope["method"]
+            return None
         if method != "GET" and method != "HEAD":
-            return False
-        prepared = hot.stale_headers if stale else hot.headers
-        for name, value in scope["headers"]:
-            if name == b"if-none-match":
-                if hot.status == 200 and etag_matches(value.decode("latin-1"), hot.etag):
-                    skip = (b"content-type", b"content-length")
-                    headers = [h for h in prepared if h[0] not in skip]
-                    headers.append((b"age", str(max(0, int(now - hot.entry.created_at))).encode()))
-                    await self._send(send, 304, headers, b"", "HEAD")
-                    return True
-                break
-        headers = prepared.copy()
-        age = max(0, int(now - hot.entry.created_at))
-        headers.append((b"age", str(age).encode()))
+            return None
+        not_modified = if_none_match is not None and etag_matches(if_none_match, hot.etag)
+        answer = hot.answers[2 * stale + (not_modified and hot.entry.status == 200)]
+        age = str(max(0, int(now - hot.entry.created_at)))
         if self.engine.log.enabled:
             self.engine.log.decision(hot.entry.key, "STALE" if stale else "HIT", f"age={age}s")
-        await send({"type": "http.response.start", "status": hot.status, "headers": headers})
-        await send({"type": "http.response.body", "body": b"" if method == "HEAD" else hot.entry.body})
+        return answer, b"" if method == "HEAD" else answer.body, age
+
+    async def _serve_hot(self, hot: _HotResponse, scope: Scope, send: Send) -> bool:
+        """Answer from a hot entry with no route matching, engine call or header building."""
+        if_none_match = None
+        for name, value in scope["headers"]:
+            if name == b"if-none-match":
+                if_none_match = value.decode("latin-1")
+                break
+        found = self._hot_answer(hot, scope["method"], if_none_match)
+        if found is None:
+            return False
+        answer, body, age = found
+        headers = [*answer.headers, (b"age", age.encode())]
+        await send({"type": "http.response.start", "status": answer.status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
         return True
 
     def _remember_hot(self, scope: Scope, entry: CacheEntry, headers: list[tuple[bytes, bytes]]) -> None:
@@ -238,25 +269,25 @@ class App:
             return
         if len(self._hot) >= HOT_LIMIT:
             self._hot.clear()
+            self._hot_by_path.clear()
         common = [h for h in headers if h[0] != b"x-pyisr-cache" and h[0] != b"cache-status"]
-        common.append((b"content-length", str(len(entry.body)).encode()))
-        prepared = {
-            status: [
+        skip_in_304 = (b"content-type", b"content-length")
+        answers = []
+        for status in (CacheStatus.HIT, CacheStatus.STALE):
+            full = [
                 *common,
+                (b"content-length", str(len(entry.body)).encode()),
                 (b"x-pyisr-cache", status.value.encode()),
                 (b"cache-status", cache_status(status).encode()),
             ]
-            for status in (CacheStatus.HIT, CacheStatus.STALE)
-        }
-        self._hot[raw] = _HotResponse(
-            entry,
-            entry.stale_at(),
-            version,
-            entry.status,
-            prepared[CacheStatus.HIT],
-            prepared[CacheStatus.STALE],
-            entry.etag,
-        )
+            bare = [h for h in full if h[0] not in skip_in_304]
+            answers.append(_HotAnswer(entry.status, full, _text(full), entry.body))
+            answers.append(_HotAnswer(304, bare, _text(bare), b""))
+        hot = _HotResponse(entry, entry.stale_at(), version, entry.etag, tuple(answers))  # type: ignore[arg-type]
+        self._hot[raw] = hot
+        if b"%2f" not in raw.lower():
+            # RSGI hands over the decoded path; an encoded slash would make it ambiguous.
+            self._hot_by_path[scope["path"]] = hot
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
         while True:
@@ -270,11 +301,14 @@ class App:
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
                 try:
-                    await self.engine.drain()
-                    await self.engine.handler.close()
+                    await self._shutdown()
                 finally:
                     await send({"type": "lifespan.shutdown.complete"})
                 return
+
+    async def _shutdown(self) -> None:
+        await self.engine.drain()
+        await self.engine.handler.close()
 
     # -- requests -----------------------------------------------------------------------
 
@@ -653,6 +687,10 @@ class App:
             body,
             method,
         )
+
+
+def _text(headers: list[tuple[bytes, bytes]]) -> list[tuple[str, str]]:
+    return [(k.decode("latin-1"), v.decode("latin-1")) for k, v in headers]
 
 
 def is_shared_cache(url: str) -> bool:

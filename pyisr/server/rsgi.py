@@ -1,0 +1,149 @@
+"""Granian's RSGI interface for :class:`~pyisr.server.app.App`.
+
+Why a second interface: a cached page is one dictionary lookup and one write, so what
+the server costs per request is most of the time. Under granian, RSGI hands the whole
+response over in one call (``response_bytes``) instead of two ASGI messages built as
+dictionaries, which measurably raises the requests per second of the fast path
+(bench/README.md has the numbers). Everything that is not a fast-path answer goes
+through the same ASGI application, translated here, so both interfaces serve the same
+site the same way, with one difference RSGI imposes: granian gives the application an
+already-decoded path, so an encoded slash (``%2F``) separates segments like ``/`` and a
+literal ``%25`` followed by two letters that are not hex digits reads as malformed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from collections.abc import MutableMapping
+from typing import TYPE_CHECKING, Any
+from urllib.parse import quote
+
+if TYPE_CHECKING:
+    from pyisr.server.app import App
+
+logger = logging.getLogger("pyisr.server")
+
+#: Characters left as they are when the decoded path is encoded again for ASGI's raw_path;
+#: ``%`` too, see :func:`raw_path`.
+_PATH_SAFE = "/:@!$&'()*+,;=-._~%"
+_PERCENT_ESCAPE = re.compile(r"%(?=[0-9A-Fa-f]{2})")
+
+
+def raw_path(path: str) -> bytes:
+    """Encode granian's decoded path again, as ASGI's ``raw_path``.
+
+    A ``%`` that starts a valid escape was a ``%25`` and is encoded again; any other was
+    left as it came by granian's decoding: a malformed escape such as ``%ZZ``, which must
+    stay malformed so the request gets its 400 (SPEC S-27). (A literal ``%25ZZ`` is
+    therefore answered 400 under RSGI too: the two cannot be told apart.)
+    """
+    return quote(_PERCENT_ESCAPE.sub("%25", path), safe=_PATH_SAFE).encode("ascii")
+
+
+def _address(text: str | None) -> tuple[str, int] | None:
+    """``"127.0.0.1:8000"`` or ``"[::1]:8000"`` -> ASGI's ``(host, port)``."""
+    if not text:
+        return None
+    host, _, port = text.rpartition(":")
+    try:
+        return host.strip("[]"), int(port)
+    except ValueError:
+        return None
+
+
+def asgi_scope(scope: Any) -> dict[str, Any]:
+    """The ASGI HTTP scope of an RSGI request."""
+    path = scope.path
+    query = scope.query_string
+    return {
+        "type": "http",
+        "asgi": {"version": "3.0", "spec_version": "2.3"},
+        "http_version": scope.http_version,
+        "method": scope.method,
+        "scheme": scope.scheme,
+        "path": path,
+        "raw_path": raw_path(path),
+        "query_string": query.encode("latin-1"),
+        "root_path": "",
+        "headers": [(k.encode("latin-1"), v.encode("latin-1")) for k, v in scope.headers.items()],
+        "client": _address(scope.client),
+        "server": _address(scope.server),
+        "state": {},
+    }
+
+
+async def call_asgi(app: App, scope: Any, proto: Any) -> None:
+    """Run the ASGI application for one RSGI request and answer with what it sends."""
+    body_read = False
+    status = 500
+    headers: list[tuple[str, str]] = []
+    started = finished = False
+    stream: Any = None
+
+    async def receive() -> dict[str, Any]:
+        nonlocal body_read
+        if body_read:
+            await proto.client_disconnect()
+            return {"type": "http.disconnect"}
+        body_read = True
+        return {"type": "http.request", "body": await proto(), "more_body": False}
+
+    async def send(message: MutableMapping[str, Any]) -> None:
+        nonlocal status, headers, started, finished, stream
+        kind = message["type"]
+        if kind == "http.response.start":
+            status = message["status"]
+            headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in message.get("headers", ())]
+            started = True
+        elif kind == "http.response.body" and started and not finished:
+            body = message.get("body", b"")
+            more = message.get("more_body", False)
+            if stream is None and not more:
+                proto.response_bytes(status, headers, body)
+                finished = True
+                return
+            if stream is None:
+                stream = proto.response_stream(status, headers)
+            if body:
+                await stream.send_bytes(body)
+            finished = not more
+
+    try:
+        await app(asgi_scope(scope), receive, send)
+    except Exception as exc:  # noqa: BLE001 - the server must still answer
+        logger.error("%s %s failed: %s: %s", scope.method, scope.path, type(exc).__name__, exc, exc_info=exc)
+        if not started:
+            plain = [("content-type", "text/plain; charset=utf-8")]
+            proto.response_bytes(500, plain, b"Internal Server Error")
+        return
+    if started and stream is None and not finished:
+        proto.response_bytes(status, headers, b"")
+
+
+async def serve(app: App, scope: Any, proto: Any) -> None:
+    """One RSGI request: a fast-path answer if there is one, else the ASGI application."""
+    if scope.proto != "http":
+        proto.close(403)  # websockets: pyisr serves none
+        return
+    hot = app._hot_by_path.get(scope.path)
+    if hot is not None:
+        found = app._hot_answer(hot, scope.method, scope.headers.get("if-none-match"))
+        if found is not None:
+            answer, body, age = found
+            proto.response_bytes(answer.status, [*answer.text_headers, ("age", age)], body)
+            return
+    if not app._prepared:
+        await app._prepare()
+    await call_asgi(app, scope, proto)
+
+
+def startup(app: App, loop: asyncio.AbstractEventLoop) -> None:
+    """``__rsgi_init__``: what ASGI's lifespan startup does, before the first request."""
+    loop.run_until_complete(app._prepare())
+
+
+def shutdown(app: App, loop: asyncio.AbstractEventLoop) -> None:
+    """``__rsgi_del__``: finish background regenerations, close the cache handler."""
+    loop.run_until_complete(app._shutdown())
