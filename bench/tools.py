@@ -274,11 +274,11 @@ class Nginx:
         self.proc = None
 
 
-# -- a raw ASGI app: the ceiling of a cached page in Python -------------------------------
+# -- a raw app: the ceiling of a cached page in Python ----------------------------------------
 
 
 class Ceiling:
-    """``bench.ceiling:app`` (a fixed page, no logic) under uvicorn or granian, 1 worker."""
+    """``bench.ceiling`` (a fixed page, no logic) under uvicorn (ASGI) or granian (RSGI), 1 worker."""
 
     def __init__(self, server: str, log_dir: Path) -> None:
         self.server = server
@@ -292,8 +292,8 @@ class Ceiling:
             args = [sys.executable, "-m", "uvicorn", "bench.ceiling:app", "--host", "127.0.0.1",
                     "--port", str(self.port), "--no-access-log", "--log-level", "warning"]
         else:
-            args = [sys.executable, "-m", "granian", "--interface", "asgi", "--host", "127.0.0.1",
-                    "--port", str(self.port), "--workers", "1", "bench.ceiling:app"]
+            args = [sys.executable, "-m", "granian", "--interface", "rsgi", "--host", "127.0.0.1",
+                    "--port", str(self.port), "--workers", "1", "--no-ws", "bench.ceiling:rsgi_app"]
         from bench.common import clean_env
 
         log_file = open(self.log_path, "ab")

@@ -2,8 +2,9 @@
 
 All servers run at once and wrk visits them in turn, each round in a different order,
 so they share the machine's conditions; the median run (by req/s) of each is reported
-with its latencies. The same HTML file pyisr serves is what nginx serves. A raw ASGI
-app (bench/ceiling.py) under each server shows the Python ceiling in the same run.
+with its latencies. The same HTML file pyisr serves is what nginx serves. A raw app
+with pyisr's response bytes (bench/ceiling.py: ASGI under uvicorn, RSGI under granian)
+shows each server's ceiling in the same run.
 """
 
 from __future__ import annotations
@@ -79,7 +80,8 @@ def measure(ctx: Context, report: Report, work: Path, env: Mapping[str, str] | N
                     report.note(f"ceiling app under {server} did not start: {exc}")
                     continue
                 started.append(ceiling)
-                targets.append((f"raw ASGI {server} (ceiling)", ceiling))
+                interface = "RSGI" if server == "granian" else "ASGI"
+                targets.append((f"raw {interface} {server} (ceiling)", ceiling))
 
         for name, srv in targets:
             path = "/hit/1.html" if name == "nginx" else PATH
