@@ -126,3 +126,31 @@ async def test_a_tag_revalidation_turns_the_fast_path_off_for_that_page(
     assert response.headers["x-pyisr-cache"] == "MISS"  # SPEC S-45: blocking, fresh
     assert response.text == "<p>render 2</p>"
     assert time.time() - started < 1  # not merely the window running out
+
+
+async def test_the_fast_path_index_stays_within_its_own_budget(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """It holds pages the memory tier may have evicted, so it has its own bound."""
+    import pyisr.server.app as app_module
+
+    site = tmp_path / "site"
+    (site / "app" / "m" / "[id]").mkdir(parents=True)
+    (site / "app" / "m" / "[id]" / "page.py").write_text(
+        "revalidate = 60\n\ndef page(params):\n    return 'x' * 2000 + params['id']\n"
+    )
+    budget = 5 * (2001 + 1024)
+    monkeypatch.setattr(app_module, "HOT_BYTES", budget)
+    app = App(site, config=Config())
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
+        for _ in range(2):
+            for n in range(30):
+                response = await client.get(f"/m/{n}")
+                assert response.status_code == 200 and response.text.endswith(str(n))
+                assert app._hot_bytes <= budget and len(app._hot) <= 5
+        # The same page remembered again is counted once.
+        for _ in range(5):
+            await client.get("/m/29")
+        assert app._hot_bytes == len(app._hot) * (2002 + 1024)
+    await app.engine.close()

@@ -76,14 +76,39 @@ FALLBACK_SCRIPT = (
 )
 
 
-@dataclass(slots=True, frozen=True)
 class _HotAnswer:
-    """One ready response of a hot entry, headers in both servers' forms (Age aside)."""
+    """One ready response of a hot entry, with its headers for the current ``Age``.
 
-    status: int
-    headers: list[tuple[bytes, bytes]]
-    text_headers: list[tuple[str, str]]
-    body: bytes
+    The header list with ``Age`` is rebuilt once per second of age, not per request.
+    RSGI's ``str`` form is made on its first use only, so a server that never uses it
+    never holds it. (The lists handed out are never changed afterwards, only replaced.)
+    """
+
+    __slots__ = ("status", "headers", "body", "_text", "_asgi", "_asgi_age", "_rsgi", "_rsgi_age")
+
+    def __init__(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
+        self.status = status
+        self.headers = headers
+        self.body = body
+        self._text: list[tuple[str, str]] | None = None
+        self._asgi: list[tuple[bytes, bytes]] = []
+        self._asgi_age = -1
+        self._rsgi: list[tuple[str, str]] = []
+        self._rsgi_age = -1
+
+    def asgi_headers(self, age: int) -> list[tuple[bytes, bytes]]:
+        if age != self._asgi_age:
+            self._asgi = [*self.headers, (b"age", str(age).encode())]
+            self._asgi_age = age
+        return self._asgi
+
+    def rsgi_headers(self, age: int) -> list[tuple[str, str]]:
+        if age != self._rsgi_age:
+            if self._text is None:
+                self._text = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in self.headers]
+            self._rsgi = [*self._text, ("age", str(age))]
+            self._rsgi_age = age
+        return self._rsgi
 
 
 @dataclass(slots=True)
@@ -101,7 +126,10 @@ class _HotResponse:
     answers: tuple[_HotAnswer, _HotAnswer, _HotAnswer, _HotAnswer]
 
 
+#: Bounds of the fast path's index: it holds entries the memory tier may have evicted,
+#: so it gets its own budget (bodies plus ~1 KB of headers each), outside the tier's.
 HOT_LIMIT = 10_000
+HOT_BYTES = 16 * 1024 * 1024
 
 
 class App:
@@ -148,6 +176,9 @@ class App:
         self._hot: dict[bytes, _HotResponse] = {}
         #: The same, by decoded path: what RSGI gives (see pyisr/server/rsgi.py).
         self._hot_by_path: dict[str, _HotResponse] = {}
+        self._hot_bytes = 0
+        #: Bound once: it is asked on every fast-path answer.
+        self._tags_version = self.engine.handler.tags_version
         # Middleware must see every request, so it turns the fast path off.
         self._hot_enabled = not dev and self.site.middleware is None
 
@@ -210,6 +241,14 @@ class App:
     # granian's RSGI interface (``pyisr start --server granian``): see pyisr/server/rsgi.py.
 
     async def __rsgi__(self, scope: Any, proto: Any) -> None:
+        # The fast path inline (one coroutine less per request); the rest in rsgi.serve.
+        hot = self._hot_by_path.get(scope.path)
+        if hot is not None and scope.proto == "http":
+            found = self._hot_answer(hot, scope.method, scope.headers.get("if-none-match"))
+            if found is not None:
+                answer, body, age = found
+                proto.response_bytes(answer.status, answer.rsgi_headers(age), body)
+                return
         await rsgi.serve(self, scope, proto)
 
     def __rsgi_init__(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -222,7 +261,7 @@ class App:
 
     def _hot_answer(
         self, hot: _HotResponse, method: str, if_none_match: str | None
-    ) -> tuple[_HotAnswer, bytes, str] | None:
+    ) -> tuple[_HotAnswer, bytes, int] | None:
         """The ready answer to a request for a hot entry, its body and its Age, or ``None``.
 
         Valid while the handler's tag state is the one the entry was checked against, and
@@ -235,13 +274,13 @@ class App:
         stale = hot.stale_at is not None and now >= hot.stale_at
         if stale and not self.engine.regenerating(hot.entry.key):
             return None
-        if self.engine.handler.tags_version() != hot.tags_version:
+        if self._tags_version() != hot.tags_version:
             return None
         if method != "GET" and method != "HEAD":
             return None
         not_modified = if_none_match is not None and etag_matches(if_none_match, hot.etag)
         answer = hot.answers[2 * stale + (not_modified and hot.entry.status == 200)]
-        age = str(max(0, int(now - hot.entry.created_at)))
+        age = max(0, int(now - hot.entry.created_at))
         if self.engine.log.enabled:
             self.engine.log.decision(hot.entry.key, "STALE" if stale else "HIT", f"age={age}s")
         return answer, b"" if method == "HEAD" else answer.body, age
@@ -257,19 +296,27 @@ class App:
         if found is None:
             return False
         answer, body, age = found
-        headers = [*answer.headers, (b"age", age.encode())]
+        headers = answer.asgi_headers(age)
         await send({"type": "http.response.start", "status": answer.status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
         return True
 
     def _remember_hot(self, scope: Scope, entry: CacheEntry, headers: list[tuple[bytes, bytes]]) -> None:
         raw = scope.get("raw_path")
-        version = self.engine.handler.tags_version()
+        version = self._tags_version()
         if not self._hot_enabled or raw is None or version is None:
             return
-        if len(self._hot) >= HOT_LIMIT:
+        size = len(entry.body) + 1024
+        replaced = self._hot.get(raw)
+        if replaced is not None:
+            self._hot_bytes -= len(replaced.entry.body) + 1024
+        if len(self._hot) >= HOT_LIMIT or self._hot_bytes + size > HOT_BYTES:
+            # Start over rather than track recency on every hit: pages that are really
+            # hot come back at their next request.
             self._hot.clear()
             self._hot_by_path.clear()
+            self._hot_bytes = 0
+        self._hot_bytes += size
         common = [h for h in headers if h[0] != b"x-pyisr-cache" and h[0] != b"cache-status"]
         skip_in_304 = (b"content-type", b"content-length")
         answers = []
@@ -281,8 +328,8 @@ class App:
                 (b"cache-status", cache_status(status).encode()),
             ]
             bare = [h for h in full if h[0] not in skip_in_304]
-            answers.append(_HotAnswer(entry.status, full, _text(full), entry.body))
-            answers.append(_HotAnswer(304, bare, _text(bare), b""))
+            answers.append(_HotAnswer(entry.status, full, entry.body))
+            answers.append(_HotAnswer(304, bare, b""))
         hot = _HotResponse(entry, entry.stale_at(), version, entry.etag, tuple(answers))  # type: ignore[arg-type]
         self._hot[raw] = hot
         if b"%2f" not in raw.lower():
@@ -687,10 +734,6 @@ class App:
             body,
             method,
         )
-
-
-def _text(headers: list[tuple[bytes, bytes]]) -> list[tuple[str, str]]:
-    return [(k.decode("latin-1"), v.decode("latin-1")) for k, v in headers]
 
 
 def is_shared_cache(url: str) -> bool:

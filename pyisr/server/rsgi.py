@@ -123,17 +123,10 @@ async def call_asgi(app: App, scope: Any, proto: Any) -> None:
 
 
 async def serve(app: App, scope: Any, proto: Any) -> None:
-    """One RSGI request: a fast-path answer if there is one, else the ASGI application."""
+    """An RSGI request the fast path did not answer (``App.__rsgi__`` tried it first)."""
     if scope.proto != "http":
         proto.close(403)  # websockets: pyisr serves none
         return
-    hot = app._hot_by_path.get(scope.path)
-    if hot is not None:
-        found = app._hot_answer(hot, scope.method, scope.headers.get("if-none-match"))
-        if found is not None:
-            answer, body, age = found
-            proto.response_bytes(answer.status, [*answer.text_headers, ("age", age)], body)
-            return
     if not app._prepared:
         await app._prepare()
     await call_asgi(app, scope, proto)
