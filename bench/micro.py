@@ -1,0 +1,119 @@
+"""``python -m bench.micro``: microseconds of pyisr's own work per cached-page request.
+
+In-process, no server and no sockets: the App is called directly with a prepared ASGI
+scope (and an RSGI stand-in) for a prerendered page, so only pyisr's code is timed.
+Compares the fast path with the full path (route match, engine, tier, headers) that
+serves the same HIT when the fast path is off. Prints a table; writes no JSON (the
+load scenarios are the numbers the targets are judged on).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from bench import sites
+from pyisr.server.app import App
+
+PATH = "/hit/1"
+
+
+class _Headers:
+    def __init__(self, items: dict[str, str]) -> None:
+        self._items = items
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self._items.get(key, default)
+
+    def items(self) -> list[tuple[str, str]]:
+        return list(self._items.items())
+
+
+class _RSGIScope:
+    proto = "http"
+    method = "GET"
+    path = PATH
+    query_string = ""
+    http_version = "1.1"
+    scheme = "http"
+    client = "127.0.0.1:50000"
+    server = "127.0.0.1:3000"
+    authority = None
+    headers = _Headers({"host": "127.0.0.1:3000"})
+
+
+class _RSGIProto:
+    def response_bytes(self, status: int, headers: list[tuple[str, str]], body: bytes) -> None:
+        pass
+
+
+def _scope() -> dict[str, Any]:
+    return {
+        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "GET",
+        "scheme": "http", "path": PATH, "raw_path": PATH.encode(), "query_string": b"",
+        "root_path": "", "headers": [(b"host", b"127.0.0.1:3000")],
+        "client": ("127.0.0.1", 50000), "server": ("127.0.0.1", 3000),
+    }
+
+
+async def _time_asgi(app: App, n: int) -> float:
+    sent: list[Any] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: Any) -> None:
+        sent.append(message)
+
+    scope = _scope()
+    await app(scope, receive, send)  # warm: the first answer makes the page hot
+    started = time.perf_counter()
+    for _ in range(n):
+        await app(scope, receive, send)
+        sent.clear()
+    return (time.perf_counter() - started) / n * 1e6
+
+
+async def _time_rsgi(app: App, n: int) -> float:
+    scope, proto = _RSGIScope(), _RSGIProto()
+    await app.__rsgi__(scope, proto)
+    started = time.perf_counter()
+    for _ in range(n):
+        await app.__rsgi__(scope, proto)
+    return (time.perf_counter() - started) / n * 1e6
+
+
+async def _measure(site: Path, n: int) -> list[tuple[str, float]]:
+    rows = []
+    for label, fast in (("full path (fast path off)", False), ("fast path", True)):
+        app = App(site)
+        await app._prepare()
+        app._hot_enabled = fast
+        rows.append((f"ASGI, {label}", await _time_asgi(app, n)))
+        if fast:
+            rows.append((f"RSGI, {label}", await _time_rsgi(app, n)))
+        await app._shutdown()
+    return rows
+
+
+def main() -> int:
+    n = int(sys.argv[1]) if len(sys.argv) > 1 else 50_000
+    with tempfile.TemporaryDirectory(prefix="pyisr-micro-") as tmp:
+        site = sites.hit_site(Path(tmp) / "site")
+        build = [sys.executable, "-m", "pyisr.cli", "build", str(site)]
+        subprocess.run(build, check=True, capture_output=True)
+        rows = asyncio.run(_measure(site, n))
+    print(f"pyisr's own time per HIT of a prerendered page, in-process, {n:,} requests each")
+    print("| path | µs per request |\n|---|---|")
+    for label, micros in rows:
+        print(f"| {label} | {micros:.2f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
