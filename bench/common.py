@@ -120,7 +120,8 @@ def _version(dist: str) -> str | None:
         return None
 
 
-def _command_output(args: list[str]) -> str | None:
+def first_line(args: list[str]) -> str | None:
+    """The first line a command prints (stdout, then stderr), or ``None`` if it cannot run."""
     try:
         done = subprocess.run(args, capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.TimeoutExpired):
@@ -130,7 +131,7 @@ def _command_output(args: list[str]) -> str | None:
 
 
 def git_revision() -> str | None:
-    rev = _command_output(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"])
+    rev = first_line(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"])
     if rev is None or " " in rev:
         return None
     dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"],

@@ -25,7 +25,7 @@ from typing import Any
 
 import httpx
 
-from bench.common import Skip, free_port, log
+from bench.common import Skip, first_line, free_port, log
 
 SBIN = ("/usr/sbin", "/usr/local/sbin", "/sbin")
 
@@ -41,24 +41,15 @@ def which(name: str) -> str | None:
     return None
 
 
-def _first_line(args: list[str]) -> str | None:
-    try:
-        done = subprocess.run(args, capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    text = (done.stdout + done.stderr).strip()
-    return text.splitlines()[0] if text else None
-
-
 def nginx_version() -> str | None:
     path = which("nginx")
-    line = _first_line([path, "-v"]) if path else None
+    line = first_line([path, "-v"]) if path else None
     return line.split("/", 1)[-1] if line else None
 
 
 def wrk_version() -> str | None:
     path = which("wrk")
-    line = _first_line([path, "-v"]) if path else None
+    line = first_line([path, "-v"]) if path else None
     return line.split()[1] if line and len(line.split()) > 1 else line
 
 
@@ -219,7 +210,44 @@ http {{
 """
 
 
-class Nginx:
+class _Background:
+    """A server in its own process group, started by a subclass, stopped by its PID."""
+
+    url: str
+    proc: subprocess.Popen[bytes] | None
+
+    def _wait_until_up(self, what: str, log_path: Path, timeout: float) -> None:
+        """Until it answers HTTP on ``url``; raises with the end of its log if it exits."""
+        assert self.proc is not None
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{what} exited: {log_path.read_text()[-2000:]}")
+            try:
+                httpx.get(self.url + "/", timeout=1)
+                return
+            except httpx.HTTPError:
+                time.sleep(0.05)
+        self.stop()
+        raise RuntimeError(f"{what} did not start")
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self.proc = None
+
+
+class Nginx(_Background):
     """nginx with a generated config: 1 worker, daemon off, access_log off, on 127.0.0.1:PORT."""
 
     def __init__(self, binary: str, root: Path, prefix: Path) -> None:
@@ -246,38 +274,14 @@ class Nginx:
                                       "-e", str(self.prefix / "error.log")],
                                      stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
         log_file.close()
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"nginx exited: {(self.prefix / 'stderr.log').read_text()[-2000:]}")
-            try:
-                httpx.get(self.url + "/", timeout=1)
-                return self
-            except httpx.HTTPError:
-                time.sleep(0.05)
-        self.stop()
-        raise RuntimeError("nginx did not start")
-
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-        self.proc = None
+        self._wait_until_up("nginx", self.prefix / "stderr.log", 15)
+        return self
 
 
 # -- a raw app: the ceiling of a cached page in Python ----------------------------------------
 
 
-class Ceiling:
+class Ceiling(_Background):
     """``bench.ceiling`` (a fixed page, no logic) under uvicorn (ASGI) or granian (RSGI), 1 worker."""
 
     def __init__(self, server: str, log_dir: Path) -> None:
@@ -300,32 +304,8 @@ class Ceiling:
         self.proc = subprocess.Popen(args, env=clean_env(), stdout=log_file, stderr=subprocess.STDOUT,
                                      start_new_session=True, cwd=str(Path(__file__).resolve().parent.parent))
         log_file.close()
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"ceiling app exited: {self.log_path.read_text()[-2000:]}")
-            try:
-                httpx.get(self.url + "/", timeout=1)
-                return self
-            except httpx.HTTPError:
-                time.sleep(0.05)
-        self.stop()
-        raise RuntimeError("ceiling app did not start")
-
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-        self.proc = None
+        self._wait_until_up("ceiling app", self.log_path, 30)
+        return self
 
 
 # -- py-spy -------------------------------------------------------------------------------
