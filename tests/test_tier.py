@@ -135,6 +135,38 @@ async def test_lru_evicts_by_byte_budget(backing, clock):
     assert tier.describe()["memory_tier"]["bytes"] <= tier.describe()["memory_tier"]["max_bytes"]
 
 
+@pytest.mark.parametrize(("body_bytes", "tags", "headers"), [(200, 1, 1), (1500, 4, 1), (20_000, 10, 3)])
+def test_an_entry_counts_what_it_really_holds(body_bytes: int, tags: int, headers: int) -> None:
+    """The memory budget is the memory used: Python's object overheads are counted too."""
+    import tracemalloc
+
+    from pyisr.cache.lru import ByteLRU
+
+    lru: ByteLRU[CacheEntry] = ByteLRU(10**12, CacheEntry.size)
+    count = 2000
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for i in range(count):
+            key = f"/items/{i}"
+            lru.put(
+                key,
+                CacheEntry(
+                    key=key,
+                    body=b"x" * body_bytes + str(i).encode(),
+                    created_at=1000.0,
+                    revalidate=60,
+                    headers={f"x-header-{h}": f"value {h} {i}" for h in range(headers)},
+                    tags=tuple(f"tag-{t}-{i}" for t in range(tags)),
+                    etag=f'"{i:024x}-{body_bytes:x}"',
+                ),
+            )
+        used = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert lru.bytes == pytest.approx(used, rel=0.15)
+
+
 async def test_entry_larger_than_the_budget_is_only_in_the_backing(backing, clock):
     tier = MemoryTier(backing, max_bytes=1000)
     big = entry("/big", clock.now, b"B" * 5000)

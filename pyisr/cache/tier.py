@@ -134,9 +134,12 @@ class MemoryTier(CacheHandler):
         if stored:
             self._entries.put(entry.key, entry)
         elif self._backing_down():
+            # The backing store is unreachable: this instance serves the new entry from
+            # memory, so for the engine it is stored (not fenced) unless ours is newer.
             current = self._entries.peek(entry.key)
             if current is None or current.created_at <= entry.created_at:
                 self._entries.put(entry.key, entry)
+                return True
         else:
             # A newer entry exists in the backing store; drop our copy so it is re-read.
             self._entries.pop(entry.key)
