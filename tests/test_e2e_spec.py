@@ -19,7 +19,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from e2e_support import DataServer, Server, copy_site, counts, run_cli
+from e2e_support import DataServer, Server, copy_site, counts, free_port, run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -340,6 +340,31 @@ def test_S37_builtin_revalidate_endpoint(server: Server) -> None:
     assert server.request("POST", "/_pyisr/revalidate", headers=auth).status_code == 400
     assert server.request("POST", "/_pyisr/revalidate?path=/nothing/here", headers=auth).status_code == 404
     assert server.request("POST", "/_pyisr/revalidate?tag=posts", headers=auth).status_code == 200
+
+
+def test_the_revalidate_command_asks_the_running_server(server: Server) -> None:
+    with_secret = {"PYISR_REVALIDATE_SECRET": SECRET}
+    old = server.get("/blog/8")
+    done = run_cli(["revalidate", "--path", "/blog/8", "--url", server.url], with_secret)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["revalidated"] is True
+    assert stamp(server.get("/blog/8")) != stamp(old)
+
+    # A route pattern marked stale: every page of it renders afresh on its next request.
+    before = server.get("/a/1")
+    done = run_cli(["revalidate", "--path", "/a/[id]", "--type", "page", "--url", server.url], with_secret)
+    assert done.returncode == 0, done.stderr
+    after = server.get("/a/1")
+    assert after.headers["x-pyisr-cache"] == "MISS" and stamp(after) != stamp(before)
+
+    wrong = run_cli(["revalidate", "--tag", "t1", "--url", server.url, "--secret", "wrong"], {})
+    assert wrong.returncode == 1
+    no_target = run_cli(["revalidate", "--url", server.url], with_secret)
+    assert no_target.returncode == 2 and "give --path or --tag" in no_target.stderr
+    no_secret = run_cli(["revalidate", "--tag", "t1", "--url", server.url], {"PYISR_REVALIDATE_SECRET": ""})
+    assert no_secret.returncode == 2 and "PYISR_REVALIDATE_SECRET" in no_secret.stderr
+    nobody = run_cli(["revalidate", "--tag", "t1", "--url", f"http://127.0.0.1:{free_port()}"], with_secret)
+    assert nobody.returncode == 1 and "Cannot reach" in nobody.stdout + nobody.stderr
 
 
 def test_S40_S41_S42_S43_app_pages(server: Server) -> None:
