@@ -7,6 +7,7 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,37 @@ def _config(site: Path, **overrides: Any) -> Config:
         sys.exit(2)
 
 
+def settings_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """The settings a command line may give: they override pyisr.toml and PYISR_* variables.
+
+    (The revalidation secret is deliberately not among them: a flag would show it in the
+    process list. Set it in pyisr.toml or PYISR_REVALIDATE_SECRET.)
+    """
+    options = [
+        click.option("--cache", help="Cache handler URL (file://, memory://, redis://...)."),
+        click.option("--memory-tier", help="Memory tier in front of the cache, e.g. 50MB; 0 turns it off."),
+        click.option("--debug-cache", is_flag=True, default=None, help="Log every cache decision."),
+        click.option("--render-timeout", type=float, help="Seconds a render may take."),
+        click.option("--render-concurrency", type=int, help="Renders at once in one process."),
+        click.option(
+            "--trailing-slash/--no-trailing-slash",
+            default=None,
+            help="Redirect /a to /a/ (or, by default, /a/ to /a).",
+        ),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def _export(settings: dict[str, Any]) -> None:
+    """Hand command-line settings to the server's worker processes, which read PYISR_*."""
+    for key, value in settings.items():
+        if value is not None:
+            text = ("1" if value else "0") if isinstance(value, bool) else str(value)
+            os.environ[f"PYISR_{key.upper()}"] = text
+
+
 def _human(n: float) -> str:
     for unit in ("B", "kB", "MB", "GB"):
         if n < 1024 or unit == "GB":
@@ -46,13 +78,12 @@ def main() -> None:
 
 @main.command()
 @click.argument("site", type=click.Path(file_okay=False, path_type=Path), default=".")
-@click.option("--cache", help="Cache handler URL (file://, memory://, redis://).")
-@click.option("--debug-cache", is_flag=True, default=None, help="Log every cache decision.")
-def build(site: Path, cache: str | None, debug_cache: bool | None) -> None:
+@settings_options
+def build(site: Path, **settings: Any) -> None:
     """Prerender every known page of SITE into its cache."""
     from pyisr.build import build_site
 
-    config = _config(site, cache=cache, debug_cache=debug_cache)
+    config = _config(site, **settings)
     with Progress(
         TextColumn("Prerendering"),
         BarColumn(),
@@ -147,9 +178,11 @@ def _serve(site: Path, host: str, port: int, workers: int, dev: bool, server: st
 @click.option("--port", default=3000, show_default=True, type=int)
 @click.option("--workers", default=1, show_default=True, type=click.IntRange(min=1))
 @click.option("--server", type=click.Choice(["uvicorn", "granian"]), default="uvicorn", show_default=True)
-def start(site: Path, host: str, port: int, workers: int, server: str) -> None:
+@settings_options
+def start(site: Path, host: str, port: int, workers: int, server: str, **settings: Any) -> None:
     """Serve the build of SITE with stale-while-revalidate."""
-    _config(site)
+    _config(site, **settings)
+    _export(settings)
     if not (site / ".pyisr" / "manifest.json").is_file():
         console.print(f"[red]No build found in {site / '.pyisr'}.[/red] Run `pyisr build {site}` first.")
         sys.exit(1)
@@ -168,9 +201,11 @@ def start(site: Path, host: str, port: int, workers: int, server: str) -> None:
 @click.argument("site", type=click.Path(file_okay=False, path_type=Path), default=".")
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=3000, show_default=True, type=int)
-def dev(site: Path, host: str, port: int) -> None:
+@settings_options
+def dev(site: Path, host: str, port: int, **settings: Any) -> None:
     """Serve SITE for development: reload on change, never cache."""
-    _config(site)
+    _config(site, **settings)
+    _export(settings)
     console.print(f"pyisr dev server for {site} on http://{host}:{port} (reloads on change, no cache)")
     _serve(site, host, port, 1, dev=True, server="uvicorn")
 

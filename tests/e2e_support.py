@@ -55,9 +55,11 @@ class Server:
         port: int | None = None,
         command: str = "start",
         server: str = "uvicorn",
+        extra_args: tuple[str, ...] = (),
     ) -> None:
         self.site = site
         self.server = server
+        self.extra_args = extra_args
         self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **env}
         self.workers = workers
         self.port = port or free_port()
@@ -77,6 +79,7 @@ class Server:
         args = [self.command, str(self.site), "--host", "127.0.0.1", "--port", str(self.port)]
         if self.command == "start":
             args += ["--workers", str(self.workers), "--server", self.server]
+        args += self.extra_args
         self.proc = subprocess.Popen(
             PYISR + args, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
         )

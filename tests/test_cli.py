@@ -140,6 +140,26 @@ def test_bad_config_names_the_file_key_and_fix(tmp_path: Path) -> None:
     assert env_result.returncode == 2 and "PYISR_RENDER_CONCURRENCY" in env_result.stderr
 
 
+def test_start_flags_override_the_file_and_the_environment(tmp_path: Path) -> None:
+    site = write(
+        tmp_path / "site",
+        {"app/p/[id]/page.py": STAMP_PAGE, "pyisr.toml": "trailing_slash = false\ndebug_cache = false\n"},
+    )
+    assert run_cli(["build", str(site)], {}).returncode == 0
+    env = {"PYISR_TRAILING_SLASH": "false"}
+    flags = ("--trailing-slash", "--debug-cache", "--render-timeout", "5")
+    server = Server(site, env, extra_args=flags).start()
+    try:
+        redirect = server.get("/p/1")
+        assert redirect.status_code == 308 and redirect.headers["location"] == "/p/1/"
+        assert server.get("/p/1/").status_code == 200
+        assert "/p/1 HIT" in server.log()
+    finally:
+        server.stop()
+    bad = run_cli(["start", str(site), "--render-concurrency", "0"], {})
+    assert bad.returncode == 2 and "option --render-concurrency" in bad.stderr
+
+
 def test_dev_never_caches_and_reloads_on_change(tmp_path: Path) -> None:
     site = write(
         tmp_path / "site", {"app/page.py": "revalidate = 60\ndef page(p):\n    return 'version one'\n"}
