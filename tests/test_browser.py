@@ -1,4 +1,5 @@
-"""examples/blog in a real browser: the pages render as a styled blog.
+"""In a real browser: examples/blog renders as a styled blog, and a fallback shell turns
+into its page by itself.
 
 Needs the system Chromium (``/usr/bin/chromium``) and the ``playwright`` package; it
 never downloads a browser (no ``playwright install``). Skipped when either is missing.
@@ -103,3 +104,54 @@ def test_blog_pages_render_styled(server: Server, browser: object, tmp_path: Pat
     assert all(url.startswith(server.url) for url in requested), requested
     assert (tmp_path / "blog.png").stat().st_size > 10_000
     assert (tmp_path / "post.png").stat().st_size > 10_000
+
+
+FALLBACK_PAGE = '''
+import time
+from pyisr import is_fallback
+
+
+def get_static_paths():
+    return {"paths": [], "fallback": True}
+
+
+def get_static_props(params):
+    time.sleep(0.8)
+    return {"props": {"id": params["id"]}, "revalidate": 60}
+
+
+def page(props):
+    if is_fallback():
+        return "<html><head><title>Loading</title></head><body><p id='loading'>Loading...</p></body></html>"
+    return (
+        f"<html><head><title>Item {props['id']}</title></head>"
+        f"<body><h1 id='item'>Item {props['id']}</h1></body></html>"
+    )
+'''
+
+
+def test_a_fallback_shell_turns_into_the_page_by_itself(browser: object, tmp_path: Path) -> None:
+    """fallback: True (SPEC S-17) as a visitor sees it: "Loading...", then the page, same URL."""
+    site = tmp_path / "site"
+    (site / "pages" / "items").mkdir(parents=True)
+    (site / "pages" / "items" / "[id].py").write_text(FALLBACK_PAGE)
+    assert run_cli(["build", str(site)], {}).returncode == 0
+    server = Server(site, {}).start()
+    page = browser.new_page()  # type: ignore[attr-defined]
+    try:
+        response = page.goto(server.url + "/items/42")
+        assert response is not None and response.status == 200
+        assert response.headers["x-pyisr-cache"] == "MISS"
+        assert page.locator("#loading").inner_text() == "Loading..."
+        page.wait_for_selector("#item", timeout=10_000)
+        assert page.locator("#item").inner_text() == "Item 42"
+        assert page.title() == "Item 42"
+        assert page.url == server.url + "/items/42"
+        page.screenshot(path=str(tmp_path / "fallback.png"))
+        # The page is cached now: a new visit gets it directly, no shell.
+        again = page.goto(server.url + "/items/42")
+        assert again is not None and again.headers["x-pyisr-cache"] == "HIT"
+        assert page.locator("#loading").count() == 0
+    finally:
+        page.close()
+        server.stop()
