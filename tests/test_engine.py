@@ -27,7 +27,8 @@ def policy_for(
     return RenderPolicy(revalidate=revalidate, tags=implicit_tags(path, pattern), **kw)  # type: ignore[arg-type]
 
 
-async def test_miss_then_hit(engine, page_factory):
+async def test_S04_S41_miss_then_hit(engine, page_factory):
+    """A path that was not prerendered (Pages or App style: the same engine path)."""
     page = page_factory()
     first = await engine.get("/blog/1", page, ISR5)
     assert first.status is CacheStatus.MISS
@@ -134,8 +135,9 @@ async def test_S15_S42_unknown_path_not_allowed(engine, page_factory):
     assert page.calls == 0
 
 
-async def test_not_allowed_path_still_served_when_cached(engine, clock, page_factory):
-    """S-16: a prerendered path of a fallback-False route follows the normal rules."""
+async def test_S16_S40_not_allowed_path_still_served_when_cached(engine, clock, page_factory):
+    """A prerendered path of a fallback-False (or dynamic_params = False) route follows the
+    normal rules: HIT, STALE after the window, then HIT new."""
     page = page_factory()
     allowed = policy_for("/blogf/1")
     await engine.get("/blogf/1", page, allowed)
@@ -337,7 +339,7 @@ async def test_S45_revalidate_tag_makes_next_request_blocking_miss(engine, clock
     assert (await engine.get("/f", page, policy)).entry.body == b"render 3"
 
 
-async def test_S46_revalidate_path(engine, clock, page_factory):
+async def test_S46_S64_revalidate_path(engine, clock, page_factory):
     page = page_factory()
     policy = policy_for("/a/1", "/a/[id]")
     await engine.get("/a/1", page, policy)
@@ -471,7 +473,7 @@ async def test_render_returning_wrong_type_is_a_clear_error(engine):
         await engine.get("/t", render, RenderPolicy())
 
 
-async def test_debug_log_lines_start_with_the_key(engine, page_factory, caplog):
+async def test_S62_debug_log_lines_start_with_the_key(engine, page_factory, caplog):
     """S-62 at the engine level: one line per decision, key first, render time on a MISS."""
     page = page_factory()
     with caplog.at_level(logging.DEBUG, logger="pyisr.cache"):
@@ -604,3 +606,92 @@ def test_sync_renders_work_in_a_forked_worker() -> None:
         child.kill()
     assert child.exitcode == 0
     assert queue.get(timeout=1) == b"from the child"
+
+
+# -- SPEC cases whose engine side is not covered above ----------------------------------------
+
+
+async def test_S01_a_prerendered_page_is_a_hit_with_the_builds_render(engine, clock, page_factory):
+    page = page_factory()
+    built = await engine.revalidate_now("/blog/1", page, ISR5, prerender=True)
+    clock.advance(1)
+    served = await engine.get("/blog/1", page, ISR5)
+    assert served.status is CacheStatus.HIT and served.entry is not None
+    assert served.entry.body == built.body == b"render 1" and served.entry.revalidate == 5
+    assert page.calls == 1
+
+
+async def test_S20_not_found_without_revalidate_is_cached_forever(engine, clock):
+    calls = 0
+
+    async def render() -> Rendered:
+        nonlocal calls
+        calls += 1
+        return Rendered("not found", status=404)
+
+    policy = policy_for("/nf/nonrev1", "/nf/[id]", revalidate=None)
+    first = await engine.get("/nf/nonrev1", render, policy)
+    assert first.status is CacheStatus.MISS and first.entry.status == 404 and first.entry.revalidate is None
+    clock.advance(10 * 365 * 86400)
+    later = await engine.get("/nf/nonrev1", render, policy)
+    assert later.status is CacheStatus.HIT and calls == 1
+
+
+@pytest.mark.parametrize("bad", [-1, "5", float("nan")])
+async def test_S25_an_invalid_revalidate_from_a_render_fails_naming_the_value(engine, bad):
+    async def render() -> Rendered:
+        return Rendered("x", revalidate=bad)
+
+    with pytest.raises(ValueError, match=repr(bad) if isinstance(bad, str) else str(bad)):
+        await engine.get("/bad/1", render, policy_for("/bad/1", "/bad/[id]"))
+    assert await engine.handler.get("/bad/1") is None
+
+
+async def test_S32_revalidate_of_a_path_that_is_no_page_raises(engine):
+    from pyisr import revalidate
+
+    async def no_page(key: str) -> None:
+        return None  # the site's resolver: fallback False and not prerendered
+
+    engine.path_resolver = no_page
+    with pytest.raises(RevalidationError, match=r"^Failed to revalidate /blogf/5: "):
+        await revalidate("/blogf/5")
+
+
+async def test_S60_S61_a_restart_keeps_timing_and_invalidations(clock, page_factory, tmp_path):
+    from pyisr.cache.filesystem import FileSystemCache
+
+    page = page_factory()
+    before = Engine(FileSystemCache(tmp_path), clock=clock)
+    await before.get("/blog/2", page, policy_for("/blog/2"))
+    tagged_policy = RenderPolicy(revalidate=None, tags=("ft", *implicit_tags("/ft/1", "/ft/[id]")))
+    await before.get("/ft/1", page, tagged_policy)
+    await before.revalidate_tag("ft")
+    await before.close()
+
+    clock.advance(1)
+    after = Engine(FileSystemCache(tmp_path), clock=clock)  # a new process on the same cache
+    try:
+        kept = await after.get("/blog/2", page, policy_for("/blog/2"))
+        assert kept.status is CacheStatus.HIT and kept.entry.body == b"render 1"
+        assert kept.entry.revalidate == 5 and kept.entry.age(clock()) == 1  # S-60: timing kept
+        tagged = await after.get("/ft/1", page, tagged_policy)
+        assert tagged.status is CacheStatus.MISS and tagged.entry.body == b"render 3"  # S-61
+    finally:
+        await after.close()
+
+
+async def test_S63_a_page_failing_for_long_is_served_and_explained(engine, clock, page_factory):
+    page = page_factory()
+    await engine.get("/blog/1", page, ISR5)
+    page.fail = RuntimeError("database down")
+    for _ in range(10):
+        clock.advance(60)
+        served = await engine.get("/blog/1", page, ISR5)
+        assert served.status is CacheStatus.STALE and served.entry.body == b"render 1"
+        await engine.drain()
+    shown = await engine.inspect("/blog/1")
+    assert shown is not None and shown.body == b"render 1"
+    failure = shown.last_failure
+    assert failure is not None and failure.count == 10
+    assert failure.exc_type == "RuntimeError" and "database down" in failure.message
