@@ -451,6 +451,32 @@ def test_revalidate_tag_and_path_make_the_next_request_miss(
     assert harness.get("/blog/1").body == b"<h1>blog 1 v4</h1>"
 
 
+def test_revalidate_regenerates_a_page_now_as_an_anonymous_visitor(
+    harness: Harness, backend: Backend, clock: Any
+) -> None:
+    """``pyisr.revalidate(path)`` (the Pages Router's ``res.revalidate``) in every framework."""
+    harness.get("/blog/1", headers={"cookie": "sid=alice", "x-secret": "s"})
+    backend.version = 2
+    calls = backend.calls
+    pyisr.revalidate_sync("/blog/1")
+    assert backend.calls == calls + 1  # rendered now, not at the next request
+    seen = backend.seen[-1]
+    assert seen["cookies"] == {} and "x-secret" not in seen["headers"] and seen["query"] == ""
+    clock.advance(1)
+    r = harness.get("/blog/1")
+    assert (r.headers["x-pyisr-cache"], r.body) == ("HIT", b"<h1>blog 1 v2</h1>")
+    assert backend.calls == calls + 1
+
+    backend.fail = True  # a failing render raises and keeps the page
+    with pytest.raises(pyisr.RevalidationError, match=r"^Failed to revalidate /blog/1: "):
+        pyisr.revalidate_sync("/blog/1")
+    assert harness.get("/blog/1").body == b"<h1>blog 1 v2</h1>"
+    backend.fail = False
+    for not_isr in ("/other", "/nothing/here"):
+        with pytest.raises(pyisr.RevalidationError, match="no page at this path"):
+            pyisr.revalidate_sync(not_isr)
+
+
 def test_a_failing_regeneration_keeps_the_last_good_page(
     harness: Harness, backend: Backend, clock: Any
 ) -> None:

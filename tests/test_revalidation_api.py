@@ -190,7 +190,15 @@ async def test_S36_revalidate_failure_keeps_the_old_page(engine, blog_site):
     assert (await engine.get("/blog/1", render, policy)).entry.body == b"render 1"
 
 
-async def test_revalidate_without_a_site_is_a_clear_error(engine):
+@pytest.fixture
+def no_framework_views(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A process with no @isr views of Django or Flask (other tests may have made some)."""
+    import pyisr.revalidation
+
+    monkeypatch.setattr(pyisr.revalidation, "_view_resolvers", [])
+
+
+async def test_revalidate_without_a_site_is_a_clear_error(engine, no_framework_views):
     assert engine.path_resolver is None
     with pytest.raises(RevalidationError, match=r"^Failed to revalidate /blog/1: no site is registered"):
         await revalidate("/blog/1")
@@ -210,6 +218,6 @@ def test_revalidate_sync_from_a_script(sync_engine, page_factory):
         revalidate_sync("/nope")
 
 
-def test_revalidate_sync_without_a_site(sync_engine):
+def test_revalidate_sync_without_a_site(sync_engine, no_framework_views):
     with pytest.raises(RevalidationError, match="no site is registered"):
         revalidate_sync("/blog/1")

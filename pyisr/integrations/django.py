@@ -11,6 +11,8 @@
 GET and HEAD requests are served from the cache by normalised path (the query string
 never makes a new entry), with stale-while-revalidate, single-flight renders and
 keep-last-good; other methods call the view as usual. Sync and async views both work.
+``pyisr.revalidate(path)`` regenerates the page of an ``@isr`` view now: the URLconf
+resolves the path and the view renders for an anonymous GET with the last request's host.
 Needs the ``django`` extra: ``pip install 'pyisr[django]'``.
 """
 
@@ -20,8 +22,10 @@ import copy
 import functools
 import inspect
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from importlib import import_module
 from typing import Any
+from urllib.parse import unquote
 
 try:
     import django  # noqa: F401
@@ -46,6 +50,7 @@ from pyisr.integrations import (
     storable_headers,
 )
 from pyisr.paths import normalize_path
+from pyisr.revalidation import register_view_resolver
 from pyisr.runtime import get_engine, run_sync
 
 View = Callable[..., Any]
@@ -76,11 +81,52 @@ def isr(
     allowed = allow_list(allow_headers)
 
     def decorate(view: View) -> View:
+        register_view_resolver(_resolve)  # revalidate(path) can reach this view now
         if inspect.iscoroutinefunction(view):
             return _async_wrapper(view, seconds, tag_tuple, engine, allowed)
         return _sync_wrapper(view, seconds, tag_tuple, engine, allowed)
 
     return decorate
+
+
+@dataclass(frozen=True)
+class _Options:
+    """What ``@isr`` was given, kept on the wrapper so ``revalidate(path)`` can render it."""
+
+    view: View
+    seconds: Revalidate
+    tags: tuple[str, ...]
+    engine: Engine | None
+    allowed: frozenset[str]
+
+
+def _sync_render(view: View, clone: Any, args: Any, kwargs: Any, failed: FailedResponse) -> Any:
+    def render() -> Rendered:
+        from django.db import close_old_connections
+
+        # Render threads are not request threads: close connections as Django would.
+        close_old_connections()
+        try:
+            return _rendered(view(clone, *args, **kwargs), failed)
+        finally:
+            close_old_connections()
+
+    return render
+
+
+def _async_render(view: View, clone: Any, args: Any, kwargs: Any, failed: FailedResponse) -> Any:
+    async def render() -> Rendered:
+        from asgiref.sync import sync_to_async
+
+        response = await view(clone, *args, **kwargs)
+        if _needs_render(response):
+            await sync_to_async(response.render)()
+        if getattr(response, "streaming", False) and getattr(response, "is_async", False):
+            body = b"".join([bytes(chunk) async for chunk in response.streaming_content])
+            return _rendered(response, failed, body)
+        return _rendered(response, failed)
+
+    return render
 
 
 def _sync_wrapper(
@@ -90,21 +136,11 @@ def _sync_wrapper(
     def wrapper(request: Any, *args: Any, **kwargs: Any) -> Any:
         if request.method not in ("GET", "HEAD"):
             return view(request, *args, **kwargs)
+        _remember_site(request)
         eng = engine if engine is not None else get_engine()
         key, policy = _key_and_policy(request, seconds, tags)
-        clone = _anonymous_request(request, allowed)
         failed = FailedResponse()
-
-        def render() -> Rendered:
-            from django.db import close_old_connections
-
-            # Render threads are not request threads: close connections as Django would.
-            close_old_connections()
-            try:
-                return _rendered(view(clone, *args, **kwargs), failed)
-            finally:
-                close_old_connections()
-
+        render = _sync_render(view, _anonymous_request(request, allowed), args, kwargs, failed)
         try:
             served = run_sync(eng.get(key, render, policy))
         except Exception:
@@ -113,6 +149,7 @@ def _sync_wrapper(
             return _failed(failed.response)
         return _response(served, eng, request)
 
+    wrapper.__pyisr_isr__ = _Options(view, seconds, tags, engine, allowed)  # type: ignore[attr-defined]
     return wrapper
 
 
@@ -123,22 +160,11 @@ def _async_wrapper(
     async def wrapper(request: Any, *args: Any, **kwargs: Any) -> Any:
         if request.method not in ("GET", "HEAD"):
             return await view(request, *args, **kwargs)
+        _remember_site(request)
         eng = engine if engine is not None else get_engine()
         key, policy = _key_and_policy(request, seconds, tags)
-        clone = _anonymous_request(request, allowed)
         failed = FailedResponse()
-
-        async def render() -> Rendered:
-            from asgiref.sync import sync_to_async
-
-            response = await view(clone, *args, **kwargs)
-            if _needs_render(response):
-                await sync_to_async(response.render)()
-            if getattr(response, "streaming", False) and getattr(response, "is_async", False):
-                body = b"".join([bytes(chunk) async for chunk in response.streaming_content])
-                return _rendered(response, failed, body)
-            return _rendered(response, failed)
-
+        render = _async_render(view, _anonymous_request(request, allowed), args, kwargs, failed)
         try:
             served = await on_bridge(eng.get(key, render, policy))
         except Exception:
@@ -147,7 +173,84 @@ def _async_wrapper(
             return _failed(failed.response)
         return _response(served, eng, request)
 
+    wrapper.__pyisr_isr__ = _Options(view, seconds, tags, engine, allowed)  # type: ignore[attr-defined]
     return wrapper
+
+
+# -- revalidate(path): regenerate a page of an @isr view now ---------------------------------
+
+#: Host, scheme and script prefix of the last request an @isr view served: what a page
+#: regenerated by ``revalidate(path)`` sees, as if that visitor had asked for it.
+_site: dict[str, str] = {}
+
+
+def _remember_site(request: Any) -> None:
+    meta = request.META
+    _site["host"] = meta.get("HTTP_HOST") or meta.get("SERVER_NAME") or "localhost"
+    _site["scheme"] = request.scheme
+    _site["script"] = meta.get("SCRIPT_NAME", "")
+
+
+def _synthetic_request(path_info: str) -> Any:
+    """A GET for ``path_info`` from no one: the last visitor's host, nothing of theirs."""
+    import io
+
+    from django.apps import apps
+    from django.conf import settings
+    from django.core.handlers.wsgi import WSGIRequest
+
+    host = _site.get("host", "localhost")
+    name, _, port = host.partition(":")
+    scheme = _site.get("scheme", "http")
+    request = WSGIRequest(
+        {
+            "REQUEST_METHOD": "GET",
+            "SCRIPT_NAME": _site.get("script", ""),
+            "PATH_INFO": path_info.encode("utf-8").decode("latin-1"),
+            "QUERY_STRING": "",
+            "SERVER_NAME": name,
+            "SERVER_PORT": port or ("443" if scheme == "https" else "80"),
+            "HTTP_HOST": host,
+            "wsgi.input": io.BytesIO(b""),
+            "wsgi.url_scheme": scheme,
+        }
+    )
+    if apps.is_installed("django.contrib.auth"):
+        from django.contrib.auth.models import AnonymousUser
+
+        request.user = AnonymousUser()
+    if apps.is_installed("django.contrib.sessions"):
+        request.session = import_module(settings.SESSION_ENGINE).SessionStore()
+    return request
+
+
+async def _resolve(key: str) -> tuple[str, Any, RenderPolicy] | None:
+    """``pyisr.revalidate(path)`` for Django: the @isr view the URLconf gives ``key``."""
+    from django.conf import settings
+    from django.urls import Resolver404, get_urlconf, resolve
+
+    if not settings.configured or (get_urlconf() or getattr(settings, "ROOT_URLCONF", None)) is None:
+        return None  # no Django site in this process (another framework's path)
+    script = _site.get("script", "").rstrip("/")
+    path = unquote(key)
+    if script:
+        if not (path == script or path.startswith(script + "/")):
+            return None
+        path = path[len(script) :] or "/"
+    try:
+        match = resolve(path)
+    except Resolver404:
+        return None
+    options = getattr(match.func, "__pyisr_isr__", None)
+    if not isinstance(options, _Options) or options.engine not in (None, get_engine()):
+        return None  # not an @isr view, or one caching in an engine of its own
+    request = _synthetic_request(path)
+    request.resolver_match = match
+    resolved, policy = _key_and_policy(request, options.seconds, options.tags)
+    clone = _anonymous_request(request, options.allowed)
+    make = _async_render if inspect.iscoroutinefunction(options.view) else _sync_render
+    return resolved, make(options.view, clone, match.args, match.kwargs, FailedResponse()), policy
+
 
 
 def _key_and_policy(request: Any, seconds: Revalidate, tags: tuple[str, ...]) -> tuple[str, RenderPolicy]:
