@@ -60,6 +60,9 @@ async def build_site(
     dot.mkdir(parents=True, exist_ok=True)
     build_id = build_id or secrets.token_hex(8)
     staging: Path | None = None
+    #: Nobody serves from the store being filled (a private directory, or Redis keys under
+    #: this new build's id): no previous entry to read, no other process to tell.
+    fresh_store = True
     if not config.cache:
         from pyisr.cache.filesystem import FileSystemCache
 
@@ -73,7 +76,8 @@ async def build_site(
         handler: Any = FileSystemCache(staging, fsync=False, staging=True)
     else:
         cache: Any = config.cache
-        if isinstance(cache, str) and cache.startswith(("redis", "rediss")):
+        fresh_store = isinstance(cache, str) and cache.startswith(("redis", "rediss"))
+        if fresh_store:
             sep = "&" if "?" in cache else "?"
             cache = f"{cache}{sep}build_id={build_id}"
         handler = build_handler(cache, base_dir=site.root, memory_tier_bytes=0)
@@ -115,7 +119,7 @@ async def build_site(
         async with semaphore:
             try:
                 entry = await engine.revalidate_now(
-                    key, route.renderer(key, params), route.policy(key, bot=True), prerender=True
+                    key, route.renderer(key, params), route.policy(key, bot=True), prerender=fresh_store
                 )
             except RevalidationError as exc:
                 cause = exc.__cause__ or exc
