@@ -9,12 +9,14 @@ and a manifest of routes, their kinds, revalidate times and prerendered paths.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
 import json
 import os
 import secrets
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -58,7 +60,33 @@ async def build_site(
     site = Site.load(site_dir)
     dot = site.dot_dir
     dot.mkdir(parents=True, exist_ok=True)
-    build_id = build_id or secrets.token_hex(8)
+    with _exclusive_build(dot):
+        return await _build_locked(site, config, progress, build_id or secrets.token_hex(8), started)
+
+
+class BuildInProgress(RuntimeError):
+    """Another ``pyisr build`` of the same site is running."""
+
+
+@contextlib.contextmanager
+def _exclusive_build(dot: Path) -> Iterator[None]:
+    """One build of a site at a time: a second one would remove the first's staging directory."""
+    fd = os.open(dot / "build.lock", os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock = dot / "build.lock"
+            raise BuildInProgress(f"another `pyisr build` of this site is running ({lock})") from None
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+async def _build_locked(
+    site: Site, config: Config, progress: ProgressFn | None, build_id: str, started: float
+) -> BuildResult:
+    dot = site.dot_dir
     staging: Path | None = None
     #: Nobody serves from the store being filled (a private directory, or Redis keys under
     #: this new build's id): no previous entry to read, no other process to tell.
@@ -136,14 +164,16 @@ async def build_site(
         if progress is not None:
             progress(done, total)
 
+    complete = False
     try:
         await asyncio.gather(*(prerender(r, k) for r, k in jobs))
         await engine.drain()
+        complete = not errors
     finally:
         await handler.close()
         set_engine(None)
-        if staging is not None and errors:
-            shutil.rmtree(staging, ignore_errors=True)
+        if staging is not None and not complete:
+            shutil.rmtree(staging, ignore_errors=True)  # failed or interrupted: never published
     if staging is not None and not errors:
         os.sync()
         _publish(staging, dot / "cache")

@@ -81,7 +81,7 @@ def main() -> None:
 @settings_options
 def build(site: Path, **settings: Any) -> None:
     """Prerender every known page of SITE into its cache."""
-    from pyisr.build import build_site
+    from pyisr.build import BuildInProgress, build_site
 
     config = _config(site, **settings)
     with Progress(
@@ -99,7 +99,7 @@ def build(site: Path, **settings: Any) -> None:
 
         try:
             result = asyncio.run(build_site(site, config, progress=progress))
-        except SiteLoadError as exc:
+        except (SiteLoadError, BuildInProgress) as exc:
             bar.stop()
             console.print(f"[red]Build failed:[/red] {escape(str(exc))}")
             sys.exit(1)

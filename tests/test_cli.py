@@ -96,7 +96,20 @@ def test_a_failed_rebuild_keeps_the_previous_build_whole(tmp_path: Path) -> None
     assert run_cli(["build", str(site)], {"BUILD_NO": "3"}).returncode == 0
     assert (dot / "BUILD_ID").read_text() != first_id
     assert "build=3" in (dot / "cache" / "entries" / "p" / "2.html").read_text()
-    assert sorted(p.name for p in dot.iterdir()) == ["BUILD_ID", "cache", "manifest.json"]
+    assert sorted(p.name for p in dot.iterdir()) == ["BUILD_ID", "build.lock", "cache", "manifest.json"]
+
+    # A second build while one runs would remove its staging directory: it is refused.
+    import fcntl
+    import os
+
+    fd = os.open(dot / "build.lock", os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # as a running build holds it
+        busy = run_cli(["build", str(site)], {"BUILD_NO": "4"})
+    finally:
+        os.close(fd)
+    assert busy.returncode == 1 and "another `pyisr build` of this site is running" in busy.stderr
+    assert "build=3" in (dot / "cache" / "entries" / "p" / "2.html").read_text()
 
 
 def test_S25_invalid_revalidate_fails_the_build(tmp_path: Path) -> None:
