@@ -128,6 +128,9 @@ class _Mode(StrEnum):
     PRERENDER = "prerender"  # a build filling a store nobody serves yet
 
 
+#: Finds what to render for a path: ``(key, render, policy)``, or ``None`` for no page there.
+Resolver = Callable[[str], Awaitable[tuple[str, RenderFn, RenderPolicy] | None]]
+
 #: Modes that render whatever else runs: fencing orders their results, so no lock.
 _FORCED = frozenset({_Mode.ON_DEMAND, _Mode.PRERENDER})
 
@@ -178,7 +181,7 @@ class Engine:
             weakref.WeakKeyDictionary()
         )
         #: Set by the site: turns a path into (key, render, policy) for ``revalidate(path)``.
-        self.path_resolver: Callable[[str], Awaitable[tuple[str, RenderFn, RenderPolicy] | None]] | None = (
+        self.path_resolver: Resolver | None = (
             None
         )
 

@@ -8,10 +8,8 @@ stored (the Pages Router's ``res.revalidate``). Each has a sync and an async for
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
-
 from pyisr.cache.tags import tags_for_revalidate_path, validate_tags
-from pyisr.engine import RenderFn, RenderPolicy, RevalidationError
+from pyisr.engine import Resolver, RevalidationError
 from pyisr.paths import validate_revalidate_target
 from pyisr.runtime import get_engine, run_sync
 
@@ -43,8 +41,6 @@ def revalidate_path(path: str, type: str | None = None) -> None:  # noqa: A002
     run_sync(get_engine().revalidate_tags(tags))
 
 
-Resolver = Callable[[str], Awaitable[tuple[str, RenderFn, RenderPolicy] | None]]
-
 #: Resolvers of framework views decorated with ``@isr`` (Django, Flask). A decorator runs
 #: before any engine exists (the engine is chosen per request), so it registers here and
 #: :func:`revalidate` asks these after the engine's own resolver.
@@ -66,16 +62,17 @@ async def revalidate(path: str) -> None:
     """
     key = validate_revalidate_target(path)
     engine = get_engine()
-    if engine.path_resolver is None and not _view_resolvers:
+    resolvers = [r for r in (engine.path_resolver, *_view_resolvers) if r is not None]
+    if not resolvers:
         raise RevalidationError(
             f"Failed to revalidate {path}: no site is registered with this process's engine "
             "(revalidate(path) needs the pages; use revalidate_path() to mark a path instead)"
         )
-    target = await engine.path_resolver(key) if engine.path_resolver is not None else None
-    for resolver in list(_view_resolvers):
+    target = None
+    for resolver in resolvers:
+        target = await resolver(key)
         if target is not None:
             break
-        target = await resolver(key)
     if target is None:
         raise RevalidationError(f"Failed to revalidate {path}: no page at this path (404)")
     resolved_key, render, policy = target

@@ -18,14 +18,14 @@ from __future__ import annotations
 import asyncio
 import re
 import weakref
-from collections.abc import Awaitable, Callable, Coroutine, Iterable
+from collections.abc import Coroutine, Iterable
 from dataclasses import dataclass
 from typing import Any, TypeVar
-from urllib.parse import quote
+from urllib.parse import quote, unquote
 
 from pyisr.cache.entry import EntryKind, Revalidate, validate_revalidate
 from pyisr.cache.tags import implicit_tags, validate_tags
-from pyisr.engine import CacheStatus, Engine, RenderFn, RenderPolicy, Served
+from pyisr.engine import CacheStatus, Engine, RenderFn, RenderPolicy, Resolver, Served
 from pyisr.http import NOSTORE, age_header, entry_headers, not_modified
 from pyisr.paths import normalize_path
 from pyisr.runtime import bridge
@@ -61,7 +61,6 @@ DROPPED_RESPONSE_HEADERS = frozenset(
 #: Characters left as they are when re-encoding a decoded request path (RFC 3986 pchar + "/").
 _PATH_SAFE = "/!$&'()*+,;=:@~"
 
-Resolver = Callable[[str], Awaitable[tuple[str, RenderFn, RenderPolicy] | None]]
 
 
 def key_for_decoded_path(path: str) -> str:
@@ -212,6 +211,18 @@ def install_resolver(engine: Engine, resolver: Resolver) -> None:
         dispatcher.resolvers.append(resolver)
 
 
+def path_info_for(key: str, script_root: str) -> str | None:
+    """The decoded path an app mounted at ``script_root`` routes for page key ``key``,
+    or ``None`` when the key lies outside that mount (``revalidate(path)``'s lookups)."""
+    script = script_root.rstrip("/")
+    path = unquote(key)
+    if not script:
+        return path
+    if not (path == script or path.startswith(script + "/")):
+        return None
+    return path[len(script) :] or "/"
+
+
 async def on_bridge(coro: Coroutine[Any, Any, T]) -> T:
     """Await ``coro`` on pyisr's long-lived bridge loop.
 
@@ -247,6 +258,7 @@ __all__ = [
     "key_for_decoded_path",
     "on_bridge",
     "page_policy",
+    "path_info_for",
     "pattern_from_rule",
     "response_parts",
     "storable_headers",

@@ -25,7 +25,6 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from importlib import import_module
 from typing import Any
-from urllib.parse import unquote
 
 try:
     import django  # noqa: F401
@@ -45,6 +44,7 @@ from pyisr.integrations import (
     no_store,
     on_bridge,
     page_policy,
+    path_info_for,
     pattern_from_rule,
     response_parts,
     storable_headers,
@@ -231,12 +231,9 @@ async def _resolve(key: str) -> tuple[str, Any, RenderPolicy] | None:
 
     if not settings.configured or (get_urlconf() or getattr(settings, "ROOT_URLCONF", None)) is None:
         return None  # no Django site in this process (another framework's path)
-    script = _site.get("script", "").rstrip("/")
-    path = unquote(key)
-    if script:
-        if not (path == script or path.startswith(script + "/")):
-            return None
-        path = path[len(script) :] or "/"
+    path = path_info_for(key, _site.get("script", ""))
+    if path is None:
+        return None
     try:
         match = resolve(path)
     except Resolver404:

@@ -29,7 +29,6 @@ from collections.abc import Callable, Iterable
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import unquote
 
 try:
     import flask
@@ -48,6 +47,7 @@ from pyisr.integrations import (
     key_for_decoded_path,
     no_store,
     page_policy,
+    path_info_for,
     pattern_from_rule,
     response_parts,
     storable_headers,
@@ -178,11 +178,9 @@ async def _resolve(key: str) -> tuple[str, Any, RenderPolicy] | None:
         return None
     base = _site.get("base", {})
     script = str(base.get("SCRIPT_NAME", "")).rstrip("/")
-    path = unquote(key)
-    if script:
-        if not (path == script or path.startswith(script + "/")):
-            return None
-        path = path[len(script) :] or "/"
+    path = path_info_for(key, script)
+    if path is None:
+        return None
     host = base.get("HTTP_HOST") or base.get("SERVER_NAME") or "localhost"
     scheme = base.get("wsgi.url_scheme", "http")
     environ = EnvironBuilder(path=path, base_url=f"{scheme}://{host}{script}", method="GET").get_environ()

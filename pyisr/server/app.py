@@ -132,6 +132,11 @@ HOT_LIMIT = 10_000
 HOT_BYTES = 16 * 1024 * 1024
 
 
+def _hot_size(entry: CacheEntry) -> int:
+    """What one page costs the fast path's budget: its body and ~1 KB of ready headers."""
+    return len(entry.body) + 1024
+
+
 class App:
     """``pyisr.App("mysite")`` is an ASGI application serving that site."""
 
@@ -306,10 +311,10 @@ class App:
         version = self._tags_version()
         if not self._hot_enabled or raw is None or version is None:
             return
-        size = len(entry.body) + 1024
+        size = _hot_size(entry)
         replaced = self._hot.get(raw)
         if replaced is not None:
-            self._hot_bytes -= len(replaced.entry.body) + 1024
+            self._hot_bytes -= _hot_size(replaced.entry)
         if len(self._hot) >= HOT_LIMIT or self._hot_bytes + size > HOT_BYTES:
             # Start over rather than track recency on every hit: pages that are really
             # hot come back at their next request.
