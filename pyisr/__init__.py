@@ -14,6 +14,7 @@ from pyisr.data.fetch import fetch, fetch_sync
 from pyisr.engine import (
     CacheStatus,
     Engine,
+    NotShareable,
     OnMissing,
     Rendered,
     RenderFailed,
@@ -50,6 +51,7 @@ __all__ = [
     "RenderPolicy",
     "RenderTimeout",
     "Rendered",
+    "NotShareable",
     "RevalidationError",
     "Served",
     "arevalidate_path",

@@ -23,7 +23,8 @@ from typing import Any
 
 from pyisr.cache.urls import build_handler
 from pyisr.config import Config
-from pyisr.engine import Engine, RevalidationError
+from pyisr.engine import Engine, NotShareable, RevalidationError
+from pyisr.origin import CanonicalOrigin
 from pyisr.runtime import set_engine
 from pyisr.site.route import Route
 from pyisr.site.site import BUILD_ID, MANIFEST, Site
@@ -138,6 +139,7 @@ async def _build_locked(
                 seen.add(key)
                 jobs.append((report, key))
     total, done = len(jobs), 0
+    origin = CanonicalOrigin(config.site_url, config.allowed_hosts).default()
     semaphore = asyncio.Semaphore(config.render_concurrency)
 
     async def prerender(report: RouteReport, key: str) -> None:
@@ -147,8 +149,13 @@ async def _build_locked(
         async with semaphore:
             try:
                 entry = await engine.revalidate_now(
-                    key, route.renderer(key, params), route.policy(key, bot=True), prerender=fresh_store
+                    key,
+                    route.renderer(key, params, origin=origin),
+                    route.policy(key, bot=True),
+                    prerender=fresh_store,
                 )
+            except NotShareable:
+                pass  # served per visitor, with the engine's warning; nothing to prerender
             except RevalidationError as exc:
                 cause = exc.__cause__ or exc
                 errors.append((key, f"{type(cause).__name__}: {cause}"))

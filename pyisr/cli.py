@@ -48,6 +48,8 @@ def settings_options(command: Callable[..., Any]) -> Callable[..., Any]:
             default=None,
             help="Redirect /a to /a/ (or, by default, /a/ to /a).",
         ),
+        click.option("--site-url", help="Scheme and host of pages rendered for the cache (https://...)."),
+        click.option("--allowed-hosts", help="Comma-separated hosts that may lend their Host to a render."),
     ]
     for option in reversed(options):
         command = option(command)

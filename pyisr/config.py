@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from pyisr.cache.urls import parse_size
+from pyisr.origin import parse_site_url, valid_host
 
 CONFIG_FILE = "pyisr.toml"
 
@@ -39,6 +40,10 @@ class Config:
     render_concurrency: int = 16
     #: False: /blog/1/ redirects to /blog/1 (Next.js' default); True: the reverse.
     trailing_slash: bool = False
+    #: Scheme and host of every shared render (``https://www.example.com``); see pyisr.origin.
+    site_url: str | None = None
+    #: Hosts whose requests may lend their Host to a shared render when site_url is unset.
+    allowed_hosts: tuple[str, ...] = ()
 
 
 def _as_bool(value: Any) -> bool:
@@ -75,6 +80,23 @@ def _as_size(value: Any) -> int:
     return size
 
 
+def _as_site_url(value: Any) -> str:
+    parse_site_url(_as_str(value), "site_url")
+    return str(value).strip()
+
+
+def _as_hosts(value: Any) -> tuple[str, ...]:
+    """A TOML list of hosts, or a comma-separated string (``PYISR_ALLOWED_HOSTS``)."""
+    items = value.split(",") if isinstance(value, str) else value
+    if not isinstance(items, list | tuple) or not all(isinstance(h, str) for h in items):
+        raise ValueError("expected a list of host names")
+    hosts = tuple(h.strip().lower() for h in items if h.strip())
+    for host in hosts:
+        if host != "*" and not valid_host(host.lstrip("*").lstrip(".")):
+            raise ValueError(f"{host!r} is not a host name")
+    return hosts
+
+
 def _as_str(value: Any) -> str:
     if not isinstance(value, str) or not value:
         raise ValueError("expected a non-empty string")
@@ -91,6 +113,8 @@ PARSERS: dict[str, tuple[Callable[[Any], Any], str]] = {
     "render_timeout": (_as_positive_float, "render_timeout = 30"),
     "render_concurrency": (_as_positive_int, "render_concurrency = 16"),
     "trailing_slash": (_as_bool, "trailing_slash = false"),
+    "site_url": (_as_site_url, 'site_url = "https://www.example.com"'),
+    "allowed_hosts": (_as_hosts, 'allowed_hosts = ["www.example.com", ".example.com"]'),
 }
 
 

@@ -7,7 +7,11 @@ and how it was obtained:
 - stale → the stale entry now (STALE) and one background regeneration;
 - missing or tag-invalidated → render now, concurrent callers share that render (MISS);
 - missing and not allowed → NOT_ALLOWED (the server answers 404);
-- missing with ``fallback: True`` → FALLBACK and a background render.
+- missing with ``fallback: True`` → FALLBACK and a background render;
+- a render that belongs to its visitor (it sets a cookie, says ``private``/``no-store``
+  or ``Vary: *``, or its framework saw it use a session or CSRF token) → PRIVATE: never
+  stored; the caller answers it to its own visitor, and the key stays private for
+  :data:`PRIVATE_RETRY` seconds before a shared render is tried again.
 
 It knows nothing of HTTP. Renders run under a timeout and a concurrency limit; sync
 render functions run in worker threads. A failed render never replaces a good entry:
@@ -20,10 +24,11 @@ import asyncio
 import contextlib
 import contextvars
 import inspect
+import logging
 import os
 import time
 import weakref
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -38,6 +43,7 @@ from pyisr.cache.entry import (
     validate_revalidate,
 )
 from pyisr.cache.handler import CacheHandler, as_handler
+from pyisr.cache.shareable import storable_headers, unshareable_reason, visitor_headers
 from pyisr.cache.tags import PATH_TAG, merge_tags, tags_for_revalidate_path, validate_tags
 from pyisr.log import CacheLog
 
@@ -53,6 +59,10 @@ class CacheStatus(StrEnum):
     FALLBACK = "FALLBACK"
     #: ``revalidate = 0``: rendered for this request, never stored.
     BYPASS = "BYPASS"
+    #: The render belongs to one visitor (a cookie, ``private``...): never stored or shared.
+    #: With an entry, it is the caller's own render; without, the caller renders for its
+    #: visitor itself (the key is known to be private, or another caller's render was).
+    PRIVATE = "PRIVATE"
 
 
 class OnMissing(StrEnum):
@@ -79,9 +89,13 @@ class Rendered:
 
     body: bytes | str
     status: int = 200
-    headers: Mapping[str, str] = field(default_factory=dict)
+    #: A mapping, or name/value pairs when a name repeats (``Set-Cookie``).
+    headers: Mapping[str, str] | Sequence[tuple[str, str]] = field(default_factory=dict)
     revalidate: Any = UNSET
     tags: Iterable[str] = ()
+    #: Why this render may not be shared, found by the framework that made it (it read
+    #: the session, used a CSRF token...); header reasons are found by the engine.
+    private: str | None = None
 
 
 @dataclass(frozen=True)
@@ -96,6 +110,8 @@ class RenderPolicy:
     on_missing: OnMissing = OnMissing.RENDER
     #: Treat a stale entry like a missing one (data read during a regeneration).
     stale_blocks: bool = False
+    #: The route the key belongs to (``/blog/[id]``), named in warnings; the key if unset.
+    route: str | None = None
 
 
 DEFAULT_POLICY = RenderPolicy()
@@ -121,6 +137,27 @@ class RevalidationError(RuntimeError):
     """``revalidate(path)`` could not regenerate the page; the old one is still served."""
 
 
+class NotShareable(RevalidationError):
+    """The page rendered for ``revalidate(path)`` or a build belongs to its visitor: not stored."""
+
+
+class _PrivateRender(Exception):
+    """A render that may not be shared; carries it for the one caller that asked for it."""
+
+    def __init__(self, entry: CacheEntry, reason: str) -> None:
+        super().__init__(reason)
+        self.entry = entry
+        self.reason = reason
+
+
+#: Seconds a key whose render was private is rendered per visitor before a shared render
+#: is tried again ("until a render stops doing so"), and how many such keys are kept.
+PRIVATE_RETRY = 60.0
+PRIVATE_KEYS = 10_000
+
+logger = logging.getLogger("pyisr")
+
+
 class _Mode(StrEnum):
     BLOCKING = "blocking"
     BACKGROUND = "background"
@@ -133,6 +170,7 @@ Resolver = Callable[[str], Awaitable[tuple[str, RenderFn, RenderPolicy] | None]]
 
 #: Modes that render whatever else runs: fencing orders their results, so no lock.
 _FORCED = frozenset({_Mode.ON_DEMAND, _Mode.PRERENDER})
+
 
 @dataclass
 class _LoopState:
@@ -180,10 +218,12 @@ class Engine:
         self._states: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopState] = (
             weakref.WeakKeyDictionary()
         )
+        #: key -> clock time until which its renders are private (see PRIVATE_RETRY).
+        self._private_until: dict[str, float] = {}
+        #: (route, reason) pairs already warned about: one warning each, not one per request.
+        self._warned: set[tuple[str, str]] = set()
         #: Set by the site: turns a path into (key, render, policy) for ``revalidate(path)``.
-        self.path_resolver: Resolver | None = (
-            None
-        )
+        self.path_resolver: Resolver | None = None
 
     @property
     def _executor(self) -> ThreadPoolExecutor:
@@ -224,6 +264,9 @@ class Engine:
 
     async def get(self, key: str, render: RenderFn, policy: RenderPolicy = DEFAULT_POLICY) -> Served:
         """Answer one request for ``key``. Raises what the render raised when nothing is cached."""
+        if self._private_until and self._is_private(key):
+            self.log.decision(key, "PRIVATE", "its last shared render belonged to its visitor")
+            return Served(None, CacheStatus.PRIVATE)
         entry = await self.handler.get(key)
         now = self.clock()
         if entry is not None:
@@ -251,6 +294,32 @@ class Engine:
             return Served(None, CacheStatus.FALLBACK)
         return await self._blocking(key, render, policy, previous=None)
 
+    def _is_private(self, key: str) -> bool:
+        until = self._private_until.get(key)
+        if until is None:
+            return False
+        if self.clock() < until:
+            return True
+        del self._private_until[key]
+        return False
+
+    def _mark_private(self, key: str, policy: RenderPolicy, reason: str) -> None:
+        """Serve ``key`` per visitor for a while, and say so once per route and reason."""
+        if len(self._private_until) >= PRIVATE_KEYS:
+            del self._private_until[next(iter(self._private_until))]
+        self._private_until[key] = self.clock() + PRIVATE_RETRY
+        route = policy.route or key
+        if (route, reason) not in self._warned:
+            if len(self._warned) >= PRIVATE_KEYS:
+                self._warned.clear()
+            self._warned.add((route, reason))
+            logger.warning("%s %s: served uncached", route, reason)
+        self.log.decision(key, "PRIVATE", f"{reason}: not stored")
+
+    def is_private(self, key: str) -> bool:
+        """Whether ``key`` is being served per visitor now (its last shared render was private)."""
+        return bool(self._private_until) and self._is_private(key)
+
     def _in_failure_backoff(self, entry: CacheEntry, times: Mapping[str, float], now: float) -> bool:
         """An invalidated entry whose re-render failed after the invalidation is kept for its back-off."""
         failure = entry.last_failure
@@ -262,9 +331,13 @@ class Engine:
     async def _blocking(
         self, key: str, render: RenderFn, policy: RenderPolicy, previous: CacheEntry | None
     ) -> Served:
-        task = self._flight(key, render, policy, previous, _Mode.BLOCKING)
+        task, started = self._flight(key, render, policy, previous, _Mode.BLOCKING)
         try:
             entry = await asyncio.shield(task)
+        except _PrivateRender as private:
+            # Only the caller whose request started the render may see it; others that
+            # joined render for their own visitor.
+            return Served(private.entry if started else None, CacheStatus.PRIVATE)
         except Exception:
             if previous is not None and not policy.stale_blocks:
                 # Keep serving the last good entry (the failure is logged and recorded).
@@ -283,14 +356,17 @@ class Engine:
         policy: RenderPolicy,
         previous: CacheEntry | None,
         mode: _Mode,
-    ) -> asyncio.Task[CacheEntry]:
-        """The one render of ``key`` in this loop: join it if it runs, start it if not."""
+    ) -> tuple[asyncio.Task[CacheEntry], bool]:
+        """The one render of ``key`` in this loop: join it if it runs, start it if not.
+
+        Also says whether this call started it.
+        """
         state = self._state()
         # On-demand revalidation must not join a normal render that started earlier.
         lane = "on_demand" if mode in _FORCED else "normal"
         task = state.inflight.get((key, lane))
         if task is not None:
-            return task
+            return task, False
         task = asyncio.create_task(self._regenerate(key, render, policy, previous, mode))
         state.inflight[(key, lane)] = task
 
@@ -301,7 +377,7 @@ class Engine:
                 t.exception()  # retrieved: failures are logged where they happen
 
         task.add_done_callback(_done)
-        return task
+        return task, True
 
     def _start_background(
         self, key: str, render: RenderFn, policy: RenderPolicy, previous: CacheEntry | None
@@ -309,7 +385,7 @@ class Engine:
         state = self._state()
         if (key, "normal") in state.inflight:
             return
-        task = self._flight(key, render, policy, previous, _Mode.BACKGROUND)
+        task, _ = self._flight(key, render, policy, previous, _Mode.BACKGROUND)
         state.background.add(task)
         task.add_done_callback(state.background.discard)
 
@@ -412,7 +488,8 @@ class Engine:
             word = "REGENERATE" if previous is not None or mode is not _Mode.BLOCKING else "MISS"
         try:
             rendered = await self._run(render, ctx, limited=policy.kind is not EntryKind.DATA)
-            entry = self._make_entry(key, rendered, policy, ctx, started_at)
+            private = self._private_reason(rendered, policy)
+            entry = self._make_entry(key, rendered, policy, ctx, started_at, private=private is not None)
         except Exception as exc:
             elapsed = (time.perf_counter() - t0) * 1000
             if getattr(exc, "pyisr_expected", False):
@@ -425,6 +502,11 @@ class Engine:
                 await self.handler.set(failed)
             raise
         elapsed = (time.perf_counter() - t0) * 1000
+        if private is not None:
+            self._mark_private(key, policy, private)
+            raise _PrivateRender(entry, private)
+        if self._private_until:
+            self._private_until.pop(key, None)  # a shared render again: cache it as before
         if entry.revalidate == 0:
             self.log.decision(key, word, f"rendered in {elapsed:.1f}ms; revalidate=0, not cached")
             return entry
@@ -471,6 +553,13 @@ class Engine:
             raise TypeError(f"render of {ctx.key} returned {type(result).__name__}; expected pyisr.Rendered")
         return result
 
+    @staticmethod
+    def _private_reason(rendered: Rendered, policy: RenderPolicy) -> str | None:
+        """Why this render may not be stored (DESIGN.md, "What may be stored"), or ``None``."""
+        if policy.kind is EntryKind.DATA:
+            return None  # values of cached()/fetch(): no headers, never a response
+        return rendered.private or unshareable_reason(rendered.headers)
+
     def _make_entry(
         self,
         key: str,
@@ -478,6 +567,8 @@ class Engine:
         policy: RenderPolicy,
         ctx: render_context.RenderContext,
         started_at: float,
+        *,
+        private: bool = False,
     ) -> CacheEntry:
         if rendered.status >= 500:
             raise RenderFailed(f"render of {key} returned status {rendered.status}")
@@ -496,7 +587,7 @@ class Engine:
             revalidate=revalidate,
             kind=policy.kind,
             status=rendered.status,
-            headers=dict(rendered.headers),
+            headers=visitor_headers(rendered.headers) if private else storable_headers(rendered.headers),
             tags=tags,
         )
 
@@ -513,9 +604,13 @@ class Engine:
         """
         previous = None if prerender else await self.handler.get(key)
         mode = _Mode.PRERENDER if prerender else _Mode.ON_DEMAND
-        task = self._flight(key, render, policy, previous, mode)
+        task, _ = self._flight(key, render, policy, previous, mode)
         try:
             return await asyncio.shield(task)
+        except _PrivateRender as exc:
+            raise NotShareable(
+                f"Failed to revalidate {key}: {policy.route or key} {exc.reason}, so it is served uncached"
+            ) from None
         except Exception as exc:
             raise RevalidationError(f"Failed to revalidate {key}: {exc}") from exc
 

@@ -9,7 +9,10 @@ come with every cached response.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from pyisr.cache.entry import ONE_YEAR, CacheEntry
+from pyisr.cache.shareable import COOKIE_SEPARATOR, PER_RESPONSE, WRITTEN_BY_PYISR
 from pyisr.engine import CacheStatus
 
 NOSTORE = "private, no-cache, no-store, max-age=0, must-revalidate"
@@ -49,24 +52,40 @@ def etag_matches(if_none_match: str, etag: str) -> bool:
     return any(t.strip().removeprefix("W/") == bare for t in if_none_match.split(","))
 
 
-def content_headers(entry: CacheEntry) -> Headers:
-    """The entry's own headers (content type, location...), minus internal ones."""
+def content_headers(headers: Mapping[str, str], *, shared: bool = True) -> Headers:
+    """A render's own headers (content type, location...) as sent, minus internal ones.
+
+    Never the headers pyisr writes itself, so a response has exactly one of each. A
+    ``shared`` response (one served to everyone) never carries per-visitor headers
+    either, whatever an older or foreign store holds; a private one keeps its cookies.
+    """
     out: Headers = []
     has_type = False
-    for name, value in entry.headers.items():
+    for name, value in headers.items():
         lower = name.lower()
-        if lower == PROPS_HEADER or lower == "content-length":
+        if lower == PROPS_HEADER or lower in WRITTEN_BY_PYISR or (shared and lower in PER_RESPONSE):
             continue
         has_type = has_type or lower == "content-type"
-        out.append((lower.encode("latin-1"), value.encode("latin-1")))
+        key = lower.encode("latin-1")
+        if lower == "set-cookie":
+            out += [(key, cookie.encode("latin-1")) for cookie in value.split(COOKIE_SEPARATOR)]
+        else:
+            out.append((key, value.encode("latin-1")))
     if not has_type:
         out.append((b"content-type", HTML.encode()))
     return out
 
 
+def private_headers(headers: Mapping[str, str]) -> Headers:
+    """The headers of a response made for one visitor: its own, and ``no-store``."""
+    return [*content_headers(headers, shared=False), (b"cache-control", NOSTORE.encode())]
+
+
 def entry_headers(entry: CacheEntry, status: CacheStatus) -> Headers:
     """Every header of a response for ``entry`` served with ``status``, except ``Age``."""
-    out = content_headers(entry)
+    if status is CacheStatus.PRIVATE:
+        return private_headers(entry.headers)
+    out = content_headers(entry.headers)
     if status is CacheStatus.BYPASS:
         out.append((b"cache-control", NOSTORE.encode()))
         return out

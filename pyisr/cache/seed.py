@@ -42,8 +42,13 @@ async def seed_from_local(shared: CacheHandler, local_dir: Path, *, lock_ttl: fl
             entry = await local.get(key)
             if entry is not None and await shared.set(entry):
                 copied += 1
-        marker = CacheEntry(key=SEED_MARKER, body=str(copied).encode(), created_at=time.time(),
-                            revalidate=None, kind=EntryKind.DATA)
+        marker = CacheEntry(
+            key=SEED_MARKER,
+            body=str(copied).encode(),
+            created_at=time.time(),
+            revalidate=None,
+            kind=EntryKind.DATA,
+        )
         await shared.set(marker)
     finally:
         await shared.release_lock(SEED_MARKER, token)

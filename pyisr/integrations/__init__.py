@@ -32,35 +32,22 @@ from pyisr.runtime import bridge
 
 T = TypeVar("T")
 
-#: Request headers a render sees by default. Everything else (cookies, authorization,
-#: accept-language, user-agent...) is dropped, because one render is served to everyone.
-DEFAULT_ALLOW_HEADERS: tuple[str, ...] = ("host",)
+#: Request headers a render sees besides ``Host`` (always the canonical host, see
+#: ``pyisr.origin``): none by default. Cookies, authorization, accept-language,
+#: user-agent... are dropped, because one render is served to everyone.
+DEFAULT_ALLOW_HEADERS: tuple[str, ...] = ()
 
-#: Response headers never stored with a page: per-visitor (set-cookie, vary), per-hop,
-#: or ones pyisr writes itself (cache-control, etag, age, content-length).
-DROPPED_RESPONSE_HEADERS = frozenset(
-    {
-        "set-cookie",
-        "vary",
-        "content-length",
-        "transfer-encoding",
-        "connection",
-        "keep-alive",
-        "date",
-        "server",
-        "cache-control",
-        "pragma",
-        "expires",
-        "etag",
-        "age",
-        "x-pyisr-cache",
-        "cache-status",
-    }
+#: Never passed to a shared render, even when asked: they identify the visitor, or name
+#: a host (behind a proxy) that would replace the canonical one.
+_REFUSED_HEADERS = ("cookie", "authorization", "x-forwarded-host", "forwarded")
+
+#: Why a render that read the visitor's session is not shared, as the warning says it.
+SESSION_REASON = (
+    "reads the session (render what depends on the visitor in an uncached view, or fetch it separately)"
 )
 
 #: Characters left as they are when re-encoding a decoded request path (RFC 3986 pchar + "/").
 _PATH_SAFE = "/!$&'()*+,;=:@~"
-
 
 
 def key_for_decoded_path(path: str) -> str:
@@ -75,7 +62,7 @@ def key_for_decoded_path(path: str) -> str:
 def allow_list(headers: Iterable[str]) -> frozenset[str]:
     """Lower-cased header names, validated once when a view or middleware is set up."""
     names = frozenset(h.lower() for h in headers)
-    for bad in ("cookie", "authorization"):
+    for bad in _REFUSED_HEADERS:
         if bad in names:
             raise ValueError(
                 f"allow_headers must not include {bad!r}: a page rendered for one visitor "
@@ -105,11 +92,19 @@ def pattern_from_rule(rule: str) -> str | None:
     return normalize_path("/" + _CONVERTER.sub(repl, rule).lstrip("/"))
 
 
-def page_policy(key: str, pattern: str | None, revalidate: Revalidate, tags: tuple[str, ...]) -> RenderPolicy:
-    """The policy of one page: the view's revalidate and tags plus the implicit path tags."""
+def page_policy(
+    key: str, pattern: str | None, revalidate: Revalidate, tags: tuple[str, ...], *, route: str | None = None
+) -> RenderPolicy:
+    """The policy of one page: the view's revalidate and tags plus the implicit path tags.
+
+    ``route`` names the view in warnings (its URL rule); the pattern or key by default.
+    """
+    name = route or pattern or key
     if pattern is not None and pattern == key:
         pattern = None
-    return RenderPolicy(kind=EntryKind.PAGE, revalidate=revalidate, tags=tags + implicit_tags(key, pattern))
+    return RenderPolicy(
+        kind=EntryKind.PAGE, revalidate=revalidate, tags=tags + implicit_tags(key, pattern), route=name
+    )
 
 
 def check_options(
@@ -117,22 +112,6 @@ def check_options(
 ) -> tuple[Revalidate, tuple[str, ...]]:
     """Validate a view's ``revalidate`` and ``tags`` once, at decoration time."""
     return validate_revalidate(revalidate, where=where), validate_tags(tags, where=f"{where} tags")
-
-
-def storable_headers(pairs: Iterable[tuple[str, str]]) -> dict[str, str]:
-    """The headers of an app's response worth storing with the page.
-
-    Repeated headers are joined with ``", "``; ``set-cookie`` and the others in
-    :data:`DROPPED_RESPONSE_HEADERS` are dropped (a cached cookie would leak one
-    visitor's session to all of them).
-    """
-    out: dict[str, str] = {}
-    for name, value in pairs:
-        lower = name.lower()
-        if lower in DROPPED_RESPONSE_HEADERS:
-            continue
-        out[lower] = f"{out[lower]}, {value}" if lower in out else value
-    return out
 
 
 def response_parts(
@@ -158,9 +137,13 @@ def response_parts(
 
 
 def no_store(headers: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
-    """An app's own (failed) response headers, made uncacheable for every cache on the way."""
-    kept = [(k, v) for k, v in headers if k.lower() not in ("cache-control", "content-length")]
-    return kept + [("cache-control", NOSTORE)]
+    """A shared render's (failed) response headers, made uncacheable for every cache on the way.
+
+    Its cookies are dropped: they were set for the render's anonymous request, not for
+    the visitor who gets this answer.
+    """
+    dropped = ("cache-control", "content-length", "set-cookie")
+    return [(k, v) for k, v in headers if k.lower() not in dropped] + [("cache-control", NOSTORE)]
 
 
 @dataclass
@@ -251,6 +234,7 @@ def __getattr__(name: str) -> object:
 
 __all__ = [
     "DEFAULT_ALLOW_HEADERS",
+    "SESSION_REASON",
     "ISRMiddleware",
     "allow_list",
     "check_options",
@@ -261,5 +245,4 @@ __all__ = [
     "path_info_for",
     "pattern_from_rule",
     "response_parts",
-    "storable_headers",
 ]

@@ -29,7 +29,8 @@ from typing import Any
 from urllib.parse import quote, unquote
 
 from pyisr.cache.entry import Revalidate
-from pyisr.engine import Engine, Rendered, RenderFn, RenderPolicy
+from pyisr.engine import CacheStatus, Engine, Rendered, RenderFn, RenderPolicy
+from pyisr.http import NOSTORE
 from pyisr.integrations import (
     _PATH_SAFE,
     DEFAULT_ALLOW_HEADERS,
@@ -41,8 +42,8 @@ from pyisr.integrations import (
     no_store,
     page_policy,
     response_parts,
-    storable_headers,
 )
+from pyisr.origin import CanonicalOrigin, Origin
 from pyisr.paths import BadPath, normalize_path
 from pyisr.runtime import get_engine
 
@@ -87,7 +88,7 @@ class ISRRoute:
         return "".join(part if isinstance(part, str) else values.get(part[0]) or "" for part in self.template)
 
     def policy(self, key: str) -> RenderPolicy:
-        return page_policy(key, self.isr_pattern, self.revalidate, self.tags)
+        return page_policy(key, self.isr_pattern, self.revalidate, self.tags, route=self.pattern)
 
 
 def compile_route(pattern: str, revalidate: object, tags: Iterable[str] | None) -> ISRRoute:
@@ -167,18 +168,108 @@ class _Capture:
                 self.done.set()
 
 
-def _default_scope() -> Scope:
-    """The scope ``revalidate(path)`` renders with before any request has come in."""
-    return {
-        "type": "http",
-        "asgi": {"version": "3.0", "spec_version": "2.3"},
-        "http_version": "1.1",
-        "scheme": "http",
-        "server": ("localhost", 80),
-        "client": None,
-        "root_path": "",
-        "headers": [(b"host", b"localhost")],
-    }
+class _SessionProbe(dict[str, Any]):
+    """An empty session that notes whether the render looked at it or wrote to it.
+
+    A page that reads the session depends on who visits (and a write would be lost):
+    such a render is answered to its own visitor and never stored.
+    """
+
+    touched = False
+
+    def _touch(self) -> None:
+        self.touched = True
+
+    def __getitem__(self, key: str) -> Any:
+        self._touch()
+        return super().__getitem__(key)
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        self._touch()
+        super().__setitem__(key, value)
+
+    def __delitem__(self, key: str) -> None:
+        self._touch()
+        super().__delitem__(key)
+
+    def __contains__(self, key: object) -> bool:
+        self._touch()
+        return super().__contains__(key)
+
+    def __iter__(self) -> Any:
+        self._touch()
+        return super().__iter__()
+
+    def __len__(self) -> int:
+        self._touch()
+        return super().__len__()
+
+    def get(self, key: str, default: Any = None) -> Any:
+        self._touch()
+        return super().get(key, default)
+
+    def setdefault(self, key: str, default: Any = None) -> Any:
+        self._touch()
+        return super().setdefault(key, default)
+
+    def pop(self, key: str, *default: Any) -> Any:
+        self._touch()
+        return super().pop(key, *default)
+
+    def update(self, *args: Any, **kwargs: Any) -> None:
+        self._touch()
+        super().update(*args, **kwargs)
+
+    def clear(self) -> None:
+        self._touch()
+        super().clear()
+
+    def keys(self) -> Any:
+        self._touch()
+        return super().keys()
+
+    def values(self) -> Any:
+        self._touch()
+        return super().values()
+
+    def items(self) -> Any:
+        self._touch()
+        return super().items()
+
+
+#: Keys of the visitor's scope a shared render may keep: the protocol and the mount,
+#: and the application object (``request.app``), none of which depends on the visitor.
+_KEPT_SCOPE_KEYS = ("asgi", "http_version", "root_path", "app")
+
+
+def _trusted_hosts(scope: Scope) -> tuple[str, ...]:
+    """The hosts a Starlette ``TrustedHostMiddleware`` in the app allows, if there is one."""
+    from starlette.middleware.trustedhost import TrustedHostMiddleware
+
+    for spec in getattr(scope.get("app"), "user_middleware", ()):
+        if getattr(spec, "cls", None) is TrustedHostMiddleware:
+            hosts = spec.kwargs.get("allowed_hosts", spec.args[0] if spec.args else None)
+            return tuple(hosts or ())
+    return ()
+
+
+def _header(scope: Scope, name: bytes) -> str | None:
+    for key, value in scope.get("headers", ()):
+        if key == name:
+            return bytes(value).decode("latin-1")
+    return None
+
+
+async def _send_no_store(app: ASGIApp, scope: Scope, receive: Receive, send: Send) -> None:
+    """Let the app answer its visitor itself, marked so no cache on the way keeps it."""
+
+    async def send_marked(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            headers = [(k, v) for k, v in message.get("headers", ()) if bytes(k).lower() != b"cache-control"]
+            message = {**message, "headers": [*headers, (b"cache-control", NOSTORE.encode())]}
+        await send(message)
+
+    await app(scope, receive, send_marked)
 
 
 class ISRMiddleware:
@@ -204,6 +295,15 @@ class ISRMiddleware:
     Patterns are matched against ``scope["path"]`` (which includes any ``root_path``).
     Creating the middleware registers its routes for ``await pyisr.revalidate(path)``;
     call it from the app's own event loop, as the render runs the app there.
+
+    The render's scope is built from nothing: never the visitor's ``session``, ``user``,
+    ``auth``, ``client`` or middleware ``state`` (a fresh copy of the lifespan state
+    instead). Its scheme and host are ``site_url`` (default ``PYISR_SITE_URL``); without
+    one, the request's own Host when it is in ``allowed_hosts`` or the app's
+    ``TrustedHostMiddleware``; else ``http://localhost``. A render that sets a cookie,
+    says ``private``/``no-store``/``Vary: *`` or touches the session is never stored:
+    the app answers each visitor itself (``no-store``) and a shared render is tried
+    again a minute later.
     """
 
     def __init__(
@@ -214,6 +314,8 @@ class ISRMiddleware:
         *,
         engine: Engine | None = None,
         allow_headers: Iterable[str] = DEFAULT_ALLOW_HEADERS,
+        site_url: str | None = None,
+        allowed_hosts: Iterable[str] = (),
     ) -> None:
         self.app = app
         tags = dict(tags or {})
@@ -221,9 +323,16 @@ class ISRMiddleware:
         if unknown:
             raise ValueError(f"ISRMiddleware tags given for patterns not in routes: {sorted(unknown)}")
         self.routes = [compile_route(p, rv, tags.get(p)) for p, rv in routes.items()]
-        self.allow_headers = {h.encode("latin-1") for h in allow_list(allow_headers)}
+        # The host a render sees is the canonical one, never a header passed along.
+        self.allow_headers = {h.encode("latin-1") for h in allow_list(allow_headers)} - {b"host"}
+        self.origin = CanonicalOrigin(site_url, allowed_hosts, where="ISRMiddleware site_url")
         self._engine = engine
-        self._last_scope: Scope | None = None
+        #: The app's lifespan state: each render gets a fresh copy, as each request does.
+        self._lifespan_state: dict[str, Any] | None = None
+        #: Hosts of the app's TrustedHostMiddleware, found at the first request.
+        self._trusted: tuple[str, ...] | None = None
+        #: What ``revalidate(path)`` renders with: the kept keys of the first request's scope.
+        self._base: Scope = {"asgi": {"version": "3.0", "spec_version": "2.3"}, "http_version": "1.1"}
         self._installed_on: Engine | None = None
         self._install()
 
@@ -249,6 +358,11 @@ class ISRMiddleware:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] not in ("GET", "HEAD"):
+            if scope["type"] == "lifespan":
+                if isinstance(scope.get("state"), dict):
+                    self._lifespan_state = scope["state"]
+                if not self.origin.configured:
+                    self.origin.warn_once()
             await self.app(scope, receive, send)
             return
         try:
@@ -262,9 +376,12 @@ class ISRMiddleware:
             return
         route, values = found
         engine = self._install()
-        self._last_scope = scope
         failed = FailedResponse()
-        render = self._renderer(route, values, scope, failed)
+        if self._trusted is None:
+            self._trusted = _trusted_hosts(scope)
+            self._base = {k: scope[k] for k in _KEPT_SCOPE_KEYS if k in scope}
+        origin = self.origin.for_request(scope.get("scheme", "http"), _header(scope, b"host"), self._trusted)
+        render = self._renderer(route, values, scope, origin, failed)
         try:
             served = await engine.get(key, render, route.policy(key))
         except Exception:
@@ -273,38 +390,60 @@ class ISRMiddleware:
             status, headers, body = failed.response
             await _send(send, status, no_store(headers), body, scope["method"])
             return
-        if_none_match = None
-        for name, value in scope.get("headers", ()):
-            if name == b"if-none-match":
-                if_none_match = value.decode("latin-1")
-                break
+        if served.status is CacheStatus.PRIVATE:
+            # The page belongs to its visitor: the app answers this one itself.
+            await _send_no_store(self.app, scope, receive, send)
+            return
         status, headers, body = response_parts(
-            served, engine.clock(), if_none_match, head=scope["method"] == "HEAD"
+            served, engine.clock(), _header(scope, b"if-none-match"), head=scope["method"] == "HEAD"
         )
         await _send(send, status, headers, body, "GET")
 
-    def _render_scope(self, original: Scope, path: str) -> Scope:
-        """A copy of the request's scope that no longer identifies the visitor."""
+    def _render_scope(self, original: Scope, path: str, origin: Origin) -> tuple[Scope, _SessionProbe | None]:
+        """A scope built from nothing but the path, the canonical origin and allowed headers.
+
+        Also returns the empty session given to the render when the app has sessions.
+        """
         raw = quote(path, safe=_PATH_SAFE + "%")
-        scope = dict(original)
+        scope: Scope = {k: original[k] for k in _KEPT_SCOPE_KEYS if k in original}
         scope.update(
+            type="http",
             method="GET",
+            scheme=origin.scheme,
+            server=(origin.hostname, origin.port),
+            client=None,
             path=unquote(raw),
             raw_path=raw.encode("ascii"),
             query_string=b"",
-            headers=[(k, v) for k, v in original.get("headers", ()) if k.lower() in self.allow_headers],
+            headers=[(b"host", origin.host.encode("latin-1"))]
+            + [(k, v) for k, v in original.get("headers", ()) if k.lower() in self.allow_headers],
             # No zero-copy or path-send: the render must hand us the bytes.
             extensions={},
         )
-        return scope
+        if "state" in original or self._lifespan_state is not None:
+            scope["state"] = dict(self._lifespan_state or {})
+        session = None
+        if "session" in original:
+            session = scope["session"] = _SessionProbe()
+        if "user" in original or "auth" in original:
+            from starlette.authentication import AuthCredentials, UnauthenticatedUser
+
+            scope["user"] = UnauthenticatedUser()
+            scope["auth"] = AuthCredentials()
+        return scope, session
 
     def _renderer(
-        self, route: ISRRoute, values: Mapping[str, str | None], original: Scope, failed: FailedResponse
+        self,
+        route: ISRRoute,
+        values: Mapping[str, str | None],
+        original: Scope,
+        origin: Origin,
+        failed: FailedResponse,
     ) -> RenderFn:
         path = route.render_path(values)
 
         async def render() -> Rendered:
-            scope = self._render_scope(original, path)
+            scope, session = self._render_scope(original, path, origin)
             capture = _Capture()
             try:
                 await self.app(scope, capture.receive, capture.send)
@@ -320,7 +459,8 @@ class ISRMiddleware:
             body = b"".join(capture.body)
             if capture.status >= 500:
                 failed.response = (capture.status, capture.headers, body)
-            return Rendered(body, status=capture.status, headers=storable_headers(capture.headers))
+            private = "reads the session" if session is not None and session.touched else None
+            return Rendered(body, status=capture.status, headers=capture.headers, private=private)
 
         return render
 
@@ -330,8 +470,8 @@ class ISRMiddleware:
         if found is None:
             return None
         route, values = found
-        base = self._last_scope if self._last_scope is not None else _default_scope()
-        return key, self._renderer(route, values, base, FailedResponse()), route.policy(key)
+        origin = self.origin.default(self._trusted or ())
+        return key, self._renderer(route, values, self._base, origin, FailedResponse()), route.policy(key)
 
 
 async def _send(send: Send, status: int, headers: list[tuple[str, str]], body: bytes, method: str) -> None:

@@ -12,15 +12,15 @@ GET and HEAD requests are served from the cache by normalised path (the query st
 never makes a new entry), with stale-while-revalidate, single-flight renders and
 keep-last-good; other methods call the view as usual. Sync and async views both work.
 ``pyisr.revalidate(path)`` regenerates the page of an ``@isr`` view now: the URLconf
-resolves the path and the view renders for an anonymous GET with the last request's host.
+resolves the path and the view renders for an anonymous GET on the canonical host.
 Needs the ``django`` extra: ``pip install 'pyisr[django]'``.
 """
 
 from __future__ import annotations
 
-import copy
 import functools
 import inspect
+import io
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from importlib import import_module
@@ -34,9 +34,11 @@ except ImportError as exc:  # pragma: no cover - exercised only without Django
     ) from exc
 
 from pyisr.cache.entry import Revalidate
-from pyisr.engine import Engine, Rendered, RenderPolicy
+from pyisr.engine import CacheStatus, Engine, Rendered, RenderPolicy
+from pyisr.http import NOSTORE
 from pyisr.integrations import (
     DEFAULT_ALLOW_HEADERS,
+    SESSION_REASON,
     FailedResponse,
     allow_list,
     check_options,
@@ -47,8 +49,8 @@ from pyisr.integrations import (
     path_info_for,
     pattern_from_rule,
     response_parts,
-    storable_headers,
 )
+from pyisr.origin import CanonicalOrigin, Origin
 from pyisr.paths import normalize_path
 from pyisr.revalidation import register_view_resolver
 from pyisr.runtime import get_engine, run_sync
@@ -62,6 +64,7 @@ def isr(
     tags: Iterable[str] | None = None,
     engine: Engine | None = None,
     allow_headers: Iterable[str] = DEFAULT_ALLOW_HEADERS,
+    site_url: str | None = None,
 ) -> Callable[[View], View]:
     """Cache a Django function view's GET/HEAD responses with ISR.
 
@@ -70,21 +73,31 @@ def isr(
     path's implicit tags and, for ``path()`` routes, its route pattern's
     (``revalidate_path("/blog/[id]", "page")``).
 
-    One render is served to every visitor, so the view is called with a copy of the
-    request that identifies no one: method GET, no query string, no cookies, only the
-    ``allow_headers`` (default ``host``), an anonymous ``request.user`` and an empty
-    session. Cookies the view sets are not stored. Views run in pyisr's render threads
-    (sync views) or on its bridge loop (async views), outside the request's
-    transaction; a 5xx or an exception is a failed render and never cached.
+    One render is served to every visitor, so the view is called with a request built
+    from nothing: a GET for the path with no query string, no cookies, no ``REMOTE_ADDR``,
+    no attribute any middleware set, only the ``allow_headers`` (none by default), an
+    ``AnonymousUser`` and an empty session. Its host is ``site_url`` (default
+    ``PYISR_SITE_URL``), else the request's host when it is a concrete ``ALLOWED_HOSTS``
+    entry, else the first concrete one, else ``localhost``. A render that sets a cookie,
+    says ``private``/``no-store``/``Vary: *``, uses the CSRF token or touches the session
+    is never stored: the view answers each visitor itself (``no-store``) and a shared
+    render is tried again a minute later. Views run in pyisr's render threads (sync
+    views) or on its bridge loop (async views), outside the request's transaction; a 5xx
+    or an exception is a failed render and never cached.
     """
     seconds, tag_tuple = check_options(revalidate, tags, "@isr")
-    allowed = allow_list(allow_headers)
+    options = dict(
+        seconds=seconds,
+        tags=tag_tuple,
+        engine=engine,
+        allowed=allow_list(allow_headers),
+        origin=CanonicalOrigin(site_url, where="@isr site_url"),
+    )
 
     def decorate(view: View) -> View:
         register_view_resolver(_resolve)  # revalidate(path) can reach this view now
-        if inspect.iscoroutinefunction(view):
-            return _async_wrapper(view, seconds, tag_tuple, engine, allowed)
-        return _sync_wrapper(view, seconds, tag_tuple, engine, allowed)
+        wrap = _async_wrapper if inspect.iscoroutinefunction(view) else _sync_wrapper
+        return wrap(_Options(view=view, **options))  # type: ignore[arg-type]
 
     return decorate
 
@@ -98,130 +111,183 @@ class _Options:
     tags: tuple[str, ...]
     engine: Engine | None
     allowed: frozenset[str]
+    origin: CanonicalOrigin
+
+    def origin_for(self, request: Any | None) -> Origin:
+        """The canonical origin, or the request's host when ``ALLOWED_HOSTS`` vouches for it."""
+        from django.conf import settings
+
+        allowed = list(getattr(settings, "ALLOWED_HOSTS", ()))
+        if request is None:
+            return self.origin.default(allowed)
+        return self.origin.for_request(request.scheme, request.META.get("HTTP_HOST"), allowed)
 
 
-def _sync_render(view: View, clone: Any, args: Any, kwargs: Any, failed: FailedResponse) -> Any:
+#: Why a render that used the CSRF token is not shared, as the warning says it.
+CSRF_REASON = (
+    "uses the CSRF token ({% csrf_token %} or get_token(); move the form to an uncached view, "
+    "or fetch the token separately)"
+)
+
+
+def _private_reason(fresh: Any) -> str | None:
+    """What the render did that makes its page its visitor's own, if anything."""
+    meta = fresh.META
+    if "CSRF_COOKIE" in meta or meta.get("CSRF_COOKIE_NEEDS_UPDATE") or meta.get("CSRF_COOKIE_USED"):
+        return CSRF_REASON
+    session = getattr(fresh, "session", None)
+    if getattr(session, "accessed", False) or getattr(session, "modified", False):
+        return SESSION_REASON
+    return None
+
+
+def _sync_render(options: _Options, fresh: Any, args: Any, kwargs: Any, failed: FailedResponse) -> Any:
     def render() -> Rendered:
         from django.db import close_old_connections
 
         # Render threads are not request threads: close connections as Django would.
         close_old_connections()
         try:
-            return _rendered(view(clone, *args, **kwargs), failed)
+            return _rendered(options.view(fresh, *args, **kwargs), fresh, failed)
         finally:
             close_old_connections()
 
     return render
 
 
-def _async_render(view: View, clone: Any, args: Any, kwargs: Any, failed: FailedResponse) -> Any:
+def _async_render(options: _Options, fresh: Any, args: Any, kwargs: Any, failed: FailedResponse) -> Any:
     async def render() -> Rendered:
         from asgiref.sync import sync_to_async
 
-        response = await view(clone, *args, **kwargs)
+        response = await options.view(fresh, *args, **kwargs)
         if _needs_render(response):
             await sync_to_async(response.render)()
         if getattr(response, "streaming", False) and getattr(response, "is_async", False):
             body = b"".join([bytes(chunk) async for chunk in response.streaming_content])
-            return _rendered(response, failed, body)
-        return _rendered(response, failed)
+            return _rendered(response, fresh, failed, body)
+        return _rendered(response, fresh, failed)
 
     return render
 
 
-def _sync_wrapper(
-    view: View, seconds: Revalidate, tags: tuple[str, ...], engine: Engine | None, allowed: frozenset[str]
-) -> View:
+def _sync_wrapper(options: _Options) -> View:
+    view = options.view
+
     @functools.wraps(view)
     def wrapper(request: Any, *args: Any, **kwargs: Any) -> Any:
         if request.method not in ("GET", "HEAD"):
             return view(request, *args, **kwargs)
-        _remember_site(request)
-        eng = engine if engine is not None else get_engine()
-        key, policy = _key_and_policy(request, seconds, tags)
+        _remember_script(request)
+        eng = options.engine if options.engine is not None else get_engine()
+        key, policy = _key_and_policy(request, options.seconds, options.tags)
         failed = FailedResponse()
-        render = _sync_render(view, _anonymous_request(request, allowed), args, kwargs, failed)
+        fresh = _shared_request(request, options)
         try:
-            served = run_sync(eng.get(key, render, policy))
+            served = run_sync(eng.get(key, _sync_render(options, fresh, args, kwargs, failed), policy))
         except Exception:
             if failed.response is None:
                 raise
             return _failed(failed.response)
+        if served.status is CacheStatus.PRIVATE:
+            return _no_store(view(request, *args, **kwargs))
         return _response(served, eng, request)
 
-    wrapper.__pyisr_isr__ = _Options(view, seconds, tags, engine, allowed)  # type: ignore[attr-defined]
+    wrapper.__pyisr_isr__ = options  # type: ignore[attr-defined]
     return wrapper
 
 
-def _async_wrapper(
-    view: View, seconds: Revalidate, tags: tuple[str, ...], engine: Engine | None, allowed: frozenset[str]
-) -> View:
+def _async_wrapper(options: _Options) -> View:
+    view = options.view
+
     @functools.wraps(view)
     async def wrapper(request: Any, *args: Any, **kwargs: Any) -> Any:
         if request.method not in ("GET", "HEAD"):
             return await view(request, *args, **kwargs)
-        _remember_site(request)
-        eng = engine if engine is not None else get_engine()
-        key, policy = _key_and_policy(request, seconds, tags)
+        _remember_script(request)
+        eng = options.engine if options.engine is not None else get_engine()
+        key, policy = _key_and_policy(request, options.seconds, options.tags)
         failed = FailedResponse()
-        render = _async_render(view, _anonymous_request(request, allowed), args, kwargs, failed)
+        fresh = _shared_request(request, options)
         try:
-            served = await on_bridge(eng.get(key, render, policy))
+            served = await on_bridge(
+                eng.get(key, _async_render(options, fresh, args, kwargs, failed), policy)
+            )
         except Exception:
             if failed.response is None:
                 raise
             return _failed(failed.response)
+        if served.status is CacheStatus.PRIVATE:
+            return _no_store(await view(request, *args, **kwargs))
         return _response(served, eng, request)
 
-    wrapper.__pyisr_isr__ = _Options(view, seconds, tags, engine, allowed)  # type: ignore[attr-defined]
+    wrapper.__pyisr_isr__ = options  # type: ignore[attr-defined]
     return wrapper
 
 
-# -- revalidate(path): regenerate a page of an @isr view now ---------------------------------
+# -- the request a shared render sees -------------------------------------------------------
 
-#: Host, scheme and script prefix of the last request an @isr view served: what a page
-#: regenerated by ``revalidate(path)`` sees, as if that visitor had asked for it.
-_site: dict[str, str] = {}
-
-
-def _remember_site(request: Any) -> None:
-    meta = request.META
-    _site["host"] = meta.get("HTTP_HOST") or meta.get("SERVER_NAME") or "localhost"
-    _site["scheme"] = request.scheme
-    _site["script"] = meta.get("SCRIPT_NAME", "")
+#: The script prefix (``SCRIPT_NAME``) the site is mounted at, from the server's config as
+#: the last request carried it: ``revalidate(path)`` strips it from page keys.
+_script: dict[str, str] = {}
 
 
-def _synthetic_request(path_info: str) -> Any:
-    """A GET for ``path_info`` from no one: the last visitor's host, nothing of theirs."""
-    import io
+def _remember_script(request: Any) -> None:
+    _script["name"] = request.META.get("SCRIPT_NAME", "")
 
+
+def _fresh_request(path_info: str, script_name: str, origin: Origin, headers: dict[str, str]) -> Any:
+    """A GET for ``path_info`` from no one: built from nothing, never a copy of a request.
+
+    It has an anonymous user and an empty session, and only the given ``HTTP_*`` headers;
+    middleware does not run for it, so nothing a middleware sets for a visitor is there.
+    """
     from django.apps import apps
     from django.conf import settings
     from django.core.handlers.wsgi import WSGIRequest
 
-    host = _site.get("host", "localhost")
-    name, _, port = host.partition(":")
-    scheme = _site.get("scheme", "http")
     request = WSGIRequest(
         {
+            **headers,
             "REQUEST_METHOD": "GET",
-            "SCRIPT_NAME": _site.get("script", ""),
+            "SCRIPT_NAME": script_name,
             "PATH_INFO": path_info.encode("utf-8").decode("latin-1"),
             "QUERY_STRING": "",
-            "SERVER_NAME": name,
-            "SERVER_PORT": port or ("443" if scheme == "https" else "80"),
-            "HTTP_HOST": host,
+            "SERVER_NAME": origin.hostname,
+            "SERVER_PORT": str(origin.port),
+            "SERVER_PROTOCOL": "HTTP/1.1",
+            "HTTP_HOST": origin.host,
             "wsgi.input": io.BytesIO(b""),
-            "wsgi.url_scheme": scheme,
+            "wsgi.url_scheme": origin.scheme,
         }
     )
     if apps.is_installed("django.contrib.auth"):
         from django.contrib.auth.models import AnonymousUser
 
-        request.user = AnonymousUser()
+        anonymous = AnonymousUser()
+        request.user = anonymous
+
+        async def auser() -> Any:
+            return anonymous
+
+        request.auser = auser
     if apps.is_installed("django.contrib.sessions"):
         request.session = import_module(settings.SESSION_ENGINE).SessionStore()
     return request
+
+
+def _shared_request(request: Any, options: _Options) -> Any:
+    """The request a shared render of ``request``'s page sees (see :func:`_fresh_request`)."""
+    meta = request.META
+    headers = {
+        k: v
+        for k, v in meta.items()
+        if k.startswith("HTTP_") and k != "HTTP_HOST" and k[5:].replace("_", "-").lower() in options.allowed
+    }
+    fresh = _fresh_request(
+        request.path_info, meta.get("SCRIPT_NAME", ""), options.origin_for(request), headers
+    )
+    fresh.resolver_match = getattr(request, "resolver_match", None)
+    return fresh
 
 
 async def _resolve(key: str) -> tuple[str, Any, RenderPolicy] | None:
@@ -231,7 +297,8 @@ async def _resolve(key: str) -> tuple[str, Any, RenderPolicy] | None:
 
     if not settings.configured or (get_urlconf() or getattr(settings, "ROOT_URLCONF", None)) is None:
         return None  # no Django site in this process (another framework's path)
-    path = path_info_for(key, _site.get("script", ""))
+    script = _script.get("name", "")
+    path = path_info_for(key, script)
     if path is None:
         return None
     try:
@@ -241,13 +308,11 @@ async def _resolve(key: str) -> tuple[str, Any, RenderPolicy] | None:
     options = getattr(match.func, "__pyisr_isr__", None)
     if not isinstance(options, _Options) or options.engine not in (None, get_engine()):
         return None  # not an @isr view, or one caching in an engine of its own
-    request = _synthetic_request(path)
-    request.resolver_match = match
-    resolved, policy = _key_and_policy(request, options.seconds, options.tags)
-    clone = _anonymous_request(request, options.allowed)
+    fresh = _fresh_request(path, script, options.origin_for(None), {})
+    fresh.resolver_match = match
+    resolved, policy = _key_and_policy(fresh, options.seconds, options.tags)
     make = _async_render if inspect.iscoroutinefunction(options.view) else _sync_render
-    return resolved, make(options.view, clone, match.args, match.kwargs, FailedResponse()), policy
-
+    return resolved, make(options, fresh, match.args, match.kwargs, FailedResponse()), policy
 
 
 def _key_and_policy(request: Any, seconds: Revalidate, tags: tuple[str, ...]) -> tuple[str, RenderPolicy]:
@@ -264,62 +329,11 @@ def _key_and_policy(request: Any, seconds: Revalidate, tags: tuple[str, ...]) ->
     return key, page_policy(key, pattern, seconds, tags)
 
 
-def _anonymous_request(request: Any, allowed: frozenset[str]) -> Any:
-    """A shallow copy of ``request`` with everything that identifies the visitor removed."""
-    from django.http import QueryDict
-
-    clone = copy.copy(request)
-    meta = {
-        k: v
-        for k, v in request.META.items()
-        if not k.startswith("HTTP_") or k[5:].replace("_", "-").lower() in allowed
-    }
-    for name in ("CONTENT_LENGTH", "CONTENT_TYPE"):
-        meta.pop(name, None)
-    meta.update(REQUEST_METHOD="GET", QUERY_STRING="")
-    clone.META = meta
-    if hasattr(request, "environ"):  # WSGIRequest: META *is* the environ
-        clone.environ = meta
-    if isinstance(getattr(request, "scope", None), dict):  # ASGIRequest
-        clone.scope = {
-            **request.scope,
-            "method": "GET",
-            "query_string": b"",
-            "headers": [
-                (k, v) for k, v in request.scope.get("headers", ()) if k.decode("latin-1").lower() in allowed
-            ],
-        }
-    clone.method = "GET"
-    clone.COOKIES = {}
-    clone.GET = QueryDict()
-    clone.POST = QueryDict()
-    clone.__dict__.pop("headers", None)  # cached HttpHeaders of the original META
-    if hasattr(request, "user"):
-        from django.contrib.auth.models import AnonymousUser
-
-        anonymous = AnonymousUser()
-        clone.user = anonymous
-
-        async def auser() -> Any:
-            return anonymous
-
-        clone.auser = auser
-    if hasattr(request, "session"):
-        from django.conf import settings
-
-        clone.session = import_module(settings.SESSION_ENGINE).SessionStore()
-    if hasattr(request, "_messages"):
-        from django.contrib.messages.storage import default_storage
-
-        clone._messages = default_storage(clone)
-    return clone
-
-
 def _needs_render(response: Any) -> bool:
     return callable(getattr(response, "render", None)) and not getattr(response, "is_rendered", True)
 
 
-def _rendered(response: Any, failed: FailedResponse, body: bytes | None = None) -> Rendered:
+def _rendered(response: Any, fresh: Any, failed: FailedResponse, body: bytes | None = None) -> Rendered:
     """A Django response as the engine's render result (template responses rendered)."""
     if _needs_render(response):
         response.render()
@@ -329,9 +343,11 @@ def _rendered(response: Any, failed: FailedResponse, body: bytes | None = None) 
         else:
             body = bytes(response.content)
     status = int(response.status_code)
+    headers = list(response.items())
+    headers += [("set-cookie", morsel.OutputString()) for morsel in response.cookies.values()]
     if status >= 500:
-        failed.response = (status, list(response.items()), body)
-    return Rendered(body, status=status, headers=storable_headers(response.items()))
+        failed.response = (status, headers, body)
+    return Rendered(body, status=status, headers=headers, private=_private_reason(fresh))
 
 
 def _response(served: Any, engine: Engine, request: Any) -> Any:
@@ -339,6 +355,12 @@ def _response(served: Any, engine: Engine, request: Any) -> Any:
         served, engine.clock(), request.headers.get("If-None-Match"), head=request.method == "HEAD"
     )
     return _build(status, headers, body)
+
+
+def _no_store(response: Any) -> Any:
+    """The view's own answer to its visitor, marked so no cache on the way keeps it."""
+    response["Cache-Control"] = NOSTORE
+    return response
 
 
 def _failed(parts: tuple[int, list[tuple[str, str]], bytes]) -> Any:

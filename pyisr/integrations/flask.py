@@ -23,7 +23,6 @@ the ``flask`` extra: ``pip install 'pyisr[flask]'``.
 from __future__ import annotations
 
 import functools
-import io
 import weakref
 from collections.abc import Callable, Iterable
 from contextvars import ContextVar
@@ -38,9 +37,11 @@ except ImportError as exc:  # pragma: no cover - exercised only without Flask
     ) from exc
 
 from pyisr.cache.entry import Revalidate
-from pyisr.engine import Engine, Rendered, RenderPolicy
+from pyisr.engine import CacheStatus, Engine, Rendered, RenderPolicy
+from pyisr.http import NOSTORE
 from pyisr.integrations import (
     DEFAULT_ALLOW_HEADERS,
+    SESSION_REASON,
     FailedResponse,
     allow_list,
     check_options,
@@ -50,8 +51,8 @@ from pyisr.integrations import (
     path_info_for,
     pattern_from_rule,
     response_parts,
-    storable_headers,
 )
+from pyisr.origin import CanonicalOrigin, Origin
 from pyisr.paths import normalize_path
 from pyisr.revalidation import register_view_resolver
 from pyisr.runtime import get_engine, run_sync
@@ -68,6 +69,8 @@ def isr(
     tags: Iterable[str] | None = None,
     engine: Engine | None = None,
     allow_headers: Iterable[str] = DEFAULT_ALLOW_HEADERS,
+    site_url: str | None = None,
+    allowed_hosts: Iterable[str] = (),
 ) -> Callable[[View], View]:
     """Cache a Flask view's GET/HEAD responses with ISR.
 
@@ -75,19 +78,31 @@ def isr(
     cached). ``tags``: explicit tags for ``revalidate_tag``. Each page also carries its
     path's implicit tags and its URL rule's (``revalidate_path("/blog/[id]", "page")``).
 
-    One render is served to every visitor, so the render is a fresh request context
-    that identifies no one: a GET for the same path with no query string, no body, no
-    cookies (an empty session) and only the ``allow_headers`` (default ``host``). It is
-    dispatched through the app (``before_request``/``after_request`` hooks and error
-    handlers run, so ``abort(404)`` caches a 404) in one of pyisr's render threads, with
-    a fresh ``g``. Cookies the render sets are not stored. Async views work as Flask
-    runs them (``ensure_sync``). A 5xx or an exception is a failed render, never cached.
+    One render is served to every visitor, so the render is a request context built
+    from nothing: a GET for the same path with no query string, no body, no cookies (an
+    empty session), no client address and only the ``allow_headers`` (none by default).
+    Its host is ``site_url`` (default ``PYISR_SITE_URL``), else the request's host when
+    it is the app's ``SERVER_NAME``, in its ``TRUSTED_HOSTS`` or in ``allowed_hosts``,
+    else ``localhost``. It is dispatched through the app (``before_request`` /
+    ``after_request`` hooks and error handlers run, so ``abort(404)`` caches a 404) in
+    one of pyisr's render threads, with a fresh ``g``. A render that sets a cookie, says
+    ``private``/``no-store``/``Vary: *`` or touches ``session`` is never stored: the view
+    answers each visitor itself (``no-store``) and a shared render is tried again a
+    minute later. Async views work as Flask runs them (``ensure_sync``). A 5xx or an
+    exception is a failed render, never cached.
     """
     seconds, tag_tuple = check_options(revalidate, tags, "@isr")
-    allowed = allow_list(allow_headers)
+    options = _Options(
+        seconds,
+        tag_tuple,
+        engine,
+        allow_list(allow_headers),
+        CanonicalOrigin(site_url, allowed_hosts, where="@isr site_url"),
+    )
 
     def decorate(view: View) -> View:
         register_view_resolver(_resolve)  # revalidate(path) can reach this view now
+
         @functools.wraps(view)
         def wrapper(*args: Any, **kwargs: Any) -> Any:
             app: Any = flask.current_app._get_current_object()  # type: ignore[attr-defined]
@@ -98,14 +113,20 @@ def isr(
             eng = engine if engine is not None else get_engine()
             key, policy = _key_and_policy(request, seconds, tag_tuple)
             failed = FailedResponse()
-            render = _render(app, _anonymous_environ(request.environ, allowed), failed)
+            origin = options.origin_for(app, request.scheme, request.host)
+            environ = _shared_environ(request.path, request.script_root, origin, request.environ, options)
             try:
-                served = run_sync(eng.get(key, render, policy))
+                served = run_sync(eng.get(key, _render(app, environ, failed), policy))
             except Exception:
                 if failed.response is None:
                     raise
                 status, headers, body = failed.response
                 return flask.Response(body, status=status, headers=no_store(headers))
+            if served.status is CacheStatus.PRIVATE:
+                # The page belongs to its visitor: the view answers this one itself.
+                response = app.make_response(app.ensure_sync(view)(*args, **kwargs))
+                response.headers["Cache-Control"] = NOSTORE
+                return response
             status, headers, body = response_parts(
                 served, eng.clock(), request.headers.get("If-None-Match"), head=False
             )
@@ -114,7 +135,7 @@ def isr(
                 del response.headers["Content-Type"]
             return response
 
-        wrapper.__pyisr_isr__ = _Options(seconds, tag_tuple, engine, allowed)  # type: ignore[attr-defined]
+        wrapper.__pyisr_isr__ = options  # type: ignore[attr-defined]
         return wrapper
 
     return decorate
@@ -128,38 +149,80 @@ class _Options:
     tags: tuple[str, ...]
     engine: Engine | None
     allowed: frozenset[str]
+    origin: CanonicalOrigin
+
+    def origin_for(self, app: Any, scheme: str | None, host: str | None) -> Origin:
+        """The canonical origin, or the request's host when the app vouches for it."""
+        hosts = [h for h in (app.config.get("SERVER_NAME"),) if h]
+        hosts += list(app.config.get("TRUSTED_HOSTS") or ())
+        if scheme is None:
+            return self.origin.default(hosts)
+        return self.origin.for_request(scheme, host, hosts)
+
+
+def _shared_environ(
+    path: str, script_root: str, origin: Origin, visitor: dict[str, Any], options: _Options
+) -> dict[str, Any]:
+    """The WSGI environ of a shared render: built from nothing but the path and the origin."""
+    from werkzeug.test import EnvironBuilder
+
+    headers = [
+        (k[5:].replace("_", "-"), str(v))
+        for k, v in visitor.items()
+        if k.startswith("HTTP_") and k != "HTTP_HOST" and k[5:].replace("_", "-").lower() in options.allowed
+    ]
+    builder = EnvironBuilder(path=path, base_url=f"{origin.url}{script_root}", method="GET", headers=headers)
+    try:
+        environ: dict[str, Any] = builder.get_environ()
+    finally:
+        builder.close()
+    environ.pop("REMOTE_ADDR", None)
+    return environ
 
 
 def _render(app: Any, environ: dict[str, Any], failed: FailedResponse) -> Callable[[], Rendered]:
     """The render: a fresh request context for ``environ``, dispatched through the app."""
 
     def render() -> Rendered:
-        fresh = {**environ, "wsgi.input": io.BytesIO(b"")}
-        with app.request_context(fresh):
+        import io
+
+        with app.request_context({**environ, "wsgi.input": io.BytesIO(b"")}):
             token = _rendering.set(True)
             try:
                 response = app.full_dispatch_request()
             finally:
                 _rendering.reset(token)
-        return _rendered(response, failed)
+            touched = _session_touched(app)
+        return _rendered(response, failed, SESSION_REASON if touched else None)
 
     return render
 
 
+def _session_touched(app: Any) -> bool:
+    """Whether the render read or wrote ``session`` (without touching it ourselves).
+
+    Flask >= 3.1.3 marks the session accessed when the context's ``session`` property is
+    read, so the object is taken from the context's attributes instead. With no secret
+    key there is no session to read (a NullSession says "accessed" regardless).
+    """
+    ctx = flask.globals.request_ctx._get_current_object()  # type: ignore[attr-defined]
+    attrs = vars(ctx)
+    session = attrs.get("_session", attrs.get("session"))
+    if session is None or app.session_interface.is_null_session(session):
+        return False
+    return bool(getattr(session, "accessed", False) or getattr(session, "modified", False))
+
+
 # -- revalidate(path): regenerate a page of an @isr view now ---------------------------------
 
-#: The app and the environ (host, scheme, script root) of the last request an @isr view
-#: served: what a page regenerated by ``revalidate(path)`` outside a request sees.
+#: The app and the script root of the last request an @isr view served: where
+#: ``revalidate(path)`` outside a request dispatches (nothing of the visitor's).
 _site: dict[str, Any] = {}
 
 
 def _remember_site(app: Any, environ: dict[str, Any]) -> None:
     _site["app"] = weakref.ref(app)
-    _site["base"] = {
-        k: environ[k]
-        for k in ("HTTP_HOST", "SERVER_NAME", "SERVER_PORT", "SCRIPT_NAME", "wsgi.url_scheme")
-        if k in environ
-    }
+    _site["script"] = str(environ.get("SCRIPT_NAME", "")).rstrip("/")
 
 
 def _current_app() -> Any:
@@ -171,30 +234,35 @@ def _current_app() -> Any:
 
 async def _resolve(key: str) -> tuple[str, Any, RenderPolicy] | None:
     """``pyisr.revalidate(path)`` for Flask: the @isr view the app routes ``key`` to."""
-    from werkzeug.test import EnvironBuilder
-
     app = _current_app()
     if app is None:
         return None
-    base = _site.get("base", {})
-    script = str(base.get("SCRIPT_NAME", "")).rstrip("/")
+    script = _site.get("script", "")
     path = path_info_for(key, script)
     if path is None:
         return None
-    host = base.get("HTTP_HOST") or base.get("SERVER_NAME") or "localhost"
-    scheme = base.get("wsgi.url_scheme", "http")
-    environ = EnvironBuilder(path=path, base_url=f"{scheme}://{host}{script}", method="GET").get_environ()
+    options = _view_options(app, path, script)
+    if options is None:
+        return None
+    environ = _shared_environ(path, script, options.origin_for(app, None, None), {}, options)
     with app.request_context(environ):
-        request = flask.request
-        if request.routing_exception is not None or request.url_rule is None:
-            return None
-        options = getattr(app.view_functions.get(request.url_rule.endpoint), "__pyisr_isr__", None)
-        if not isinstance(options, _Options) or options.engine not in (None, get_engine()):
-            return None  # not an @isr view, or one caching in an engine of its own
-        resolved, policy = _key_and_policy(request, options.seconds, options.tags)
-    render = _render(app, _anonymous_environ(environ, options.allowed), FailedResponse())
-    return resolved, render, policy
+        resolved, policy = _key_and_policy(flask.request, options.seconds, options.tags)
+    return resolved, _render(app, environ, FailedResponse()), policy
 
+
+def _view_options(app: Any, path: str, script: str) -> _Options | None:
+    """The ``@isr`` options of the view ``path`` routes to, if it is one of this engine's."""
+    from werkzeug.exceptions import HTTPException
+
+    adapter = app.url_map.bind("localhost", script_name=script or None)
+    try:
+        endpoint, _ = adapter.match(path, method="GET")
+    except (HTTPException, Exception):  # noqa: BLE001 - no route, a redirect, or 405
+        return None
+    options = getattr(app.view_functions.get(endpoint), "__pyisr_isr__", None)
+    if not isinstance(options, _Options) or options.engine not in (None, get_engine()):
+        return None  # not an @isr view, or one caching in an engine of its own
+    return options
 
 
 def _key_and_policy(request: Any, seconds: Revalidate, tags: tuple[str, ...]) -> tuple[str, RenderPolicy]:
@@ -209,28 +277,14 @@ def _key_and_policy(request: Any, seconds: Revalidate, tags: tuple[str, ...]) ->
     return key, page_policy(key, pattern, seconds, tags)
 
 
-def _anonymous_environ(environ: dict[str, Any], allowed: frozenset[str]) -> dict[str, Any]:
-    """The request's WSGI environ minus the query, body and every header not allowed."""
-    out = {
-        k: v
-        for k, v in environ.items()
-        if not (k.startswith("HTTP_") and k[5:].replace("_", "-").lower() not in allowed)
-        and not k.startswith(("werkzeug.", "flask."))
-    }
-    for name in ("CONTENT_LENGTH", "CONTENT_TYPE"):
-        out.pop(name, None)
-    out.update({"REQUEST_METHOD": "GET", "QUERY_STRING": "", "wsgi.input": io.BytesIO(b"")})
-    return out
-
-
-def _rendered(response: Any, failed: FailedResponse) -> Rendered:
+def _rendered(response: Any, failed: FailedResponse, private: str | None) -> Rendered:
     """A Flask response as the engine's render result."""
     body = response.get_data()
     status = int(response.status_code)
     headers = list(response.headers.items())
     if status >= 500:
         failed.response = (status, headers, body)
-    return Rendered(body, status=status, headers=storable_headers(headers))
+    return Rendered(body, status=status, headers=headers, private=private)
 
 
 __all__ = ["isr"]

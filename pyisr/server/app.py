@@ -26,10 +26,20 @@ from starlette.staticfiles import StaticFiles
 from starlette.types import Receive, Scope, Send
 
 from pyisr.cache.entry import CacheEntry
+from pyisr.cache.shareable import visitor_headers
 from pyisr.cache.tags import tags_for_revalidate_path, validate_tags
 from pyisr.cache.urls import build_handler
 from pyisr.config import Config, load_config
-from pyisr.engine import CacheStatus, Engine, OnMissing, RenderFn, RenderPolicy, RevalidationError, Served
+from pyisr.engine import (
+    CacheStatus,
+    Engine,
+    NotShareable,
+    OnMissing,
+    RenderFn,
+    RenderPolicy,
+    RevalidationError,
+    Served,
+)
 from pyisr.http import (
     DEV_NOSTORE,
     HTML,
@@ -38,11 +48,13 @@ from pyisr.http import (
     age_header,
     cache_control,
     cache_status,
+    content_headers,
     entry_headers,
     etag_matches,
     not_modified,
 )
 from pyisr.log import enable_debug_logging
+from pyisr.origin import CanonicalOrigin, Origin
 from pyisr.paths import BadPath, normalize_path
 from pyisr.runtime import set_engine
 from pyisr.server import rsgi
@@ -170,6 +182,10 @@ class App:
                 debug=self.config.debug_cache or None,
             )
         self.engine = engine
+        #: The scheme and host cached route handlers see (site_url / allowed_hosts).
+        self.origin = CanonicalOrigin(self.config.site_url, self.config.allowed_hosts)
+        if not dev and not self.origin.configured and self._has_cached_handlers():
+            self.origin.warn_once()
         self.engine.path_resolver = self._resolve_for_revalidate
         set_engine(self.engine)
         public = self.site.public_dir
@@ -208,6 +224,19 @@ class App:
         copied = await seed_from_local(handler, local_dir)
         if copied:
             logger.warning("seeded the shared cache with %d prerendered entries from %s", copied, local_dir)
+
+    def _has_cached_handlers(self) -> bool:
+        """Whether any cached render sees a request (and so a host): route handlers do."""
+        return any(r.kind is RouteKind.ROUTE_HANDLER and r.is_isr for r in self.site.routes)
+
+    def _origin_for(self, scope: Scope) -> Origin:
+        """The origin of a shared render caused by this request (see pyisr.origin)."""
+        host = None
+        for name, value in scope.get("headers", ()):
+            if name == b"host":
+                host = value.decode("latin-1")
+                break
+        return self.origin.for_request(scope.get("scheme", "http"), host)
 
     def _scan_public(self) -> set[str]:
         public = self.site.public_dir
@@ -451,11 +480,16 @@ class App:
         bot = bool(BOT_UA.search(headers.get("user-agent", "")))
         wait = headers.get("x-pyisr-wait") == "1"
         policy = route.policy(key, bot=bot or wait)
+        render = route.renderer(key, params, origin=self._origin_for(scope))
         try:
-            served = await self.engine.get(key, route.renderer(key, params), policy)
+            served = await self.engine.get(key, render, policy)
         except Exception as exc:  # noqa: BLE001 - a failing page is a 500, never a crash
             logger.error("%s render failed: %s: %s", key, type(exc).__name__, exc, exc_info=exc)
             await self._error(send, method)
+            return
+        if served.status is CacheStatus.PRIVATE and served.entry is None:
+            # The page belongs to its visitor, and no render was made for this one yet.
+            await self._dynamic(route, key, params, send, method, origin=self._origin_for(scope))
             return
         if served.status is CacheStatus.NOT_ALLOWED:
             await self._not_found(send, method)
@@ -499,7 +533,7 @@ class App:
         assert entry is not None
         now = self.engine.clock()
         out = entry_headers(entry, served.status)
-        if served.status is CacheStatus.BYPASS:
+        if served.status is CacheStatus.BYPASS or served.status is CacheStatus.PRIVATE:
             await self._send(send, entry.status, out, entry.body, method)
             return
         if served.status is not CacheStatus.STALE:
@@ -510,22 +544,25 @@ class App:
             return
         await self._send(send, entry.status, out, entry.body, method)
 
-    async def _dynamic(self, route: Route, key: str, params: dict[str, Any], send: Send, method: str) -> None:
-        """``revalidate = 0`` pages, and every page in dev: rendered for this request only."""
+    async def _dynamic(
+        self,
+        route: Route,
+        key: str,
+        params: dict[str, Any],
+        send: Send,
+        method: str,
+        *,
+        origin: Origin | None = None,
+    ) -> None:
+        """``revalidate = 0`` pages, private ones, every page in dev: rendered for this request only."""
         try:
-            rendered = await route.render(key, params)
+            rendered = await route.render(key, params, origin=origin or self.origin.default())
         except Exception as exc:  # noqa: BLE001
             logger.error("%s render failed: %s: %s", key, type(exc).__name__, exc, exc_info=exc)
             await self._error(send, method)
             return
         body = rendered.body.encode() if isinstance(rendered.body, str) else rendered.body
-        out = [
-            (k.lower().encode("latin-1"), v.encode("latin-1"))
-            for k, v in rendered.headers.items()
-            if k.lower() not in (PROPS_HEADER, "content-length")
-        ]
-        if not any(k == b"content-type" for k, _ in out):
-            out.append((b"content-type", HTML.encode()))
+        out = content_headers(visitor_headers(rendered.headers), shared=False)
         out.append((b"cache-control", (DEV_NOSTORE if self.dev else NOSTORE).encode()))
         await self._send(send, rendered.status, out, body, method)
 
@@ -646,6 +683,8 @@ class App:
                 await revalidate(path)
         except ValueError as exc:
             return JSONResponse({"error": str(exc)}, status_code=400)
+        except NotShareable as exc:
+            return JSONResponse({"revalidated": False, "error": str(exc)}, status_code=409)
         except RevalidationError as exc:
             status = 404 if "(404)" in str(exc) else 500
             return JSONResponse({"revalidated": False, "error": str(exc)}, status_code=status)
@@ -661,7 +700,7 @@ class App:
         policy = route.policy(key, bot=True)
         if policy.on_missing is OnMissing.NOT_FOUND:
             return None
-        return key, route.renderer(key, params), policy
+        return key, route.renderer(key, params, origin=self.origin.default()), policy
 
     def _health(self) -> Response:
         info = self.engine.handler.describe()
@@ -711,6 +750,15 @@ class App:
         policy = route.policy(key, bot=True)  # data requests always block
         try:
             served = await self.engine.get(key, route.renderer(key, params), policy)
+            if served.status is CacheStatus.PRIVATE:
+                # A page that belongs to its visitor: its props are this visitor's too.
+                rendered = await route.render(key, params)
+                props = visitor_headers(rendered.headers).get(PROPS_HEADER, '{"props": {}}')
+                headers = [(b"content-type", b"application/json; charset=utf-8")]
+                await self._send(
+                    send, 200, [*headers, (b"cache-control", NOSTORE.encode())], props.encode(), method
+                )
+                return
         except Exception:  # noqa: BLE001
             await self._send(send, 500, [(b"cache-control", NOSTORE.encode())], b'{"error": true}', method)
             return

@@ -12,7 +12,7 @@ from __future__ import annotations
 import inspect
 import json
 import math
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -26,6 +26,7 @@ from pyisr.cache.entry import EntryKind, Revalidate
 from pyisr.cache.tags import implicit_tags
 from pyisr.engine import UNSET, OnMissing, Rendered, RenderPolicy
 from pyisr.http import HTML, PROPS_HEADER
+from pyisr.origin import LOCALHOST, Origin
 from pyisr.site.routes import Params, PatternRoute, path_for
 from pyisr.site.signals import NotFoundSignal, RedirectSignal
 from pyisr.site.templates import has_template, render_template
@@ -62,7 +63,8 @@ def _body_of(result: Any, where: str) -> Rendered:
     if isinstance(result, Rendered):
         return result
     if isinstance(result, Response):
-        headers = {k: v for k, v in result.headers.items() if k.lower() != "content-length"}
+        # Pairs, not a dict: a response may set several cookies (and is then never stored).
+        headers = [(k, v) for k, v in result.headers.items() if k.lower() != "content-length"]
         return Rendered(bytes(result.body), status=result.status_code, headers=headers)
     if isinstance(result, str):
         return Rendered(result, headers={"content-type": HTML})
@@ -72,6 +74,16 @@ def _body_of(result: Any, where: str) -> Rendered:
         f"{where} returned {type(result).__name__}; return HTML as a str or bytes, "
         "pyisr.render_template(...), or a starlette Response"
     )
+
+
+def _with_header(rendered: Rendered, name: str, value: str) -> Rendered:
+    """``rendered`` with one more header, whichever form its headers have."""
+    headers = rendered.headers
+    if isinstance(headers, Mapping):
+        rendered.headers = {**headers, name: value}
+    else:
+        rendered.headers = [*headers, (name, value)]
+    return rendered
 
 
 def not_found_result(revalidate: Any = UNSET) -> Rendered:
@@ -182,6 +194,7 @@ class Route:
             revalidate=self.revalidate,
             tags=self.tags + implicit_tags(key, self.pattern),
             on_missing=self.on_missing(key, bot=bot),
+            route=self.pattern,
         )
 
     # -- static paths -------------------------------------------------------------------
@@ -234,22 +247,27 @@ class Route:
     # -- rendering ----------------------------------------------------------------------
 
     def renderer(
-        self, key: str, params: Params, *, fallback_shell: bool = False
+        self, key: str, params: Params, *, fallback_shell: bool = False, origin: Origin = LOCALHOST
     ) -> Callable[[], Awaitable[Rendered]]:
-        """A zero-argument render callable for the engine."""
+        """A zero-argument render callable for the engine.
+
+        ``origin`` is the scheme and host a route handler's request has (see pyisr.origin).
+        """
 
         async def render() -> Rendered:
-            return await self.render(key, params, fallback_shell=fallback_shell)
+            return await self.render(key, params, fallback_shell=fallback_shell, origin=origin)
 
         return render
 
-    async def render(self, key: str, params: Params, *, fallback_shell: bool = False) -> Rendered:
+    async def render(
+        self, key: str, params: Params, *, fallback_shell: bool = False, origin: Origin = LOCALHOST
+    ) -> Rendered:
         if self.kind is RouteKind.APP_PAGE:
             return await self._render_app(key, params)
         if self.kind is RouteKind.PAGES_PAGE:
             return await self._render_pages(key, params, fallback_shell=fallback_shell)
         if self.kind is RouteKind.ROUTE_HANDLER:
-            request = synthetic_request(key)
+            request = synthetic_request(key, origin)
             return _body_of(
                 _handler_result(await call_maybe_async(self.module.GET, request)), f"{self.file} GET"
             )
@@ -291,9 +309,7 @@ class Route:
         if result.get("not_found") and result.get("redirect"):
             raise ValueError(f"{self.file}: get_static_props() cannot return both not_found and redirect")
         if result.get("not_found"):
-            rendered = not_found_result(revalidate)
-            rendered.headers = {**rendered.headers, PROPS_HEADER: json.dumps({"not_found": True})}
-            return rendered
+            return _with_header(not_found_result(revalidate), PROPS_HEADER, json.dumps({"not_found": True}))
         if result.get("redirect"):
             target = result["redirect"]
             if not isinstance(target, dict) or not isinstance(target.get("destination"), str):
@@ -302,8 +318,7 @@ class Route:
                     f"not {target!r}"
                 )
             rendered = redirect_result(target["destination"], bool(target.get("permanent")), revalidate)
-            rendered.headers = {**rendered.headers, PROPS_HEADER: json.dumps({"redirect": target})}
-            return rendered
+            return _with_header(rendered, PROPS_HEADER, json.dumps({"redirect": target}))
         props = result.get("props", {})
         if not isinstance(props, dict):
             raise TypeError(f"{self.file}: get_static_props() 'props' must be a dict")
@@ -323,9 +338,8 @@ class Route:
             props_json = json.dumps({"props": props}, default=str)
         except (TypeError, ValueError) as exc:
             raise TypeError(f"{self.file}: props must be JSON-serialisable: {exc}") from exc
-        rendered.headers = {**rendered.headers, PROPS_HEADER: props_json}
         rendered.revalidate = revalidate
-        return rendered
+        return _with_header(rendered, PROPS_HEADER, props_json)
 
     # -- request handlers (API routes, non-cached route handler methods) ------------------
 
@@ -374,17 +388,17 @@ def _check_params(params: Any, where: str) -> dict[str, Any]:
     return params
 
 
-def synthetic_request(path: str) -> Request:
-    """A header-less GET for ``path``: what a cached route handler renders against."""
+def synthetic_request(path: str, origin: Origin = LOCALHOST) -> Request:
+    """A GET for ``path`` from no one, at ``origin``: what a cached route handler renders against."""
     scope: dict[str, Any] = {
         "type": "http",
         "method": "GET",
         "path": path,
         "raw_path": path.encode(),
         "query_string": b"",
-        "headers": [],
-        "scheme": "http",
-        "server": ("localhost", 80),
+        "headers": [(b"host", origin.host.encode("latin-1"))],
+        "scheme": origin.scheme,
+        "server": (origin.hostname, origin.port),
         "client": None,
         "root_path": "",
         "http_version": "1.1",
