@@ -12,7 +12,12 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from pyisr.cache.entry import ONE_YEAR, CacheEntry
-from pyisr.cache.shareable import COOKIE_SEPARATOR, PER_RESPONSE, WRITTEN_BY_PYISR
+from pyisr.cache.shareable import (
+    COOKIE_SEPARATOR,
+    PER_RESPONSE,
+    WRITTEN_BY_PYISR,
+    keeps_out_of_shared_caches,
+)
 from pyisr.engine import CacheStatus
 
 NOSTORE = "private, no-cache, no-store, max-age=0, must-revalidate"
@@ -76,9 +81,23 @@ def content_headers(headers: Mapping[str, str], *, shared: bool = True) -> Heade
     return out
 
 
-def private_headers(headers: Mapping[str, str]) -> Headers:
-    """The headers of a response made for one visitor: its own, and ``no-store``."""
-    return [*content_headers(headers, shared=False), (b"cache-control", NOSTORE.encode())]
+def private_cache_control(own: str | None, fallback: str = NOSTORE) -> str:
+    """The one ``Cache-Control`` of a response answered to its visitor only.
+
+    The response's own when it already keeps shared caches out (``private`` or
+    ``no-store``: SPEC S-66), else ``fallback`` (:data:`NOSTORE`): a response that sets a
+    cookie must never be kept by a cache on the way, whatever it said.
+    """
+    return own if own is not None and keeps_out_of_shared_caches(own) else fallback
+
+
+def private_headers(headers: Mapping[str, str], fallback: str = NOSTORE) -> Headers:
+    """The headers of a response made for one visitor: its own, and one ``Cache-Control``.
+
+    ``headers`` have lower-case names (as entries and ``visitor_headers`` hold them).
+    """
+    cache_control = private_cache_control(headers.get("cache-control"), fallback)
+    return [*content_headers(headers, shared=False), (b"cache-control", cache_control.encode())]
 
 
 def entry_headers(entry: CacheEntry, status: CacheStatus) -> Headers:

@@ -149,7 +149,7 @@ class CanonicalOrigin:
         if self.site is not None:
             return self.site
         patterns = (*self.allowed_hosts, *allowed_hosts)
-        if host and host_allowed(host, patterns):
+        if host and patterns and host_allowed(host, patterns):
             return Origin("https" if scheme in ("https", "wss") else "http", host.lower())
         return self.default(allowed_hosts)
 

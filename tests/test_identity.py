@@ -400,6 +400,7 @@ def test_django_shared_render_is_a_fresh_request(django_site: Any, sync_engine: 
 
     client = Client(REMOTE_ADDR="203.0.113.9", HTTP_HOST="evil.example")
     client.cookies["sessionid"] = "abc"
+    client.cookies["csrftoken"] = "v" * 32  # the visitor's CSRF secret: META["CSRF_COOKIE"]
     first = client.get("/seen?q=1")
     assert first["x-pyisr-cache"] == "MISS"
     body = first.content.decode()
@@ -496,3 +497,79 @@ def test_flask_forged_host_never_reaches_a_shared_render(sync_engine: Engine) ->
         .get_data(as_text=True)
         .startswith("http://good.example/")
     )
+
+
+# -- every integration: private / no-store / Vary: * responses keep out of every cache -------
+
+
+def _private_views() -> tuple[Any, Any, Any]:
+    """The same three views in Starlette, Django and Flask: each says it is not shareable."""
+    from starlette.applications import Starlette
+    from starlette.responses import HTMLResponse
+    from starlette.routing import Route
+
+    headers = {"/private": {"cache-control": "private, max-age=60"}, "/vary": {"vary": "*"}}
+    counter = {"n": 0}
+
+    def body() -> str:
+        counter["n"] += 1
+        return f"render {counter['n']}"
+
+    async def star(request: Any) -> Any:
+        return HTMLResponse(body(), headers=headers[request.url.path])
+
+    asgi = Starlette(routes=[Route("/private", star), Route("/vary", star)])
+
+    from django.http import HttpResponse
+    from django.urls import path
+
+    from pyisr.integrations.django import isr as django_isr
+
+    @django_isr(revalidate=60)
+    def dj(request: Any) -> Any:
+        response = HttpResponse(body())
+        for name, value in headers[request.path].items():
+            response[name] = value
+        return response
+
+    class URLs:
+        urlpatterns = [path("private", dj), path("vary", dj)]
+
+    from flask import Flask, request
+
+    from pyisr.integrations.flask import isr as flask_isr
+
+    app = Flask("pyisr_private")
+
+    @app.get("/private", endpoint="private")
+    @app.get("/vary", endpoint="vary")
+    @flask_isr(revalidate=60)
+    def fl() -> Any:
+        return body(), 200, headers[request.path]
+
+    return asgi, URLs, app
+
+
+@pytest.mark.parametrize("framework", ["starlette", "django", "flask"])
+def test_integrations_never_store_private_no_store_or_vary_star(sync_engine: Engine, framework: str) -> None:
+    from django.test import Client, override_settings
+    from test_integrations import _configure_django
+
+    _configure_django()
+    asgi, urls, flask_app = _private_views()
+    expected = {"/private": "private, max-age=60", "/vary": NOSTORE}
+    with override_settings(ROOT_URLCONF=urls):
+        if framework == "starlette":
+            app = ISRMiddleware(asgi, routes={"/private": 60, "/vary": 60}, engine=sync_engine)
+            client: Any = _client(app)
+        elif framework == "django":
+            client = Client()
+        else:
+            client = flask_app.test_client()
+        for path, cache_control in expected.items():
+            first, second = client.get(path), client.get(path)
+            for response in (first, second):
+                assert response.headers.get("x-pyisr-cache") is None
+                values = [v for k, v in response.headers.items() if k.lower() == "cache-control"]
+                assert values == [cache_control], (path, values)
+            assert run_sync(sync_engine.inspect(path)) is None

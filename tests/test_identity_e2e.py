@@ -71,6 +71,14 @@ def test_a_page_that_sets_a_cookie_is_never_served_to_another_visitor(server: Se
     assert inspected.status_code == 404 and inspected.json()["cached"] is False, "never stored"
 
 
+def test_the_props_of_a_pages_page_that_sets_a_cookie_are_the_visitors_own(server: Server) -> None:
+    build_id = server.get("/_pyisr/health").json()["build_id"]
+    server.get("/p/7")
+    props = server.get(f"/_pyisr/data/{build_id}/p/7.json")
+    assert props.status_code == 200 and props.json() == {"props": {"id": "7"}}
+    assert one_cache_control(props) == NOSTORE
+
+
 def test_the_reason_is_logged_once_per_route(server: Server) -> None:
     for _ in range(3):
         server.get("/account")
@@ -79,20 +87,23 @@ def test_the_reason_is_logged_once_per_route(server: Server) -> None:
 
 
 @pytest.mark.parametrize(
-    ("path", "reason"),
+    ("path", "reason", "cache_control"),
     [
-        ("/private", "says Cache-Control: private"),
-        ("/nostore", "says Cache-Control: no-store"),
-        ("/vary", "says Vary: *"),
+        ("/private", "says Cache-Control: private", "private, max-age=60"),
+        ("/nostore", "says Cache-Control: no-store", "no-store"),
+        ("/vary", "says Vary: *", NOSTORE),
     ],
 )
-def test_private_no_store_and_vary_star_are_never_stored(server: Server, path: str, reason: str) -> None:
+def test_private_no_store_and_vary_star_are_never_stored(
+    server: Server, path: str, reason: str, cache_control: str
+) -> None:
+    """SPEC S-66: both rendered, neither stored; the page's own Cache-Control is kept."""
     first = server.get(path)
     second = server.get(path)
     assert first.status_code == second.status_code == 200
     assert first.text != second.text, "each visitor's own render"
     for response in (first, second):
-        assert one_cache_control(response) == NOSTORE
+        assert one_cache_control(response) == cache_control
         assert "etag" not in response.headers and response.headers.get("x-pyisr-cache") != "HIT"
     assert f"{path} {reason}: served uncached" in server.log()
 

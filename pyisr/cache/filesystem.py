@@ -74,7 +74,7 @@ from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pyisr.cache.entry import CacheEntry, make_etag
 from pyisr.cache.handler import CacheHandler
@@ -194,9 +194,7 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def _write_temp(
-    directory: Path, final_name: str, data: bytes, token: str, fsync: bool = True
-) -> Path:
+def _write_temp(directory: Path, final_name: str, data: bytes, token: str, fsync: bool = True) -> Path:
     """Write ``data`` to a fresh temporary file beside ``final_name`` and fsync it."""
     path = directory / f".{final_name}.{token}{_TEMP_SUFFIX}"
     with open(path, "xb") as f:
@@ -855,6 +853,15 @@ class FileSystemCache(CacheHandler):
         writer, self._staging_writer = self._staging_writer, None
         if writer is not None:
             writer.shutdown(wait=True)
+
+    def signing_key_home(self) -> Path | Literal["process"] | None:
+        """A key file beside the cache directory, not in it.
+
+        ``pyisr build`` replaces the cache directory by renaming a new one into place;
+        a key inside it would change with every build and make every signed value
+        unreadable. ``SITE/.pyisr/cache`` thus keeps its key in ``SITE/.pyisr/signing.key``.
+        """
+        return self.root.absolute().parent / "signing.key"
 
     def describe(self) -> dict[str, Any]:
         """Root and lock count; no directory walk, which could be slow on a big cache."""

@@ -14,7 +14,8 @@ import secrets
 import time
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Iterable, Mapping
-from typing import Any
+from pathlib import Path
+from typing import Any, Literal
 
 from pyisr.cache.entry import CacheEntry
 
@@ -105,6 +106,26 @@ class CacheHandler(ABC):
     async def close(self) -> None:
         """Release connections and files."""
 
+    def signing_key_home(self) -> Path | Literal["process"] | None:
+        """Where ``cached(..., serializer="pickle")`` may keep the key that signs its pickles.
+
+        Signing is what stops anyone who can write to the store from making this
+        process unpickle (and so run) their bytes, so the key must stay out of their
+        reach while every reader of the store shares it:
+
+        * ``None`` (the default, and right for any store other machines or apps may
+          share, such as Redis): pyisr cannot make up a key the other readers would
+          agree on, so pickle needs an explicit ``PYISR_SIGNING_KEY``;
+        * ``"process"``: nobody outside this process reads the store, so a random key
+          made per process is enough (``MemoryCache``);
+        * a ``Path``: a key file to create once (32 random bytes, mode 0600) and reuse,
+          for a store only processes on this machine with access to that file read.
+          It must not live inside a directory that is replaced as a whole.
+
+        ``PYISR_SIGNING_KEY``, when set, is used whatever this returns.
+        """
+        return None
+
     def describe(self) -> dict[str, Any]:
         """A short description for logs and the health endpoint."""
         return {"handler": self.name}
@@ -163,6 +184,10 @@ class _DuckHandler(CacheHandler):
             result = self._inner.close()
             if asyncio.iscoroutine(result):
                 await result
+
+    def signing_key_home(self) -> Path | Literal["process"] | None:
+        # Nothing is known about where a duck-typed store lives: treat it as shared.
+        return None
 
 
 def as_handler(obj: object) -> CacheHandler:

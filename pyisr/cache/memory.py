@@ -7,7 +7,8 @@ other processes do not see it; use ``FileSystemCache`` or ``RedisCache`` for tha
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterable, Mapping
-from typing import Any
+from pathlib import Path
+from typing import Any, Literal
 
 from pyisr.cache.entry import CacheEntry
 from pyisr.cache.handler import CacheHandler
@@ -63,6 +64,10 @@ class MemoryCache(CacheHandler):
         for key in self._entries.keys():
             if key.startswith(prefix):
                 yield key
+
+    def signing_key_home(self) -> Path | Literal["process"] | None:
+        """Only this process reads the entries, so a key it makes up is enough."""
+        return "process"
 
     def describe(self) -> dict[str, Any]:
         return {

@@ -45,6 +45,17 @@ def _pairs(headers: Mapping[str, str] | Iterable[tuple[str, str]]) -> Iterable[t
     return headers.items() if isinstance(headers, Mapping) else headers
 
 
+def _private_directive(cache_control: str) -> str | None:
+    """``private`` or ``no-store`` when the ``Cache-Control`` value has one of them."""
+    directives = {d.strip().split("=", 1)[0].lower() for d in cache_control.split(",")}
+    return next((d for d in _PRIVATE_DIRECTIVES if d in directives), None)
+
+
+def keeps_out_of_shared_caches(cache_control: str | None) -> bool:
+    """Whether a response's own ``Cache-Control`` already forbids shared caches to keep it."""
+    return cache_control is not None and _private_directive(cache_control) is not None
+
+
 def unshareable_reason(headers: Mapping[str, str] | Iterable[tuple[str, str]]) -> str | None:
     """Why a response with these headers may not be shared, or ``None`` if it may.
 
@@ -55,10 +66,9 @@ def unshareable_reason(headers: Mapping[str, str] | Iterable[tuple[str, str]]) -
         if lower == "set-cookie":
             return "sets a cookie"
         if lower == "cache-control":
-            directives = {d.strip().split("=", 1)[0].lower() for d in value.split(",")}
-            for directive in _PRIVATE_DIRECTIVES:
-                if directive in directives:
-                    return f"says Cache-Control: {directive}"
+            directive = _private_directive(value)
+            if directive is not None:
+                return f"says Cache-Control: {directive}"
         elif lower == "vary" and "*" in (v.strip() for v in value.split(",")):
             return "says Vary: *"
     return None
@@ -86,12 +96,14 @@ COOKIE_SEPARATOR = "\n"
 def visitor_headers(headers: Mapping[str, str] | Iterable[tuple[str, str]]) -> dict[str, str]:
     """The headers of a response answered to its own visitor only: all but pyisr's own.
 
-    Repeated ``Set-Cookie`` headers are kept, joined by :data:`COOKIE_SEPARATOR`.
+    Its ``Cache-Control`` is kept: one that says ``private`` or ``no-store`` is sent as it
+    is (``pyisr.http.private_cache_control``). Repeated ``Set-Cookie`` headers are kept,
+    joined by :data:`COOKIE_SEPARATOR`.
     """
     out: dict[str, str] = {}
     for name, value in _pairs(headers):
         lower = name.lower()
-        if lower in WRITTEN_BY_PYISR:
+        if lower in WRITTEN_BY_PYISR and lower != "cache-control":
             continue
         if lower in out:
             value = out[lower] + (COOKIE_SEPARATOR if lower == "set-cookie" else ", ") + value

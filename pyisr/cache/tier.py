@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator, Iterable, Mapping
-from typing import Any
+from pathlib import Path
+from typing import Any, Literal
 
 from pyisr.cache.entry import CacheEntry
 from pyisr.cache.handler import CacheHandler
@@ -165,6 +166,10 @@ class MemoryTier(CacheHandler):
     async def close(self) -> None:
         self._entries.clear()
         await self.backing.close()
+
+    def signing_key_home(self) -> Path | Literal["process"] | None:
+        """The backing store decides: the tier only holds copies of its entries."""
+        return self.backing.signing_key_home()
 
     def describe(self) -> dict[str, Any]:
         info = dict(self.backing.describe())

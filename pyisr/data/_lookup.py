@@ -6,21 +6,34 @@ is its link to the page rendering around it: the read is checked against the pag
 implicit tags (so ``revalidate_path`` refreshes the page's data too), a stale value
 is refetched in the foreground while the page itself regenerates, and the entry's
 tags and revalidate flow up into the page.
+
+The store may hold bytes this process did not write (anyone who can write to a
+shared Redis or the cache directory can put them there). An entry that does not
+decode is treated as missing: it is logged once, replaced by a freshly computed
+value, and never executed.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from pyisr.cache.entry import CacheEntry, EntryKind, Revalidate
 from pyisr.context import current_render
-from pyisr.engine import CacheStatus, RenderFn, RenderPolicy
+from pyisr.data.serializer import UnreadableEntry
+from pyisr.engine import CacheStatus, RenderFn, RenderPolicy, RevalidationError
 from pyisr.runtime import get_engine, run_sync
 
-DATA_KEY_VERSION = "v1"
+logger = logging.getLogger("pyisr.data")
+
+T = TypeVar("T")
+
+#: Part of every data key: entries written in another format by older versions are never read.
+DATA_KEY_VERSION = "v2"
 
 
 def data_key(*parts: Any) -> str:
@@ -44,23 +57,76 @@ class DataRequest:
         return cls(ctx.soft_tags, ctx.is_revalidating)
 
 
-async def read_through(
-    key: str,
-    compute: RenderFn,
-    revalidate: Revalidate,
-    tags: tuple[str, ...],
-    request: DataRequest,
-) -> tuple[CacheEntry, CacheStatus]:
-    policy = RenderPolicy(
+def data_policy(revalidate: Revalidate, tags: tuple[str, ...], request: DataRequest) -> RenderPolicy:
+    """The policy of a data entry: the same for a normal read and for replacing a bad entry."""
+    return RenderPolicy(
         kind=EntryKind.DATA,
         revalidate=revalidate,
         tags=tags,
         soft_tags=request.soft_tags,
         stale_blocks=request.stale_blocks,
     )
-    served = await get_engine().get(key, compute, policy)
+
+
+#: Keys already warned about; bounded so a flood of bad entries cannot grow it for ever.
+_warned: set[str] = set()
+_WARNED_MAX = 10_000
+
+
+def _warn_unreadable(key: str, what: str, exc: UnreadableEntry) -> None:
+    """Once per key: a store that keeps serving bad bytes must not flood the log."""
+    if key in _warned:
+        logger.debug("%s: stored value under %s is unreadable again (%s)", what, key, exc)
+        return
+    if len(_warned) >= _WARNED_MAX:
+        _warned.clear()
+    _warned.add(key)
+    logger.warning(
+        "%s: ignoring the stored value under %s (%s) and computing it afresh; it is never loaded. "
+        "If this repeats, check who can write to the cache and that every instance uses the same "
+        "PYISR_SIGNING_KEY.",
+        what,
+        key,
+        exc,
+    )
+
+
+async def read_through(
+    key: str,
+    compute: RenderFn,
+    revalidate: Revalidate,
+    tags: tuple[str, ...],
+    request: DataRequest,
+    decode: Callable[[bytes], T],
+    what: str,
+) -> tuple[T, CacheEntry, CacheStatus]:
+    """The decoded value of ``key``, its entry and how it was served.
+
+    ``decode`` raises :class:`UnreadableEntry` for bytes it does not trust; the entry
+    is then dropped and computed again on the engine's on-demand path, which renders
+    whatever else is cached and is not fenced by the dropped entry's time stamp.
+    """
+    policy = data_policy(revalidate, tags, request)
+    engine = get_engine()
+    served = await engine.get(key, compute, policy)
     assert served.entry is not None
-    return served.entry, served.status
+    try:
+        return decode(served.entry.body), served.entry, served.status
+    except UnreadableEntry as exc:
+        _warn_unreadable(key, what, exc)
+    try:
+        await engine.handler.delete(key)
+    except Exception as exc:  # noqa: BLE001 - the fresh entry replaces it anyway (or is fenced)
+        logger.debug("%s: could not delete the unreadable entry %s: %s", what, key, exc)
+    try:
+        entry = await engine.revalidate_now(key, compute, policy)
+    except RevalidationError as exc:
+        failure: BaseException = exc.__cause__ or exc
+    else:
+        return decode(entry.body), entry, CacheStatus.MISS
+    # The caller gets what computing raised, as for any missing entry (raised outside the
+    # ``except`` so the engine's wrapper does not show up as its context).
+    raise failure
 
 
 def record_in_render(entry: CacheEntry) -> None:
@@ -75,7 +141,9 @@ def read_through_sync(
     compute: RenderFn,
     revalidate: Revalidate,
     tags: tuple[str, ...],
-) -> tuple[CacheEntry, CacheStatus]:
+    decode: Callable[[bytes], T],
+    what: str,
+) -> tuple[T, CacheEntry, CacheStatus]:
+    """:func:`read_through` for sync callers; the render context is read on their thread."""
     request = DataRequest.from_context()
-    return run_sync(read_through(key, compute, revalidate, tags, request))
-
+    return run_sync(read_through(key, compute, revalidate, tags, request, decode, what))

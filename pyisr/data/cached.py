@@ -1,8 +1,12 @@
 """``cached``: Next.js' ``unstable_cache`` for Python functions, sync or async.
 
 The key is the function's identity (module, qualified name and a hash of its code, so
-an edited function does not serve results of the old one), the ``key_parts`` and the
-call's arguments. Results are pickled, like Django's cache: anything picklable works.
+an edited function does not serve results of the old one), the ``key_parts``, the
+call's arguments and the serializer. Results are stored as JSON by default (JSON
+types plus tuples, sets, bytes, dates and times, Decimal and UUID; anything else is
+refused when stored), or pickled and signed with ``serializer="pickle"``: a cache
+shared with others must never be a way to make this process run their code. See
+:mod:`pyisr.data.serializer`.
 """
 
 from __future__ import annotations
@@ -13,17 +17,19 @@ import functools
 import hashlib
 import inspect
 import os
-import pickle
 import threading
 import types
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar, overload
 
 from pyisr.cache.entry import validate_revalidate
 from pyisr.cache.tags import validate_tags
+from pyisr.data import serializer as codec
 from pyisr.data._lookup import DataRequest, data_key, read_through, read_through_sync, record_in_render
+from pyisr.data.serializer import SerializerName
 from pyisr.engine import Rendered
+from pyisr.runtime import get_engine
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -92,6 +98,7 @@ def cached(
     *,
     revalidate: int | bool | None = None,
     tags: Iterable[str] | None = None,
+    serializer: SerializerName = "json",
 ) -> F: ...
 
 
@@ -102,6 +109,7 @@ def cached(
     *,
     revalidate: int | bool | None = None,
     tags: Iterable[str] | None = None,
+    serializer: SerializerName = "json",
 ) -> Callable[[F], F]: ...
 
 
@@ -111,59 +119,88 @@ def cached(
     *,
     revalidate: int | bool | None = None,
     tags: Iterable[str] | None = None,
+    serializer: SerializerName = "json",
 ) -> Any:
     """Cache ``fn``'s results with stale-while-revalidate.
 
     ``revalidate``: seconds, or ``None``/``False`` to keep until a tag is revalidated
     (``0`` is refused: a value that is never cached needs no ``cached``). ``tags``:
-    names for ``revalidate_tag``. Usable as ``cached(fn, [...], ...)`` or as a
+    names for ``revalidate_tag``. ``serializer``: ``"json"`` (the default; a result
+    JSON cannot bring back as the same type is refused with a ``TypeError``) or
+    ``"pickle"`` (any picklable result, signed; needs ``PYISR_SIGNING_KEY`` with a
+    shared cache such as Redis). Usable as ``cached(fn, [...], ...)`` or as a
     decorator ``@cached(key_parts=[...], ...)``. A sync function gets a sync wrapper
     with an async twin at ``.aio``; an async function an async wrapper.
     """
     if fn is None:
-        return lambda f: cached(f, key_parts, revalidate=revalidate, tags=tags)
+        return lambda f: cached(f, key_parts, revalidate=revalidate, tags=tags, serializer=serializer)
     if not callable(fn):
         raise TypeError(f"cached() needs a function, not {type(fn).__name__}")
-    seconds = validate_revalidate(revalidate, where=f"cached({getattr(fn, '__name__', fn)!r})")
+    name = getattr(fn, "__name__", fn)
+    seconds = validate_revalidate(revalidate, where=f"cached({name!r})")
     if seconds == 0:
         raise ValueError(
-            f"cached({getattr(fn, '__name__', fn)!r}) got revalidate=0, which would never "
+            f"cached({name!r}) got revalidate=0, which would never "
             "cache: pass seconds > 0, or None/False to cache until a tag is revalidated"
         )
-    tag_tuple = validate_tags(tags, where=f"cached({getattr(fn, '__name__', fn)!r}) tags")
+    if serializer not in codec.SERIALIZERS:
+        raise ValueError(
+            f"cached({name!r}) got serializer={serializer!r}; use 'json' (the default) or 'pickle'"
+        )
+    tag_tuple = validate_tags(tags, where=f"cached({name!r}) tags")
     parts = [str(p) for p in (key_parts or [])]
     identity = _function_identity(fn)
     is_async = inspect.iscoroutinefunction(fn)
+    where = f"cached({name!r})"
+    what = f"cached({identity.partition('#')[0]})"
 
     def key_for(args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
-        return data_key("cached", identity, parts, list(args), kwargs)
+        # The serializer is part of the key: bytes of one format never reach the other's reader.
+        return data_key("cached", serializer, identity, parts, list(args), kwargs)
 
-    def compute_for(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Callable[..., Any]:
+    def secret() -> bytes | None:
+        # Asked on every call: the engine (and so the store) is only known once called.
+        return codec.signing_key(get_engine().handler, where=where) if serializer == "pickle" else None
+
+    def compute_for(
+        key: str, signing: bytes | None, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Callable[[], Awaitable[Rendered]]:
+        def encode(value: Any) -> bytes:
+            return codec.dumps(serializer, value, data_key=key, secret=signing, where=where)
+
         if is_async:
 
             async def compute_async() -> Rendered:
-                return Rendered(pickle.dumps(await fn(*args, **kwargs), protocol=5))
+                return Rendered(encode(await fn(*args, **kwargs)))
 
             return compute_async
 
+        def run() -> bytes:
+            return encode(fn(*args, **kwargs))
+
         async def compute_sync() -> Rendered:
             loop = asyncio.get_running_loop()
-            call = functools.partial(contextvars.copy_context().run, fn, *args, **kwargs)
-            value = await loop.run_in_executor(_data_executor(), call)
-            return Rendered(pickle.dumps(value, protocol=5))
+            call = functools.partial(contextvars.copy_context().run, run)
+            return Rendered(await loop.run_in_executor(_data_executor(), call))
 
         return compute_sync
 
+    def decoder(key: str, signing: bytes | None) -> Callable[[bytes], Any]:
+        return lambda body: codec.loads(serializer, body, data_key=key, secret=signing)
+
     async def call_async(*args: Any, **kwargs: Any) -> Any:
-        entry, _ = await read_through(
-            key_for(args, kwargs),
-            compute_for(args, kwargs),
+        key, signing = key_for(args, kwargs), secret()
+        value, entry, _ = await read_through(
+            key,
+            compute_for(key, signing, args, kwargs),
             seconds,
             tag_tuple,
             DataRequest.from_context(),
+            decoder(key, signing),
+            what,
         )
         record_in_render(entry)
-        return pickle.loads(entry.body)
+        return value
 
     if is_async:
         wrapper = functools.wraps(fn)(call_async)
@@ -171,11 +208,15 @@ def cached(
 
         @functools.wraps(fn)
         def wrapper(*args: Any, **kwargs: Any) -> Any:
-            entry, _ = read_through_sync(key_for(args, kwargs), compute_for(args, kwargs), seconds, tag_tuple)
+            key, signing = key_for(args, kwargs), secret()
+            value, entry, _ = read_through_sync(
+                key, compute_for(key, signing, args, kwargs), seconds, tag_tuple, decoder(key, signing), what
+            )
             record_in_render(entry)
-            return pickle.loads(entry.body)
+            return value
 
         wrapper.aio = call_async  # type: ignore[attr-defined]
     wrapper.cache_tags = tag_tuple  # type: ignore[attr-defined]
     wrapper.cache_revalidate = seconds  # type: ignore[attr-defined]
+    wrapper.cache_serializer = serializer  # type: ignore[attr-defined]
     return wrapper

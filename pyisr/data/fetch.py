@@ -7,12 +7,18 @@ revalidated, ``"no-store"`` never caches and makes the page around it dynamic.
 With neither ``cache`` nor ``revalidate``, a fetch inside a page render takes the
 page's revalidate, a fetch with ``tags`` is kept until they are revalidated, and a
 plain fetch outside any page is not cached.
+
+Responses are stored as JSON (status, headers, base64 body, URL and method), checked
+field by field when read back: anyone who can write to the store can put bytes
+there, and they must never be more than a response that is refetched.
 """
 
 from __future__ import annotations
 
 import asyncio
-import pickle
+import base64
+import binascii
+import json as jsonlib
 import time
 import warnings
 import weakref
@@ -26,6 +32,7 @@ from pyisr.cache.entry import Revalidate, validate_revalidate
 from pyisr.cache.tags import validate_tags
 from pyisr.context import current_render
 from pyisr.data._lookup import DataRequest, data_key, read_through, record_in_render
+from pyisr.data.serializer import UnreadableEntry
 from pyisr.engine import CacheStatus, Rendered
 from pyisr.log import enable_debug_logging, env_flag, fetch_logger
 from pyisr.runtime import run_sync
@@ -127,24 +134,59 @@ async def _send(
     return response
 
 
+#: Marks a stored response; another shape or version is never read as one.
+_FORMAT = "pyisr-fetch/1"
+_FIELDS = {"format", "status", "headers", "body", "url", "method"}
+
+
 def _encode(response: httpx.Response) -> bytes:
-    return pickle.dumps(
-        (
-            response.status_code,
-            list(response.headers.multi_items()),
-            response.content,
-            str(response.url),
-            response.request.method,
-        ),
-        protocol=5,
-    )
+    document = {
+        "format": _FORMAT,
+        "status": response.status_code,
+        # Raw header bytes as latin-1 text: every byte maps to one character and back.
+        "headers": [[k.decode("latin-1"), v.decode("latin-1")] for k, v in response.headers.raw],
+        "body": base64.b64encode(response.content).decode("ascii"),
+        "url": str(response.url),
+        "method": response.request.method,
+    }
+    return jsonlib.dumps(document, separators=(",", ":"), ensure_ascii=True).encode("ascii")
 
 
 def _decode(body: bytes) -> httpx.Response:
-    status, headers, content, url, method = pickle.loads(body)
-    # The stored body is already decoded; drop encoding headers so httpx does not decode twice.
-    headers = [(k, v) for k, v in headers if k.lower() not in ("content-encoding", "transfer-encoding")]
-    return httpx.Response(status, headers=headers, content=content, request=httpx.Request(method, url))
+    """The stored response; :class:`UnreadableEntry` unless every field has the shape we write."""
+    try:
+        document = jsonlib.loads(body)
+    except (ValueError, RecursionError):
+        raise UnreadableEntry("not a stored response (malformed JSON)") from None
+    if type(document) is not dict or document.get("format") != _FORMAT or set(document) != _FIELDS:
+        raise UnreadableEntry("not a stored response (unknown format)")
+    status, headers = document["status"], document["headers"]
+    url, method, content = document["url"], document["method"], document["body"]
+    if type(status) is not int or not 100 <= status <= 599:
+        raise UnreadableEntry("stored response has no valid status")
+    if type(headers) is not list or not all(
+        type(pair) is list and len(pair) == 2 and type(pair[0]) is str and type(pair[1]) is str
+        for pair in headers
+    ):
+        raise UnreadableEntry("stored response headers are not a list of name/value pairs")
+    if type(url) is not str or type(method) is not str or not method.isascii() or not method.isalpha():
+        raise UnreadableEntry("stored response has no valid URL or method")
+    if type(content) is not str:
+        raise UnreadableEntry("stored response body is not base64 text")
+    try:
+        raw = base64.b64decode(content, validate=True)
+    except (binascii.Error, ValueError):
+        raise UnreadableEntry("stored response body is not valid base64") from None
+    try:
+        # The stored body is already decoded; drop encoding headers so httpx does not decode twice.
+        kept = [
+            (k.encode("latin-1"), v.encode("latin-1"))
+            for k, v in headers
+            if k.lower() not in ("content-encoding", "transfer-encoding")
+        ]
+        return httpx.Response(status, headers=kept, content=raw, request=httpx.Request(method, url))
+    except Exception as exc:  # noqa: BLE001 - e.g. a URL or header httpx refuses
+        raise UnreadableEntry(f"stored response is not valid ({type(exc).__name__}: {exc})") from None
 
 
 async def fetch(
@@ -191,12 +233,19 @@ async def fetch(
         return Rendered(_encode(response))
 
     try:
-        entry, status = await read_through(key, compute, seconds, tag_tuple, DataRequest.from_context())
+        response, entry, status = await read_through(
+            key,
+            compute,
+            seconds,
+            tag_tuple,
+            DataRequest.from_context(),
+            _decode,
+            f"fetch({method} {full_url})",
+        )
     except UncacheableResponse as exc:
         _log_fetch(method, full_url, exc.response.status_code, (time.perf_counter() - started) * 1000, "miss")
         return exc.response
     record_in_render(entry)
-    response = _decode(entry.body)
     outcome = "hit" if status in (CacheStatus.HIT, CacheStatus.STALE) else "miss"
     _log_fetch(method, full_url, response.status_code, (time.perf_counter() - started) * 1000, outcome)
     return response

@@ -2,9 +2,11 @@
 
 Each integration is an adapter to the engine, like the server (DESIGN.md, "Layers"):
 it turns a request into a cache key (the normalised path; the query string never makes
-a new entry) and a render (the app's own view, called with a request stripped of what
-identifies the visitor), hands both to :meth:`Engine.get`, and turns the answer back
-into the framework's response with pyisr's headers (``pyisr.http``).
+a new entry) and a render (the app's own view, called with a request built from nothing:
+the path, the canonical host of ``pyisr.origin`` and the allowed headers), hands both to
+:meth:`Engine.get`, and turns the answer back into the framework's response with pyisr's
+headers (``pyisr.http``). A ``PRIVATE`` answer (the render belonged to its visitor, see
+``pyisr.cache.shareable``) is the app's own answer to the visitor's real request instead.
 
 - :class:`pyisr.integrations.asgi.ISRMiddleware` — any ASGI app (Starlette, FastAPI).
 - :func:`pyisr.integrations.django.isr` — a Django view decorator (``pyisr[django]``).

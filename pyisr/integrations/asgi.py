@@ -30,7 +30,7 @@ from urllib.parse import quote, unquote
 
 from pyisr.cache.entry import Revalidate
 from pyisr.engine import CacheStatus, Engine, Rendered, RenderFn, RenderPolicy
-from pyisr.http import NOSTORE
+from pyisr.http import private_cache_control
 from pyisr.integrations import (
     _PATH_SAFE,
     DEFAULT_ALLOW_HEADERS,
@@ -265,8 +265,15 @@ async def _send_no_store(app: ASGIApp, scope: Scope, receive: Receive, send: Sen
 
     async def send_marked(message: Message) -> None:
         if message["type"] == "http.response.start":
-            headers = [(k, v) for k, v in message.get("headers", ()) if bytes(k).lower() != b"cache-control"]
-            message = {**message, "headers": [*headers, (b"cache-control", NOSTORE.encode())]}
+            own = None
+            headers = []
+            for name, value in message.get("headers", ()):
+                if bytes(name).lower() == b"cache-control":
+                    own = bytes(value).decode("latin-1")
+                else:
+                    headers.append((name, value))
+            cache_control = private_cache_control(own).encode("latin-1")
+            message = {**message, "headers": [*headers, (b"cache-control", cache_control)]}
         await send(message)
 
     await app(scope, receive, send_marked)

@@ -35,7 +35,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without Django
 
 from pyisr.cache.entry import Revalidate
 from pyisr.engine import CacheStatus, Engine, Rendered, RenderPolicy
-from pyisr.http import NOSTORE
+from pyisr.http import private_cache_control
 from pyisr.integrations import (
     DEFAULT_ALLOW_HEADERS,
     SESSION_REASON,
@@ -359,7 +359,7 @@ def _response(served: Any, engine: Engine, request: Any) -> Any:
 
 def _no_store(response: Any) -> Any:
     """The view's own answer to its visitor, marked so no cache on the way keeps it."""
-    response["Cache-Control"] = NOSTORE
+    response["Cache-Control"] = private_cache_control(response.get("Cache-Control"))
     return response
 
 

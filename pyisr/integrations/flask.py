@@ -38,7 +38,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without Flask
 
 from pyisr.cache.entry import Revalidate
 from pyisr.engine import CacheStatus, Engine, Rendered, RenderPolicy
-from pyisr.http import NOSTORE
+from pyisr.http import private_cache_control
 from pyisr.integrations import (
     DEFAULT_ALLOW_HEADERS,
     SESSION_REASON,
@@ -125,7 +125,8 @@ def isr(
             if served.status is CacheStatus.PRIVATE:
                 # The page belongs to its visitor: the view answers this one itself.
                 response = app.make_response(app.ensure_sync(view)(*args, **kwargs))
-                response.headers["Cache-Control"] = NOSTORE
+                own = response.headers.get("Cache-Control")
+                response.headers["Cache-Control"] = private_cache_control(own)
                 return response
             status, headers, body = response_parts(
                 served, eng.clock(), request.headers.get("If-None-Match"), head=False

@@ -48,13 +48,13 @@ from pyisr.http import (
     age_header,
     cache_control,
     cache_status,
-    content_headers,
     entry_headers,
     etag_matches,
     not_modified,
+    private_headers,
 )
 from pyisr.log import enable_debug_logging
-from pyisr.origin import CanonicalOrigin, Origin
+from pyisr.origin import LOCALHOST, CanonicalOrigin, Origin
 from pyisr.paths import BadPath, normalize_path
 from pyisr.runtime import set_engine
 from pyisr.server import rsgi
@@ -480,7 +480,9 @@ class App:
         bot = bool(BOT_UA.search(headers.get("user-agent", "")))
         wait = headers.get("x-pyisr-wait") == "1"
         policy = route.policy(key, bot=bot or wait)
-        render = route.renderer(key, params, origin=self._origin_for(scope))
+        # Only a route handler's render sees a request, and so a host.
+        handler = route.kind is RouteKind.ROUTE_HANDLER
+        render = route.renderer(key, params, origin=self._origin_for(scope) if handler else LOCALHOST)
         try:
             served = await self.engine.get(key, render, policy)
         except Exception as exc:  # noqa: BLE001 - a failing page is a 500, never a crash
@@ -562,8 +564,7 @@ class App:
             await self._error(send, method)
             return
         body = rendered.body.encode() if isinstance(rendered.body, str) else rendered.body
-        out = content_headers(visitor_headers(rendered.headers), shared=False)
-        out.append((b"cache-control", (DEV_NOSTORE if self.dev else NOSTORE).encode()))
+        out = private_headers(visitor_headers(rendered.headers), DEV_NOSTORE if self.dev else NOSTORE)
         await self._send(send, rendered.status, out, body, method)
 
     async def _handler(self, route: Route, scope: Scope, receive: Receive, send: Send) -> None:
