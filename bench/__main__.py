@@ -43,25 +43,46 @@ def wait_idle(limit: float, threshold: float = 0.1) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
-    parser.add_argument("scenarios", nargs="+", choices=("all", "summary", *SCENARIOS),
-                        help="'all' runs every scenario in order; 'summary' only rewrites summary.md")
-    parser.add_argument("--quick", action="store_true",
-                        help="a short smoke run: shorter durations, 2,000 instead of 100,000 pages")
+    parser.add_argument(
+        "scenarios",
+        nargs="+",
+        choices=("all", "summary", *SCENARIOS),
+        help="'all' runs every scenario in order; 'summary' only rewrites summary.md",
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="a short smoke run: shorter durations, 2,000 instead of 100,000 pages",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS, help=f"results folder (default {RESULTS})")
-    parser.add_argument("--no-install", dest="install", action="store_false",
-                        help="never apt-get/pip install a missing tool: skip what needs it")
-    parser.add_argument("--profile", type=Path, metavar="DIR",
-                        help="record the pyisr servers with py-spy during an extra run (hit, stale, memory)")
+    parser.add_argument(
+        "--no-install",
+        dest="install",
+        action="store_false",
+        help="never apt-get/pip install a missing tool: skip what needs it",
+    )
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        metavar="DIR",
+        help="record the pyisr servers with py-spy during an extra run (hit, stale, memory)",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the generated sites and logs (printed)")
-    parser.add_argument("--wait-idle", type=float, default=0, metavar="SECONDS",
-                        help="before each scenario wait (at most SECONDS) until the CPUs are at least 90%% "
-                             "idle, so other work on the machine does not skew the numbers")
+    parser.add_argument(
+        "--wait-idle",
+        type=float,
+        default=0,
+        metavar="SECONDS",
+        help="before each scenario wait (at most SECONDS) until the CPUs are at least 90%% "
+        "idle, so other work on the machine does not skew the numbers",
+    )
     args = parser.parse_args(argv)
 
     names = list(SCENARIOS) if "all" in args.scenarios else [n for n in args.scenarios if n != "summary"]
     profile = args.profile.resolve() if args.profile else None
-    ctx = Context(quick=args.quick, out=args.out.resolve(), install=args.install, profile=profile,
-                  keep=args.keep)
+    ctx = Context(
+        quick=args.quick, out=args.out.resolve(), install=args.install, profile=profile, keep=args.keep
+    )
     failed: list[str] = []
     started = time.monotonic()
     try:

@@ -134,8 +134,11 @@ def git_revision() -> str | None:
     rev = first_line(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"])
     if rev is None or " " in rev:
         return None
-    dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"],
-                           capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(
+        ["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"],
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
     return rev + ("+dirty" if dirty else "")
 
 
@@ -220,8 +223,15 @@ def clean_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
 class PyisrServer:
     """A ``pyisr start`` subprocess on 127.0.0.1, stopped by its PID (its own process group)."""
 
-    def __init__(self, site: Path, *, server: str = "uvicorn", workers: int = 1,
-                 env: Mapping[str, str] | None = None, log_dir: Path | None = None) -> None:
+    def __init__(
+        self,
+        site: Path,
+        *,
+        server: str = "uvicorn",
+        workers: int = 1,
+        env: Mapping[str, str] | None = None,
+        log_dir: Path | None = None,
+    ) -> None:
         self.site = site
         self.server = server
         self.workers = workers
@@ -238,10 +248,21 @@ class PyisrServer:
 
     def start(self, timeout: float = 60) -> PyisrServer:
         log_file = open(self.log_path, "ab")
-        args = ["start", str(self.site), "--host", "127.0.0.1", "--port", str(self.port),
-                "--workers", str(self.workers), "--server", self.server]
-        self.proc = subprocess.Popen(PYISR + args, env=self.env, stdout=log_file, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
+        args = [
+            "start",
+            str(self.site),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--workers",
+            str(self.workers),
+            "--server",
+            self.server,
+        ]
+        self.proc = subprocess.Popen(
+            PYISR + args, env=self.env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True
+        )
         log_file.close()
         started = time.monotonic()
         deadline = started + timeout
@@ -293,14 +314,20 @@ class PyisrServer:
         return {"rss_kb": rss, "hwm_kb": hwm, "processes": len(pids)}
 
 
-def run_build(site: Path, env: Mapping[str, str] | None = None, timeout: float = 900,
-              log_path: Path | None = None) -> dict[str, Any]:
+def run_build(
+    site: Path, env: Mapping[str, str] | None = None, timeout: float = 900, log_path: Path | None = None
+) -> dict[str, Any]:
     """``pyisr build SITE`` as a child: wall time, exit code and the child's peak RSS (``wait4``)."""
     log_path = log_path or site.parent / "build.log"
     with open(log_path, "wb") as log_file:
         started = time.perf_counter()
-        proc = subprocess.Popen(PYISR + ["build", str(site)], env=clean_env(env), stdout=log_file,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            PYISR + ["build", str(site)],
+            env=clean_env(env),
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         timer = _Killer(proc.pid, timeout)
         try:
             _, status, usage = os.wait4(proc.pid, 0)
@@ -315,8 +342,14 @@ def run_build(site: Path, env: Mapping[str, str] | None = None, timeout: float =
     for line in output.splitlines():
         if line.startswith("Built ") and "pages in" in line:
             reported = float(line.split(" in ")[1].split("s")[0])
-    return {"wall_s": wall, "reported_s": reported, "peak_rss_mb": usage.ru_maxrss / 1024,
-            "user_s": usage.ru_utime, "sys_s": usage.ru_stime, "timed_out": timer.fired}
+    return {
+        "wall_s": wall,
+        "reported_s": reported,
+        "peak_rss_mb": usage.ru_maxrss / 1024,
+        "user_s": usage.ru_utime,
+        "sys_s": usage.ru_stime,
+        "timed_out": timer.fired,
+    }
 
 
 class _Killer:
@@ -432,10 +465,12 @@ def render_markdown(data: Mapping[str, Any]) -> str:
     elif data.get("rows"):
         lines += [markdown_table(columns, data["rows"]), ""]
     if data.get("targets"):
-        lines.append(markdown_table(
-            [("target", "target"), ("goal", "goal"), ("value", "measured"), ("met", "met")],
-            [{**t, "met": _met_word(t["met"])} for t in data["targets"]],
-        ))
+        lines.append(
+            markdown_table(
+                [("target", "target"), ("goal", "goal"), ("value", "measured"), ("met", "met")],
+                [{**t, "met": _met_word(t["met"])} for t in data["targets"]],
+            )
+        )
         lines.append("")
     for note in data.get("notes", []):
         lines.append(f"- {note}")
@@ -446,8 +481,12 @@ def render_markdown(data: Mapping[str, Any]) -> str:
 
 def write_summary(out: Path) -> Path:
     """``summary.md``: every scenario's latest JSON in ``out``, in suite order."""
-    parts = ["# pyisr benchmark results", "",
-             "Generated by `python -m bench` from the JSON files beside this one.", ""]
+    parts = [
+        "# pyisr benchmark results",
+        "",
+        "Generated by `python -m bench` from the JSON files beside this one.",
+        "",
+    ]
     targets: list[dict[str, Any]] = []
     sections = []
     for name in SCENARIOS:
@@ -462,12 +501,25 @@ def write_summary(out: Path) -> Path:
         for t in data.get("targets", []):
             targets.append({"scenario": name, **t, "met": _met_word(t["met"])})
         if data.get("skipped"):
-            targets.append({"scenario": name, "target": "–", "goal": "–", "value": data["skipped"],
-                            "met": "skipped"})
+            targets.append(
+                {"scenario": name, "target": "–", "goal": "–", "value": data["skipped"], "met": "skipped"}
+            )
     if targets:
-        parts += ["## Targets", "",
-                  markdown_table([("scenario", "scenario"), ("target", "target"), ("goal", "goal"),
-                                  ("value", "measured"), ("met", "met")], targets), ""]
+        parts += [
+            "## Targets",
+            "",
+            markdown_table(
+                [
+                    ("scenario", "scenario"),
+                    ("target", "target"),
+                    ("goal", "goal"),
+                    ("value", "measured"),
+                    ("met", "met"),
+                ],
+                targets,
+            ),
+            "",
+        ]
     parts += ["## Scenarios", ""] + sections
     path = out / "summary.md"
     path.write_text("\n".join(parts).rstrip() + "\n")

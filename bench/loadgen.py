@@ -129,8 +129,14 @@ def cache_word(response: Response) -> str:
     return word or "none"
 
 
-async def closed_loop(port: int, paths: Sequence[str], *, connections: int, duration: float,
-                      classify: Callable[[Response], str] = cache_word) -> Samples:
+async def closed_loop(
+    port: int,
+    paths: Sequence[str],
+    *,
+    connections: int,
+    duration: float,
+    classify: Callable[[Response], str] = cache_word,
+) -> Samples:
     """``connections`` keep-alive connections, each sending its next request when the last answered.
 
     Connection ``i`` walks ``paths`` starting at offset ``i``, so every path gets the same load.
@@ -160,8 +166,9 @@ async def closed_loop(port: int, paths: Sequence[str], *, connections: int, dura
     return samples
 
 
-async def burst(port: int, path: str, count: int, *, connect_timeout: float = 30,
-                timeout: float = 60) -> tuple[list[Response], int]:
+async def burst(
+    port: int, path: str, count: int, *, connect_timeout: float = 30, timeout: float = 60
+) -> tuple[list[Response], int]:
     """``count`` requests to ``path`` at the same instant, each on its own connection.
 
     All connections are opened first; then every request is written in one go, so the
@@ -169,7 +176,8 @@ async def burst(port: int, path: str, count: int, *, connect_timeout: float = 30
     """
     conns = [Connection(port) for _ in range(count)]
     opened = await asyncio.wait_for(
-        asyncio.gather(*(c.open() for c in conns), return_exceptions=True), connect_timeout)
+        asyncio.gather(*(c.open() for c in conns), return_exceptions=True), connect_timeout
+    )
     live = [c for c, r in zip(conns, opened, strict=True) if not isinstance(r, BaseException)]
     failures = count - len(live)
     gate = asyncio.Event()
@@ -194,9 +202,15 @@ async def burst(port: int, path: str, count: int, *, connect_timeout: float = 30
     return responses, failures + (len(done) - len(responses))
 
 
-async def sweep(port: int, paths: Sequence[str], *, connections: int, deadline: float,
-                on_progress: Callable[[int], None] | None = None,
-                progress_every: int = 5000) -> tuple[int, int, dict[int, int]]:
+async def sweep(
+    port: int,
+    paths: Sequence[str],
+    *,
+    connections: int,
+    deadline: float,
+    on_progress: Callable[[int], None] | None = None,
+    progress_every: int = 5000,
+) -> tuple[int, int, dict[int, int]]:
     """Request every path once, over ``connections`` connections, until done or ``deadline``.
 
     Returns (requests answered, errors, status counts).

@@ -54,10 +54,18 @@ class _RSGIProto:
 
 def _scope() -> dict[str, Any]:
     return {
-        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "GET",
-        "scheme": "http", "path": PATH, "raw_path": PATH.encode(), "query_string": b"",
-        "root_path": "", "headers": [(b"host", b"127.0.0.1:3000")],
-        "client": ("127.0.0.1", 50000), "server": ("127.0.0.1", 3000),
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "GET",
+        "scheme": "http",
+        "path": PATH,
+        "raw_path": PATH.encode(),
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(b"host", b"127.0.0.1:3000")],
+        "client": ("127.0.0.1", 50000),
+        "server": ("127.0.0.1", 3000),
     }
 
 
@@ -92,12 +100,12 @@ async def _measure(site: Path, n: int) -> list[tuple[str, float]]:
     rows = []
     for label, fast in (("full path (fast path off)", False), ("fast path", True)):
         app = App(site)
-        await app._prepare()
-        app._hot_enabled = fast
+        await app.startup()
+        app.fast.enabled = fast
         rows.append((f"ASGI, {label}", await _time_asgi(app, n)))
         if fast:
             rows.append((f"RSGI, {label}", await _time_rsgi(app, n)))
-        await app._shutdown()
+        await app.shutdown()
     return rows
 
 

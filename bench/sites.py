@@ -76,8 +76,10 @@ def _write(root: Path, files: dict[str, str]) -> Path:
 
 def hit_site(root: Path, pages: int = 10) -> Path:
     """``/hit/1`` .. ``/hit/N``: prerendered, revalidate 3600 (a HIT for the whole run)."""
-    return _write(root, {
-        "app/hit/[id]/page.py": f"""
+    return _write(
+        root,
+        {
+            "app/hit/[id]/page.py": f"""
             import _bench
 
             revalidate = 3600
@@ -90,13 +92,16 @@ def hit_site(root: Path, pages: int = 10) -> Path:
             def page(params):
                 return _bench.html(f"Post {{params['id']}}")
             """,
-    })
+        },
+    )
 
 
 def stale_site(root: Path, pages: int = 10, delay: float = 0.2) -> Path:
     """``/stale/1`` .. ``/stale/N``: revalidate 1, each render sleeps ``delay`` (a sync page)."""
-    return _write(root, {
-        "app/stale/[id]/page.py": f"""
+    return _write(
+        root,
+        {
+            "app/stale/[id]/page.py": f"""
             import time
 
             import _bench
@@ -113,14 +118,17 @@ def stale_site(root: Path, pages: int = 10, delay: float = 0.2) -> Path:
                 time.sleep({delay})
                 return _bench.html(f"Post {{params['id']}}", f"rendered at {{time.time():.3f}}")
             """,
-    })
+        },
+    )
 
 
 def herd_site(root: Path, stale_ids: int, delay: float = 0.5, stale_revalidate: int = 3) -> Path:
     """``/herdmiss/<id>``: never prerendered (a blocking render); ``/herdstale/<id>``: prerendered,
     revalidate ``stale_revalidate``. Both render in ``delay`` seconds and count their renders."""
-    return _write(root, {
-        "app/herdmiss/[id]/page.py": f"""
+    return _write(
+        root,
+        {
+            "app/herdmiss/[id]/page.py": f"""
             import time
 
             import _bench
@@ -133,7 +141,7 @@ def herd_site(root: Path, stale_ids: int, delay: float = 0.5, stale_revalidate: 
                 time.sleep({delay})
                 return _bench.html(f"Missing {{params['id']}}")
             """,
-        "app/herdstale/[id]/page.py": f"""
+            "app/herdstale/[id]/page.py": f"""
             import time
 
             import _bench
@@ -150,13 +158,16 @@ def herd_site(root: Path, stale_ids: int, delay: float = 0.5, stale_revalidate: 
                 time.sleep({delay})
                 return _bench.html(f"Stale {{params['id']}}", f"rendered at {{time.time():.3f}}")
             """,
-    })
+        },
+    )
 
 
 def build_site(root: Path, pages: int) -> Path:
     """``/b/1`` .. ``/b/N``: simple Jinja2 template pages (a sync ``page`` and ``render_template``)."""
-    return _write(root, {
-        "templates/item.html": """
+    return _write(
+        root,
+        {
+            "templates/item.html": """
             <!DOCTYPE html>
             <html><head><meta charset="utf-8"><title>{{ title }}</title></head>
             <body>
@@ -166,7 +177,7 @@ def build_site(root: Path, pages: int) -> Path:
             <p class="note">Item {{ id }} of {{ total }}.</p>
             </body></html>
             """,
-        "app/b/[id]/page.py": f"""
+            "app/b/[id]/page.py": f"""
             from pyisr import render_template
 
             revalidate = 3600
@@ -184,13 +195,16 @@ def build_site(root: Path, pages: int) -> Path:
                     tags=["alpha", "beta", "gamma"], total=TOTAL,
                 )
             """,
-    })
+        },
+    )
 
 
 def memory_site(root: Path) -> Path:
     """``/m/<anything>``: dynamic params, nothing prerendered, a ~1.5 KB page, revalidate 3600."""
-    return _write(root, {
-        "app/m/[id]/page.py": """
+    return _write(
+        root,
+        {
+            "app/m/[id]/page.py": """
             import _bench
 
             revalidate = 3600
@@ -203,14 +217,17 @@ def memory_site(root: Path) -> Path:
             async def page(params):
                 return _bench.html(f"Page {params['id']}")
             """,
-    })
+        },
+    )
 
 
 def invalidate_site(root: Path, pages: int) -> Path:
     """``/t/1`` .. ``/t/N`` tagged ``bench-tag``, never time-revalidated, showing ``version()``;
     ``/pid`` (uncached) answers the PID of the worker serving the connection."""
-    return _write(root, {
-        "app/t/[id]/page.py": f"""
+    return _write(
+        root,
+        {
+            "app/t/[id]/page.py": f"""
             import _bench
 
             revalidate = False
@@ -225,11 +242,12 @@ def invalidate_site(root: Path, pages: int) -> Path:
                 _bench.count("t-" + params["id"])
                 return _bench.html(f"Tagged {{params['id']}}", "version=" + _bench.version())
             """,
-        "app/pid/route.py": """
+            "app/pid/route.py": """
             import os
 
 
             def GET(request):
                 return {"pid": os.getpid()}
             """,
-    })
+        },
+    )

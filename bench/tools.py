@@ -88,8 +88,10 @@ def _ensure_debian(binary: str, package: str, install: bool) -> str:
     why = _apt_install([package])
     path = which(binary)
     if path is None:
-        raise Skip(f"{binary} not found and could not be installed ({why or 'unknown reason'}); "
-                   f"install it by hand: apt-get install -y {package}")
+        raise Skip(
+            f"{binary} not found and could not be installed ({why or 'unknown reason'}); "
+            f"install it by hand: apt-get install -y {package}"
+        )
     return path
 
 
@@ -108,8 +110,9 @@ def ensure_granian(install: bool = True) -> None:
     if not install:
         raise Skip("granian is not installed (pip install granian; --no-install was given)")
     log("installing granian with pip ...")
-    done = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "granian"], capture_output=True,
-                          text=True, timeout=600)
+    done = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "-q", "granian"], capture_output=True, text=True, timeout=600
+    )
     importlib.invalidate_caches()
     if done.returncode != 0 or importlib.util.find_spec("granian") is None:
         raise Skip(f"granian is not installed and pip failed: {done.stderr.strip()[-300:]}")
@@ -152,29 +155,46 @@ class WrkResult:
     latency_ms: dict[str, float]
 
     def as_row(self) -> dict[str, Any]:
-        return {"rps": self.rps, "requests": self.requests, "errors": sum(self.errors.values()),
-                **{f"{k}_ms": v for k, v in self.latency_ms.items()}}
+        return {
+            "rps": self.rps,
+            "requests": self.requests,
+            "errors": sum(self.errors.values()),
+            **{f"{k}_ms": v for k, v in self.latency_ms.items()},
+        }
 
 
-def run_wrk(wrk: str, url: str, *, duration: float, connections: int = 50, threads: int = 2,
-            script_dir: Path) -> WrkResult:
+def run_wrk(
+    wrk: str, url: str, *, duration: float, connections: int = 50, threads: int = 2, script_dir: Path
+) -> WrkResult:
     """``wrk -tT -cC -dDs --latency URL``, bounded by its duration (plus a hard timeout)."""
     if not url.startswith("http://127.0.0.1:"):
         raise ValueError(f"load tests only target 127.0.0.1, not {url}")
     script = script_dir / "report.lua"
     if not script.exists():
         script.write_text(WRK_LUA)
-    args = [wrk, f"-t{threads}", f"-c{connections}", f"-d{max(1, round(duration))}s", "--timeout", "5s",
-            "--latency", "-s", str(script), url]
+    args = [
+        wrk,
+        f"-t{threads}",
+        f"-c{connections}",
+        f"-d{max(1, round(duration))}s",
+        "--timeout",
+        "5s",
+        "--latency",
+        "-s",
+        str(script),
+        url,
+    ]
     try:
         done = subprocess.run(args, capture_output=True, text=True, timeout=duration + 30)
     except subprocess.TimeoutExpired as exc:  # run() has killed it
-        raise WrkTimeout(f"wrk did not finish a {duration:.0f}s run within {duration + 30:.0f}s "
-                         "(the machine is overloaded?)") from exc
+        raise WrkTimeout(
+            f"wrk did not finish a {duration:.0f}s run within {duration + 30:.0f}s "
+            "(the machine is overloaded?)"
+        ) from exc
     line = next((ln for ln in done.stdout.splitlines() if ln.startswith("WRKJSON ")), None)
     if done.returncode != 0 or line is None:
         raise RuntimeError(f"wrk failed ({done.returncode}): {done.stdout[-1000:]} {done.stderr[-1000:]}")
-    data = json.loads(line[len("WRKJSON "):])
+    data = json.loads(line[len("WRKJSON ") :])
     seconds = data["duration_us"] / 1e6
     lat = {k: round(v / 1000, 3) for k, v in data["latency_us"].items()}
     rps = data["requests"] / seconds if seconds else 0.0
@@ -270,9 +290,12 @@ class Nginx(_Background):
         conf = self.prefix / "nginx.conf"
         conf.write_text(NGINX_CONF.format(user=user, prefix=self.prefix, port=self.port, root=self.root))
         log_file = open(self.prefix / "stderr.log", "ab")
-        self.proc = subprocess.Popen([self.binary, "-p", str(self.prefix), "-c", str(conf),
-                                      "-e", str(self.prefix / "error.log")],
-                                     stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
+        self.proc = subprocess.Popen(
+            [self.binary, "-p", str(self.prefix), "-c", str(conf), "-e", str(self.prefix / "error.log")],
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         log_file.close()
         self._wait_until_up("nginx", self.prefix / "stderr.log", 15)
         return self
@@ -293,16 +316,46 @@ class Ceiling(_Background):
 
     def start(self) -> Ceiling:
         if self.server == "uvicorn":
-            args = [sys.executable, "-m", "uvicorn", "bench.ceiling:app", "--host", "127.0.0.1",
-                    "--port", str(self.port), "--no-access-log", "--log-level", "warning"]
+            args = [
+                sys.executable,
+                "-m",
+                "uvicorn",
+                "bench.ceiling:app",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--no-access-log",
+                "--log-level",
+                "warning",
+            ]
         else:
-            args = [sys.executable, "-m", "granian", "--interface", "rsgi", "--host", "127.0.0.1",
-                    "--port", str(self.port), "--workers", "1", "--no-ws", "bench.ceiling:rsgi_app"]
+            args = [
+                sys.executable,
+                "-m",
+                "granian",
+                "--interface",
+                "rsgi",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--workers",
+                "1",
+                "--no-ws",
+                "bench.ceiling:rsgi_app",
+            ]
         from bench.common import clean_env
 
         log_file = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(args, env=clean_env(), stdout=log_file, stderr=subprocess.STDOUT,
-                                     start_new_session=True, cwd=str(Path(__file__).resolve().parent.parent))
+        self.proc = subprocess.Popen(
+            args,
+            env=clean_env(),
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            cwd=str(Path(__file__).resolve().parent.parent),
+        )
         log_file.close()
         self._wait_until_up("ceiling app", self.log_path, 30)
         return self
@@ -325,10 +378,29 @@ def profiling(pid: int, out: Path | None, name: str, duration: float) -> Iterato
     procs = []
     for fmt, suffix in (("flamegraph", "svg"), ("raw", "txt")):
         target = out / f"{name}.{suffix}"
-        procs.append(subprocess.Popen(
-            [spy, "record", "--subprocesses", "--nonblocking", "-r", "200", "-d", str(max(1, int(duration))),
-             "-f", fmt, "-o", str(target), "-p", str(pid)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True))
+        procs.append(
+            subprocess.Popen(
+                [
+                    spy,
+                    "record",
+                    "--subprocesses",
+                    "--nonblocking",
+                    "-r",
+                    "200",
+                    "-d",
+                    str(max(1, int(duration))),
+                    "-f",
+                    fmt,
+                    "-o",
+                    str(target),
+                    "-p",
+                    str(pid),
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+        )
     try:
         yield
     finally:
@@ -352,7 +424,7 @@ def _frame(raw: str) -> str:
         return raw
     parts = where.rstrip(")").rsplit(":", 1)[0].split("/")
     if "pyisr" in parts:
-        parts = parts[len(parts) - 1 - parts[::-1].index("pyisr"):]
+        parts = parts[len(parts) - 1 - parts[::-1].index("pyisr") :]
     else:
         parts = parts[-2:]
     return f"{name} ({'/'.join(parts)})"
@@ -398,10 +470,22 @@ class RedisServer:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> RedisServer:
-        args = [self.binary, "--bind", "127.0.0.1", "--port", str(self.port), "--save", "",
-                "--appendonly", "no", "--dir", str(self.workdir)]
-        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                     start_new_session=True)
+        args = [
+            self.binary,
+            "--bind",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(self.workdir),
+        ]
+        self.proc = subprocess.Popen(
+            args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+        )
         time.sleep(0.3)
         return self
 

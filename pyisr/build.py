@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import json
 import os
 import secrets
@@ -21,13 +20,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pyisr.cache.urls import build_handler
+from pyisr.cache.files import atomic_write, exclusive_lock
 from pyisr.config import Config
 from pyisr.engine import Engine, NotShareable, RevalidationError
 from pyisr.origin import CanonicalOrigin
-from pyisr.runtime import set_engine
 from pyisr.site.route import Route
 from pyisr.site.site import BUILD_ID, MANIFEST, Site
+from pyisr.site_store import is_shared_cache, open_site_cache
 
 
 @dataclass
@@ -72,52 +71,72 @@ class BuildInProgress(RuntimeError):
 @contextlib.contextmanager
 def _exclusive_build(dot: Path) -> Iterator[None]:
     """One build of a site at a time: a second one would remove the first's staging directory."""
-    fd = os.open(dot / "build.lock", os.O_RDWR | os.O_CREAT, 0o666)
+    lock = dot / "build.lock"
+    held = exclusive_lock(lock, blocking=False)
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            lock = dot / "build.lock"
-            raise BuildInProgress(f"another `pyisr build` of this site is running ({lock})") from None
+        held.__enter__()
+    except BlockingIOError:
+        raise BuildInProgress(f"another `pyisr build` of this site is running ({lock})") from None
+    try:
         yield
     finally:
-        os.close(fd)  # releases the lock
+        held.__exit__(None, None, None)
 
 
 async def _build_locked(
     site: Site, config: Config, progress: ProgressFn | None, build_id: str, started: float
 ) -> BuildResult:
     dot = site.dot_dir
-    staging: Path | None = None
-    #: Nobody serves from the store being filled (a private directory, or Redis keys under
-    #: this new build's id): no previous entry to read, no other process to tell.
-    fresh_store = True
-    if not config.cache:
-        from pyisr.cache.filesystem import FileSystemCache
-
-        # The default cache lives inside .pyisr/. The new pages go to a private directory
-        # that replaces the old cache only once the build succeeded: a server still running
-        # on the old build keeps its pages meanwhile, and a failed build loses nothing. As
-        # nobody reads that directory yet, pages are written straight into place, unfsynced
-        # (that was most of the build's time); one sync before it is published.
-        _remove_stale_staging(dot)
-        staging = dot / f"{_STAGING_PREFIX}{build_id}"
-        handler: Any = FileSystemCache(staging, fsync=False, staging=True)
-    else:
-        cache: Any = config.cache
-        fresh_store = isinstance(cache, str) and cache.startswith(("redis", "rediss"))
-        if fresh_store:
-            sep = "&" if "?" in cache else "?"
-            cache = f"{cache}{sep}build_id={build_id}"
-        handler = build_handler(cache, base_dir=site.root, memory_tier_bytes=0)
+    handler, staging, fresh_store = _open_build_store(site, config, build_id)
     engine = Engine(
         handler,
         render_timeout=config.render_timeout,
         max_concurrent_renders=config.render_concurrency,
         debug=config.debug_cache or None,
     )
-    set_engine(engine)
-    engine.path_resolver = None
+    # Pages' data calls go through this engine too: the render context carries it.
+    reports, jobs, errors = await _plan(site)
+    complete = False
+    try:
+        await _prerender_all(engine, site, config, jobs, errors, fresh_store=fresh_store, progress=progress)
+        await engine.drain()
+        complete = not errors
+    finally:
+        await handler.close()
+        if staging is not None and not complete:
+            shutil.rmtree(staging, ignore_errors=True)  # failed or interrupted: never published
+    if staging is not None and not errors:
+        os.sync()
+        _publish(staging, dot / "cache")
+    result = BuildResult(build_id, reports, errors, time.perf_counter() - started)
+    if not errors:
+        _write_manifest(site, result)
+    return result
+
+
+def _open_build_store(site: Site, config: Config, build_id: str) -> tuple[Any, Path | None, bool]:
+    """The store the build fills, its staging directory if any, and whether nobody serves it yet.
+
+    The default cache lives inside .pyisr/. The new pages go to a private directory that
+    replaces the old cache only once the build succeeded: a server still running on the
+    old build keeps its pages meanwhile, and a failed build loses nothing. As nobody
+    reads that directory yet, pages are written straight into place, unfsynced (that was
+    most of the build's time); one sync before it is published. A shared store gets a
+    namespace of its own for this build, which nobody serves yet either. Only an explicit
+    local cache is a store being served, with on-demand semantics.
+    """
+    if not config.cache:
+        from pyisr.cache.filesystem import FileSystemCache
+
+        _remove_stale_staging(site.dot_dir)
+        staging = site.dot_dir / f"{_STAGING_PREFIX}{build_id}"
+        return FileSystemCache(staging, fsync=False, staging=True), staging, True
+    handler = open_site_cache(site.root, config, build_id=build_id, memory_tier_bytes=0)
+    return handler, None, is_shared_cache(config.cache)
+
+
+async def _plan(site: Site) -> tuple[list[RouteReport], list[tuple[RouteReport, str]], list[tuple[str, str]]]:
+    """Every route's report, the (route, key) pairs to prerender, and the errors found so far."""
     reports: list[RouteReport] = []
     errors: list[tuple[str, str]] = []
     jobs: list[tuple[RouteReport, str]] = []
@@ -125,7 +144,8 @@ async def _build_locked(
         report = RouteReport(route)
         reports.append(report)
         try:
-            keys = await route.static_keys()
+            paths = await route.static_paths()
+            route.fallback, keys = paths.fallback, paths.keys
         except Exception as exc:  # noqa: BLE001 - reported with the route
             errors.append((route.pattern, f"{type(exc).__name__}: {exc}"))
             continue
@@ -138,6 +158,20 @@ async def _build_locked(
             if key not in seen:
                 seen.add(key)
                 jobs.append((report, key))
+    return reports, jobs, errors
+
+
+async def _prerender_all(
+    engine: Engine,
+    site: Site,
+    config: Config,
+    jobs: list[tuple[RouteReport, str]],
+    errors: list[tuple[str, str]],
+    *,
+    fresh_store: bool,
+    progress: ProgressFn | None,
+) -> None:
+    """Render and store every planned page, ``render_concurrency`` at a time."""
     total, done = len(jobs), 0
     origin = CanonicalOrigin(config.site_url, config.allowed_hosts).default()
     semaphore = asyncio.Semaphore(config.render_concurrency)
@@ -171,23 +205,7 @@ async def _build_locked(
         if progress is not None:
             progress(done, total)
 
-    complete = False
-    try:
-        await asyncio.gather(*(prerender(r, k) for r, k in jobs))
-        await engine.drain()
-        complete = not errors
-    finally:
-        await handler.close()
-        set_engine(None)
-        if staging is not None and not complete:
-            shutil.rmtree(staging, ignore_errors=True)  # failed or interrupted: never published
-    if staging is not None and not errors:
-        os.sync()
-        _publish(staging, dot / "cache")
-    result = BuildResult(build_id, reports, errors, time.perf_counter() - started)
-    if not errors:
-        _write_manifest(site, result)
-    return result
+    await asyncio.gather(*(prerender(r, k) for r, k in jobs))
 
 
 _STAGING_PREFIX = "cache.building-"
@@ -241,14 +259,5 @@ def _write_manifest(site: Site, result: BuildResult) -> None:
         ],
     }
     dot = site.dot_dir
-    _atomic_write(dot / MANIFEST, json.dumps(manifest, indent=2).encode())
-    _atomic_write(dot / BUILD_ID, result.build_id.encode())
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    atomic_write(dot / MANIFEST, json.dumps(manifest, indent=2).encode())
+    atomic_write(dot / BUILD_ID, result.build_id.encode())

@@ -249,13 +249,11 @@ def cache() -> None:
 
 
 def _site_engine(site: Path) -> Any:
-    from pyisr.cache.urls import build_handler
+    """An engine over the site's cache, exactly the store and namespace its server uses."""
     from pyisr.engine import Engine
+    from pyisr.site_store import open_site_cache
 
-    config = _config(site)
-    handler = build_handler(
-        config.cache or str(site.resolve() / ".pyisr" / "cache"), base_dir=site, memory_tier_bytes=0
-    )
+    handler = open_site_cache(site, _config(site), memory_tier_bytes=0)
     return Engine(handler, debug=False)
 
 
@@ -265,7 +263,7 @@ def _site_engine(site: Path) -> Any:
 def cache_inspect(path: str, site: Path) -> None:
     """Show what is cached for PATH: age, revalidate, tags and the last failure."""
     from pyisr.paths import normalize_path
-    from pyisr.server.app import describe_entry
+    from pyisr.server.endpoints import describe_entry
 
     engine = _site_engine(site)
 

@@ -11,15 +11,18 @@ from __future__ import annotations
 from collections.abc import Iterable
 from contextvars import ContextVar
 from dataclasses import dataclass, field
+from typing import Any
 
-from pyisr.cache.entry import Revalidate, min_revalidate
-
-_UNSET: Revalidate = -1
+from pyisr.cache.entry import UNSET, Revalidate, min_revalidate
 
 
 @dataclass
 class RenderContext:
     key: str
+    #: The engine rendering the page: data read during the render goes through it, so a
+    #: page and its data share one cache whatever the process default is (``None``: the
+    #: process default, e.g. for a fallback shell, which reads no data).
+    engine: Any = None
     #: Implicit tags of the page being rendered: data entries read during the render are
     #: also invalidated by them (``revalidate_path`` refreshes the page's data too).
     soft_tags: tuple[str, ...] = ()
@@ -29,24 +32,20 @@ class RenderContext:
     #: The route's own revalidate: a ``fetch`` with no options inside the page takes it.
     page_revalidate: Revalidate = None
     tags: dict[str, None] = field(default_factory=dict)
-    revalidate: Revalidate = _UNSET
+    #: The smallest revalidate of the data calls so far; UNSET before the first one.
+    revalidate: Any = UNSET
 
     def record(self, tags: Iterable[str], revalidate: Revalidate) -> None:
         for tag in tags:
             self.tags[tag] = None
-        if self.revalidate == _UNSET:
+        if self.revalidate is UNSET:
             self.revalidate = revalidate
         else:
             self.revalidate = min_revalidate(self.revalidate, revalidate)
 
     @property
-    def data_revalidate(self) -> Revalidate | None:
-        """The smallest revalidate of the data calls, or ``None`` if there were none."""
-        return None if self.revalidate == _UNSET else self.revalidate
-
-    @property
     def had_data_calls(self) -> bool:
-        return self.revalidate != _UNSET
+        return self.revalidate is not UNSET
 
 
 _current: ContextVar[RenderContext | None] = ContextVar("pyisr_render", default=None)

@@ -24,11 +24,9 @@ import asyncio
 import contextlib
 import contextvars
 import inspect
-import logging
 import os
 import time
-import weakref
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -36,9 +34,9 @@ from typing import Any
 
 from pyisr import context as render_context
 from pyisr.cache.entry import (
+    UNSET,
     CacheEntry,
     EntryKind,
-    Revalidate,
     min_revalidate,
     validate_revalidate,
 )
@@ -46,99 +44,23 @@ from pyisr.cache.handler import CacheHandler, as_handler
 from pyisr.cache.shareable import storable_headers, unshareable_reason, visitor_headers
 from pyisr.cache.tags import PATH_TAG, merge_tags, tags_for_revalidate_path, validate_tags
 from pyisr.log import CacheLog
-
-
-class CacheStatus(StrEnum):
-    HIT = "HIT"
-    STALE = "STALE"
-    MISS = "MISS"
-    REVALIDATED = "REVALIDATED"
-    #: The path is unknown and the route does not render unknown paths (404).
-    NOT_ALLOWED = "NOT_ALLOWED"
-    #: ``fallback: True``: the caller serves its fallback shell; the page renders meanwhile.
-    FALLBACK = "FALLBACK"
-    #: ``revalidate = 0``: rendered for this request, never stored.
-    BYPASS = "BYPASS"
-    #: The render belongs to one visitor (a cookie, ``private``...): never stored or shared.
-    #: With an entry, it is the caller's own render; without, the caller renders for its
-    #: visitor itself (the key is known to be private, or another caller's render was).
-    PRIVATE = "PRIVATE"
-
-
-class OnMissing(StrEnum):
-    RENDER = "render"
-    NOT_FOUND = "not_found"
-    FALLBACK = "fallback"
-
-
-class _Unset:
-    def __repr__(self) -> str:
-        return "UNSET"
-
-
-UNSET: Any = _Unset()
-
-
-@dataclass
-class Rendered:
-    """What a render callable returns.
-
-    ``revalidate`` left UNSET means "the route's default"; a value given here (a Pages
-    page's ``get_static_props`` result) replaces that default for this entry.
-    """
-
-    body: bytes | str
-    status: int = 200
-    #: A mapping, or name/value pairs when a name repeats (``Set-Cookie``).
-    headers: Mapping[str, str] | Sequence[tuple[str, str]] = field(default_factory=dict)
-    revalidate: Any = UNSET
-    tags: Iterable[str] = ()
-    #: Why this render may not be shared, found by the framework that made it (it read
-    #: the session, used a CSRF token...); header reasons are found by the engine.
-    private: str | None = None
-
-
-@dataclass(frozen=True)
-class RenderPolicy:
-    kind: EntryKind = EntryKind.PAGE
-    #: The route's revalidate: seconds, ``None`` (never), or ``0`` (never cached).
-    revalidate: Revalidate = None
-    #: Tags stored with the entry (explicit and implicit).
-    tags: tuple[str, ...] = ()
-    #: Tags checked against but not stored (a page's tags, for data read while it renders).
-    soft_tags: tuple[str, ...] = ()
-    on_missing: OnMissing = OnMissing.RENDER
-    #: Treat a stale entry like a missing one (data read during a regeneration).
-    stale_blocks: bool = False
-    #: The route the key belongs to (``/blog/[id]``), named in warnings; the key if unset.
-    route: str | None = None
-
-
-DEFAULT_POLICY = RenderPolicy()
-
-RenderFn = Callable[[], Awaitable[Rendered] | Rendered]
-
-
-@dataclass(frozen=True, slots=True)
-class Served:
-    entry: CacheEntry | None
-    status: CacheStatus
-
-
-class RenderFailed(RuntimeError):
-    """A render returned a 5xx result: treated exactly like an exception."""
-
-
-class RenderTimeout(TimeoutError):
-    pass
-
-
-class RevalidationError(RuntimeError):
-    """``revalidate(path)`` could not regenerate the page; the old one is still served."""
-
-
-class NotShareable(RevalidationError):
-    """The page rendered for ``revalidate(path)`` or a build belongs to its visitor: not stored."""
+from pyisr.loop_local import LoopLocal
+from pyisr.private_keys import PRIVATE_RETRY, PrivateKeys
+from pyisr.render import (
+    DEFAULT_POLICY,
+    CacheStatus,
+    NoPageError,
+    NotShareable,
+    OnMissing,
+    Rendered,
+    RenderFailed,
+    RenderFn,
+    RenderPolicy,
+    RenderTimeout,
+    Resolver,
+    RevalidationError,
+    Served,
+)
 
 
 class _PrivateRender(Exception):
@@ -150,23 +72,12 @@ class _PrivateRender(Exception):
         self.reason = reason
 
 
-#: Seconds a key whose render was private is rendered per visitor before a shared render
-#: is tried again ("until a render stops doing so"), and how many such keys are kept.
-PRIVATE_RETRY = 60.0
-PRIVATE_KEYS = 10_000
-
-logger = logging.getLogger("pyisr")
-
-
 class _Mode(StrEnum):
     BLOCKING = "blocking"
     BACKGROUND = "background"
     ON_DEMAND = "on_demand"
     PRERENDER = "prerender"  # a build filling a store nobody serves yet
 
-
-#: Finds what to render for a path: ``(key, render, policy)``, or ``None`` for no page there.
-Resolver = Callable[[str], Awaitable[tuple[str, RenderFn, RenderPolicy] | None]]
 
 #: Modes that render whatever else runs: fencing orders their results, so no lock.
 _FORCED = frozenset({_Mode.ON_DEMAND, _Mode.PRERENDER})
@@ -215,15 +126,14 @@ class Engine:
         self.log = CacheLog(debug)
         self._executor_pid = -1
         self._executor_pool: ThreadPoolExecutor | None = None
-        self._states: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopState] = (
-            weakref.WeakKeyDictionary()
+        self._states: LoopLocal[_LoopState] = LoopLocal(
+            lambda: _LoopState(renders=asyncio.Semaphore(self.max_concurrent_renders))
         )
-        #: key -> clock time until which its renders are private (see PRIVATE_RETRY).
-        self._private_until: dict[str, float] = {}
-        #: (route, reason) pairs already warned about: one warning each, not one per request.
-        self._warned: set[tuple[str, str]] = set()
-        #: Set by the site: turns a path into (key, render, policy) for ``revalidate(path)``.
-        self.path_resolver: Resolver | None = None
+        #: Keys whose last shared render belonged to its visitor (see pyisr.private_keys).
+        self._private = PrivateKeys(self.clock)
+        #: Who can regenerate a path (``revalidate(path)``): the site and each integration
+        #: using this engine add theirs; asked in the order they were added.
+        self._resolvers: dict[Resolver, None] = {}
 
     @property
     def _executor(self) -> ThreadPoolExecutor:
@@ -235,17 +145,32 @@ class Engine:
             self._executor_pid = os.getpid()
         return self._executor_pool
 
-    # -- per-loop state -----------------------------------------------------------------
-
     def _state(self) -> _LoopState:
-        loop = asyncio.get_running_loop()
-        state = self._states.get(loop)
-        if state is None:
-            state = _LoopState(renders=asyncio.Semaphore(self.max_concurrent_renders))
-            self._states[loop] = state
-        return state
+        return self._states.get()
 
-    # -- the state machine --------------------------------------------------------------
+    # -- who can regenerate a path ----------------------------------------------------------
+
+    def add_resolver(self, resolver: Resolver) -> None:
+        """Let ``revalidate(path)`` regenerate the paths ``resolver`` knows (idempotent)."""
+        self._resolvers[resolver] = None
+
+    def remove_resolver(self, resolver: Resolver) -> None:
+        self._resolvers.pop(resolver, None)
+
+    @property
+    def has_resolvers(self) -> bool:
+        return bool(self._resolvers)
+
+    def resolvers(self) -> list[Resolver]:
+        return list(self._resolvers)
+
+    async def resolve(self, key: str) -> tuple[str, RenderFn, RenderPolicy] | None:
+        """What to render for ``key``: the first resolver's answer, or ``None``."""
+        for resolver in list(self._resolvers):
+            found = await resolver(key)
+            if found is not None:
+                return found
+        return None
 
     async def _tag_times_for(self, entry: CacheEntry, policy: RenderPolicy) -> Mapping[str, float]:
         tags = entry.tags + policy.soft_tags if policy.soft_tags else entry.tags
@@ -253,25 +178,16 @@ class Engine:
             return {}
         return await self.handler.tag_times(tags)
 
-    def _invalidated(self, entry: CacheEntry, times: Mapping[str, float], policy: RenderPolicy) -> bool:
-        if entry.is_invalidated(times):
-            return True
-        for tag in policy.soft_tags:
-            at = times.get(tag)
-            if at is not None and at >= entry.created_at:
-                return True
-        return False
-
     async def get(self, key: str, render: RenderFn, policy: RenderPolicy = DEFAULT_POLICY) -> Served:
         """Answer one request for ``key``. Raises what the render raised when nothing is cached."""
-        if self._private_until and self._is_private(key):
+        if self._private and key in self._private:
             self.log.decision(key, "PRIVATE", "its last shared render belonged to its visitor")
             return Served(None, CacheStatus.PRIVATE)
         entry = await self.handler.get(key)
         now = self.clock()
         if entry is not None:
             times = await self._tag_times_for(entry, policy)
-            if self._invalidated(entry, times, policy):
+            if entry.is_invalidated(times, also=policy.soft_tags):
                 if self._in_failure_backoff(entry, times, now):
                     self.log.decision(key, "STALE", "invalidated; last regeneration failed, in back-off")
                     return Served(entry, CacheStatus.STALE)
@@ -294,31 +210,9 @@ class Engine:
             return Served(None, CacheStatus.FALLBACK)
         return await self._blocking(key, render, policy, previous=None)
 
-    def _is_private(self, key: str) -> bool:
-        until = self._private_until.get(key)
-        if until is None:
-            return False
-        if self.clock() < until:
-            return True
-        del self._private_until[key]
-        return False
-
-    def _mark_private(self, key: str, policy: RenderPolicy, reason: str) -> None:
-        """Serve ``key`` per visitor for a while, and say so once per route and reason."""
-        if len(self._private_until) >= PRIVATE_KEYS:
-            del self._private_until[next(iter(self._private_until))]
-        self._private_until[key] = self.clock() + PRIVATE_RETRY
-        route = policy.route or key
-        if (route, reason) not in self._warned:
-            if len(self._warned) >= PRIVATE_KEYS:
-                self._warned.clear()
-            self._warned.add((route, reason))
-            logger.warning("%s %s: served uncached", route, reason)
-        self.log.decision(key, "PRIVATE", f"{reason}: not stored")
-
     def is_private(self, key: str) -> bool:
         """Whether ``key`` is being served per visitor now (its last shared render was private)."""
-        return bool(self._private_until) and self._is_private(key)
+        return bool(self._private) and key in self._private
 
     def _in_failure_backoff(self, entry: CacheEntry, times: Mapping[str, float], now: float) -> bool:
         """An invalidated entry whose re-render failed after the invalidation is kept for its back-off."""
@@ -395,7 +289,7 @@ class Engine:
         While it is, a stale copy may be served without asking the engine again: the
         answer would be STALE and the regeneration is already under way.
         """
-        state = self._states.get(asyncio.get_running_loop())
+        state = self._states.peek()
         return state is not None and (key, "normal") in state.inflight
 
     async def drain(self) -> None:
@@ -414,7 +308,7 @@ class Engine:
         previous: CacheEntry | None,
         now: float,
     ) -> bool:
-        if entry is None or self._invalidated(entry, times, policy) or entry.is_stale(now):
+        if entry is None or entry.is_invalidated(times, also=policy.soft_tags) or entry.is_stale(now):
             return False
         return previous is None or entry.created_at > previous.created_at
 
@@ -477,6 +371,7 @@ class Engine:
         started_at = self.clock()
         t0 = time.perf_counter()
         ctx = render_context.RenderContext(
+            engine=self,
             key=key,
             soft_tags=policy.tags if policy.kind is not EntryKind.DATA else policy.soft_tags,
             is_revalidating=previous is not None or mode in _FORCED,
@@ -503,10 +398,11 @@ class Engine:
             raise
         elapsed = (time.perf_counter() - t0) * 1000
         if private is not None:
-            self._mark_private(key, policy, private)
+            self._private.mark(key, policy.route or key, private)
+            self.log.decision(key, "PRIVATE", f"{private}: not stored")
             raise _PrivateRender(entry, private)
-        if self._private_until:
-            self._private_until.pop(key, None)  # a shared render again: cache it as before
+        if self._private:
+            self._private.forget(key)  # a shared render again: cache it as before
         if entry.revalidate == 0:
             self.log.decision(key, word, f"rendered in {elapsed:.1f}ms; revalidate=0, not cached")
             return entry
@@ -624,9 +520,11 @@ class Engine:
             self.log.decision(tag, "INVALIDATE", "tag revalidated")
 
     async def revalidate_tag(self, tag: str) -> None:
+        """``revalidate_tag`` on this engine (what :func:`pyisr.arevalidate_tag` calls)."""
         await self.revalidate_tags(validate_tags([tag], where="revalidate_tag()"))
 
     async def revalidate_path(self, path: str, type: str | None = None) -> None:  # noqa: A002
+        """``revalidate_path`` on this engine: a path, a route's pages, or a subtree."""
         await self.revalidate_tags(tags_for_revalidate_path(path, type))
 
     async def inspect(self, key: str) -> CacheEntry | None:
@@ -650,3 +548,24 @@ def _is_async(fn: Callable[..., Any]) -> bool:
 
 async def _awaited(awaitable: Awaitable[Any]) -> Any:
     return await awaitable
+
+
+#: The engine's vocabulary (pyisr.render) and the shared sentinel, importable from here.
+__all__ = [
+    "DEFAULT_POLICY",
+    "PRIVATE_RETRY",
+    "UNSET",
+    "CacheStatus",
+    "Engine",
+    "NoPageError",
+    "NotShareable",
+    "OnMissing",
+    "RenderFailed",
+    "RenderFn",
+    "RenderPolicy",
+    "RenderTimeout",
+    "Rendered",
+    "Resolver",
+    "RevalidationError",
+    "Served",
+]

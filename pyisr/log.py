@@ -34,6 +34,24 @@ def enable_debug_logging(stream: object = None) -> None:
         log.propagate = False
 
 
+#: ``log_fetches`` / ``log_fetches_full_url`` from the site's configuration (pyisr.toml,
+#: PYISR_* or flags), set by whoever loads it; the environment alone works without one.
+_fetch_settings = {"log": False, "full_url": False}
+
+
+def configure_fetch_logging(log_fetches: bool, full_url: bool) -> None:
+    """Log every ``fetch`` with its cache outcome (Next.js' ``logging.fetches``)."""
+    _fetch_settings["log"] = log_fetches
+    _fetch_settings["full_url"] = full_url
+
+
+def fetch_logging() -> tuple[bool, bool]:
+    """Whether to log fetches, and whether with full URLs."""
+    enabled = _fetch_settings["log"] or env_flag("PYISR_LOG_FETCHES") or debug_cache_enabled()
+    full = _fetch_settings["full_url"] or env_flag("PYISR_LOG_FETCHES_FULL_URL")
+    return enabled, full
+
+
 class CacheLog:
     """The engine's logger: formats ``<key> <WORD> <details>`` lines when enabled."""
 

@@ -1,8 +1,11 @@
 """The process-wide default engine, and running async work from sync code.
 
 ``cached``, ``fetch``, ``revalidate_tag`` and ``revalidate_path`` work from any code,
-so they need an engine without being handed one: the server installs its engine with
-:func:`configure`; scripts get one built from ``PYISR_CACHE`` on first use.
+so they need an engine without being handed one. A started server makes its engine the
+default; a script names its site (``configure(site="mysite")``, or ``PYISR_SITE``) and
+gets the very cache the site's server uses (``pyisr.site_store``), or a cache URL
+(``configure("redis://...")``, ``PYISR_CACHE``). Inside a page render, data calls use
+the engine rendering the page, whatever the default is.
 """
 
 from __future__ import annotations
@@ -23,7 +26,30 @@ _engine: Engine | None = None
 _engine_lock = threading.Lock()
 
 
+def site_engine(site: str | os.PathLike[str], **options: Any) -> Engine:
+    """An engine over a site's cache, configured as the site's server configures its own."""
+    from pyisr.config import load_config
+    from pyisr.log import configure_fetch_logging
+    from pyisr.site_store import open_site_cache
+
+    config = load_config(site)
+    configure_fetch_logging(config.log_fetches, config.log_fetches_full_url)
+    tier = options.pop("memory_tier_bytes", None)
+    handler = open_site_cache(site, config, memory_tier_bytes=tier)
+    options.setdefault("render_timeout", config.render_timeout)
+    options.setdefault("max_concurrent_renders", config.render_concurrency)
+    options.setdefault("debug", config.debug_cache or None)
+    return Engine(handler, **options)
+
+
 def _build(cache: object | None, options: dict[str, Any]) -> Engine:
+    site = options.pop("site", None)
+    if site is None and cache is None and os.environ.get("PYISR_SITE"):
+        site = os.environ["PYISR_SITE"]
+    if site is not None:
+        if cache is not None:
+            raise ValueError("configure(): give a cache or a site, not both (the site names its cache)")
+        return site_engine(site, **options)
     tier = options.pop("memory_tier_bytes", os.environ.get("PYISR_MEMORY_TIER", "50MB"))
     base_dir = options.pop("base_dir", ".")
     handler = build_handler(
@@ -34,17 +60,27 @@ def _build(cache: object | None, options: dict[str, Any]) -> Engine:
     return Engine(handler, **options)
 
 
-def configure(cache: object | None = None, **options: Any) -> Engine:
-    """Install the default engine (a handler URL or object, plus ``Engine`` options).
+def configure(
+    cache: object | None = None, *, site: str | os.PathLike[str] | None = None, **options: Any
+) -> Engine:
+    """Install the default engine: over a handler URL or object, or over a site's cache.
 
-    ``memory_tier_bytes`` sizes the memory tier in front of a persistent handler
-    (``0`` disables it); ``base_dir`` anchors a relative ``file:`` URL. Returns the
-    engine. Call it once at start-up.
+    ``site="mysite"`` uses exactly the store and namespace the site's server uses (its
+    ``pyisr.toml``, ``PYISR_*`` and current build id), so a script's ``revalidate_tag``
+    reaches the running server. Otherwise ``cache`` is a URL or handler; with neither,
+    ``PYISR_SITE``, then ``PYISR_CACHE``, then ``.pyisr/cache``. ``memory_tier_bytes``
+    sizes the memory tier (``0`` disables it); ``base_dir`` anchors a relative ``file:``
+    URL; other options go to :class:`Engine`. Returns the engine; call it once at
+    start-up. Resolvers registered on the engine it replaces (``@isr`` views decorated
+    earlier) are kept.
     """
     global _engine
-    engine = _build(cache, dict(options))
+    engine = _build(cache, {**options, "site": site})
     with _engine_lock:
-        _engine = engine
+        previous, _engine = _engine, engine
+    if previous is not None:
+        for resolver in previous.resolvers():
+            engine.add_resolver(resolver)
     return engine
 
 

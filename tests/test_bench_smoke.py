@@ -20,7 +20,10 @@ REPO = Path(__file__).resolve().parent.parent
 def test_bench_herd_quick_writes_json(tmp_path: Path) -> None:
     done = subprocess.run(
         [sys.executable, "-m", "bench", "herd", "--quick", "--no-install", "--out", str(tmp_path)],
-        cwd=REPO, capture_output=True, text=True, timeout=120,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     data = json.loads((tmp_path / "herd.json").read_text())

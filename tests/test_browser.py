@@ -106,7 +106,7 @@ def test_blog_pages_render_styled(server: Server, browser: object, tmp_path: Pat
     assert (tmp_path / "post.png").stat().st_size > 10_000
 
 
-FALLBACK_PAGE = '''
+FALLBACK_PAGE = """
 import time
 from pyisr import is_fallback
 
@@ -127,7 +127,7 @@ def page(props):
         f"<html><head><title>Item {props['id']}</title></head>"
         f"<body><h1 id='item'>Item {props['id']}</h1></body></html>"
     )
-'''
+"""
 
 
 def test_a_fallback_shell_turns_into_the_page_by_itself(browser: object, tmp_path: Path) -> None:

@@ -47,17 +47,17 @@ from pyisr.cache.filesystem import FileSystemCache
 from pyisr.cache.handler import as_handler
 from pyisr.cache.tags import implicit_tags
 from pyisr.cache.tier import MemoryTier
-from pyisr.data import _lookup, serializer
+from pyisr.data import _lookup, signing
 from pyisr.data import fetch as fetch_module
 from pyisr.data.serializer import (
     JSON_MARKER,
     PICKLE_MARKER,
     TAG,
-    SigningKeyError,
     UnreadableEntry,
     dumps_json,
     loads_json,
 )
+from pyisr.data.signing import SigningKeyError
 from pyisr.runtime import run_sync
 
 SIGNING_KEY = "k" * 16 + "the-deployment-secret"
@@ -780,13 +780,13 @@ def test_where_each_handler_keeps_its_key(tmp_path: Path, redis_url: str) -> Non
     duck = as_handler(Duck())
     assert duck.signing_key_home() is None
     with pytest.raises(SigningKeyError, match="PYISR_SIGNING_KEY"):
-        serializer.signing_key(duck)
+        signing.signing_key(duck)
 
 
 def test_a_short_signing_key_is_refused(monkeypatch) -> None:
     monkeypatch.setenv("PYISR_SIGNING_KEY", "short")
     with pytest.raises(SigningKeyError, match="at least 16"):
-        serializer.signing_key(MemoryCache())
+        signing.signing_key(MemoryCache())
 
 
 # -- the key file --------------------------------------------------------------------------------
@@ -861,7 +861,7 @@ def test_key_file_is_made_once_and_shared_by_processes(tmp_path: Path) -> None:
 def test_the_env_key_needs_no_key_file(site: Path, monkeypatch) -> None:
     monkeypatch.setenv("PYISR_SIGNING_KEY", SIGNING_KEY)
     handler = FileSystemCache(site / ".pyisr" / "cache")
-    assert serializer.signing_key(handler) == SIGNING_KEY.encode()
+    assert signing.signing_key(handler) == SIGNING_KEY.encode()
     assert not (site / ".pyisr" / "signing.key").exists()
 
 
@@ -883,7 +883,7 @@ def test_a_second_handler_instance_reads_what_the_first_pickled(site: Path, cloc
 RACE = """
 import sys, time
 from pathlib import Path
-from pyisr.data.serializer import key_from_file
+from pyisr.data.signing import key_from_file
 go = Path(sys.argv[2])
 while not go.exists():
     time.sleep(0.001)
@@ -918,7 +918,7 @@ def test_a_key_file_still_being_written_is_waited_for(tmp_path: Path) -> None:
     writer = threading.Thread(target=finish)
     writer.start()
     try:
-        assert serializer.key_from_file(key_file) == key
+        assert signing.key_from_file(key_file) == key
     finally:
         writer.join()
 
@@ -927,7 +927,7 @@ def test_a_key_file_left_empty_names_the_fix(tmp_path: Path) -> None:
     key_file = tmp_path / "signing.key"
     os.close(os.open(key_file, os.O_CREAT | os.O_WRONLY, 0o600))
     with pytest.raises(SigningKeyError, match="delete it.*PYISR_SIGNING_KEY"):
-        serializer._read_key_file(key_file, wait=0.05)
+        signing._read_key_file(key_file, wait=0.05)
 
 
 def test_a_key_file_others_can_read_is_refused(tmp_path: Path) -> None:
@@ -935,4 +935,4 @@ def test_a_key_file_others_can_read_is_refused(tmp_path: Path) -> None:
     key_file.write_bytes(os.urandom(32))
     key_file.chmod(0o644)
     with pytest.raises(SigningKeyError, match="open to other users"):
-        serializer.key_from_file(key_file)
+        signing.key_from_file(key_file)

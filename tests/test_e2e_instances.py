@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from e2e_support import Server, run_cli
+from e2e_support import Server, run_cli, running
 from redis_support import RedisServer, redis_py, unique_prefix
 
 pytestmark = pytest.mark.slow
@@ -208,3 +208,52 @@ def test_start_seeds_an_empty_redis_from_the_local_build_once(
     finally:
         for s in servers:
             s.stop()
+
+
+SCRIPT = """
+import sys
+
+import pyisr
+
+pyisr.configure(site=sys.argv[1])          # or PYISR_SITE: the server's own store and build
+pyisr.revalidate_tag("posts")
+"""
+
+
+def test_a_script_and_the_cli_see_exactly_what_the_server_sees(
+    site: Path, redis: RedisServer, tmp_path: Path
+) -> None:
+    """One decision for the namespace: `<prefix>:<build id>` for the server, the CLI and scripts."""
+    import os
+    import subprocess
+    import sys
+
+    counts = tmp_path / "renders.txt"
+    env = {"PYISR_CACHE": f"{redis.url}?prefix={unique_prefix()}", "RENDERS": str(counts)}
+    env["PAGE_REVALIDATE"] = "3600"
+    build = run_cli(["build", str(site)], env)
+    assert build.returncode == 0, build.stderr
+    with running(site, env) as server:
+        assert server.get("/p/1").headers["x-pyisr-cache"] == "HIT"
+        assert server.get("/p/9").headers["x-pyisr-cache"] == "MISS"
+        listed = run_cli(["cache", "list", "--site", str(site)], env)
+        assert listed.returncode == 0, listed.stderr
+        assert {"/p/1", "/p/2", "/p/9"} <= set(listed.stdout.split()), listed.stdout
+        inspected = run_cli(["cache", "inspect", "/p/9", "--site", str(site)], env)
+        assert inspected.returncode == 0 and '"cached": true' in inspected.stdout
+
+        script = tmp_path / "script.py"
+        script.write_text(SCRIPT)
+        ran = subprocess.run(
+            [sys.executable, str(script), str(site)],
+            env={**os.environ, **env},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert ran.returncode == 0, ran.stderr
+        before = renders(counts, "1")
+        time.sleep(1.1)  # the invalidation reaches the server's memory tier within a second
+        response = server.get("/p/1")
+        assert response.headers["x-pyisr-cache"] == "MISS", "the script's revalidate_tag reached the server"
+        assert renders(counts, "1") == before + 1

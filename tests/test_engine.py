@@ -653,7 +653,7 @@ async def test_S32_revalidate_of_a_path_that_is_no_page_raises(engine):
     async def no_page(key: str) -> None:
         return None  # the site's resolver: fallback False and not prerendered
 
-    engine.path_resolver = no_page
+    engine.add_resolver(no_page)
     with pytest.raises(RevalidationError, match=r"^Failed to revalidate /blogf/5: "):
         await revalidate("/blogf/5")
 

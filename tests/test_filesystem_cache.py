@@ -21,7 +21,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pyisr.cache.entry import CacheEntry, EntryKind, FailureRecord
-from pyisr.cache.filesystem import FileSystemCache, key_to_slot
+from pyisr.cache.filesystem import FileSystemCache
+from pyisr.cache.fs_layout import key_to_slot
 
 ODD_KEYS = [
     "/",
@@ -382,7 +383,7 @@ async def test_a_failed_write_raises_and_leaves_a_readable_entry(
     # The body was renamed, the metadata was not: the kept temp file completes the write.
     assert await cache.get("/w") == entry("/w", b"new body", created_at=2.0)
 
-    real_write, writes = filesystem._write_temp, []
+    real_write, writes = filesystem.write_temp, []
 
     def failing_write(*args: Any) -> Path:
         writes.append(args)
@@ -390,7 +391,7 @@ async def test_a_failed_write_raises_and_leaves_a_readable_entry(
             raise OSError(28, "No space left on device")
         return real_write(*args)
 
-    monkeypatch.setattr(filesystem, "_write_temp", failing_write)
+    monkeypatch.setattr(filesystem, "write_temp", failing_write)
     with pytest.raises(OSError):
         await cache.set(entry("/w", b"newest", created_at=3.0))
     assert await cache.get("/w") == entry("/w", b"new body", created_at=2.0)

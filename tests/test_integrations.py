@@ -563,27 +563,47 @@ def test_revalidate_false_never_expires(harness: Harness, backend: Backend, cloc
 
 def test_compile_route_patterns() -> None:
     blog = compile_route("/blog/{id}", 60, ["posts"])
-    assert blog.regex.match("/blog/1") and not blog.regex.match("/blog/1/2") and not blog.regex.match("/blog")
+    assert blog.match("/blog/1") == {"id": "1"} and blog.match("/blog/1/2") is None
+    assert blog.match("/blog") is None
     assert blog.isr_pattern == "/blog/[id]" and blog.revalidate == 60 and blog.tags == ("posts",)
-    assert compile_route("/n/{n:int}", 1, None).regex.match("/n/12")
-    assert not compile_route("/n/{n:int}", 1, None).regex.match("/n/x")
+    assert compile_route("/n/{n:int}", 1, None).match("/n/12") == {"n": "12"}
+    assert compile_route("/n/{n:int}", 1, None).match("/n/x") is None
     slash = compile_route("/docs/{slug}/", False, None)
-    m = slash.regex.match("/docs/intro")
-    assert m and slash.render_path(m.groupdict()) == "/docs/intro/" and slash.revalidate is None
+    values = slash.match("/docs/intro")
+    assert values and slash.render_path(values) == "/docs/intro/" and slash.revalidate is None
     files = compile_route("/files/{rest:path}", 5, None)
     assert files.isr_pattern == "/files/[[...rest]]"
-    m = files.regex.match("/files")
-    assert m and files.render_path(m.groupdict()) == "/files/"
-    m = files.regex.match("/files/a/b")
-    assert m and m.group("rest") == "a/b"
+    values = files.match("/files")
+    assert values is not None and files.render_path(values) == "/files/"
+    assert files.match("/files/a/b") == {"rest": "a/b"}
     root = compile_route("/", False, None)
-    assert root.regex.match("/") and not root.regex.match("/x")
+    assert root.match("/") == {} and root.match("/x") is None
     with pytest.raises(ValueError, match="convertor"):
         compile_route("/x/{a:nope}", 1, None)
     with pytest.raises(ValueError, match="revalidate"):
         compile_route("/x", -1, None)
     with pytest.raises(ValueError, match="list of strings"):
         compile_route("/x", 1, "posts")  # type: ignore[arg-type]
+
+
+def test_compile_route_uses_the_apps_own_custom_convertors() -> None:
+    """Starlette's compiler: a convertor the app registered means the same to the cache."""
+    from starlette.convertors import Convertor, register_url_convertor
+
+    class Slug(Convertor[str]):
+        regex = "[a-z0-9-]+"
+
+        def convert(self, value: str) -> str:
+            return value
+
+        def to_string(self, value: str) -> str:
+            return value
+
+    register_url_convertor("pyisr_test_slug", Slug())
+    route = compile_route("/posts/{slug:pyisr_test_slug}", 60, None)
+    assert route.match("/posts/hello-world") == {"slug": "hello-world"}
+    assert route.match("/posts/Hello") is None
+    assert route.isr_pattern == "/posts/[slug]"
 
 
 def test_middleware_rejects_bad_options() -> None:
@@ -650,7 +670,7 @@ async def test_asgi_resolvers_chain_on_one_engine(engine: Engine) -> None:
     async def resolver(key: str) -> Any:
         return None
 
-    engine.path_resolver = resolver
+    engine.add_resolver(resolver)
     made: list[str] = []
 
     def app_for(name: str) -> Any:

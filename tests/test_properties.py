@@ -23,7 +23,7 @@ from pyisr import (
     RenderPolicy,
 )
 from pyisr.paths import BadPath, normalize_path, split_key
-from pyisr.site.routes import PatternRoute, Router
+from pyisr.site.router import PatternRoute, Router
 
 # =======================================================================================
 # (a) The freshness rule

@@ -219,7 +219,7 @@ async def test_an_invalidation_on_one_instance_reaches_the_others_tier_within_a_
         return (await b.tag_times(["posts"])).get("posts") == at
 
     assert await eventually(b_sees_it, within=1.0) < 1.0
-    cached = b.peek("/p")
+    cached = await b.get("/p")
     assert cached is not None and cached.is_invalidated(await b.tag_times(cached.tags))
 
 

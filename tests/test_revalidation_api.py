@@ -145,23 +145,23 @@ def blog_site(engine, page_factory):
         page = pages.setdefault(key, page_factory())
         return key, page, blog_policy(key)
 
-    engine.path_resolver = resolve
+    engine.add_resolver(resolve)
     return pages
 
 
 async def test_S30_revalidate_returns_after_the_new_page_is_stored(engine, blog_site):
-    served = await engine.get("/blog/1", *(await engine.path_resolver("/blog/1"))[1:])
+    served = await engine.get("/blog/1", *(await engine.resolve("/blog/1"))[1:])
     assert served.entry.body == b"render 1"
     await revalidate("/blog/1")
     stored = await engine.inspect("/blog/1")
     assert stored is not None and stored.body == b"render 2"
-    served = await engine.get("/blog/1", *(await engine.path_resolver("/blog/1"))[1:])
+    served = await engine.get("/blog/1", *(await engine.resolve("/blog/1"))[1:])
     assert served.status is CacheStatus.HIT and served.entry.body == b"render 2"
 
 
 async def test_S31_revalidate_generates_a_path_never_visited(engine, blog_site):
     await revalidate("/blog/77")
-    _, render, policy = await engine.path_resolver("/blog/77")
+    _, render, policy = await engine.resolve("/blog/77")
     served = await engine.get("/blog/77", render, policy)
     assert served.status is CacheStatus.HIT and served.entry.body == b"render 1"
 
@@ -182,7 +182,7 @@ async def test_S34_revalidate_needs_a_leading_slash(engine, blog_site):
 
 
 async def test_S36_revalidate_failure_keeps_the_old_page(engine, blog_site):
-    _, render, policy = await engine.path_resolver("/blog/1")
+    _, render, policy = await engine.resolve("/blog/1")
     await engine.get("/blog/1", render, policy)
     render.fail = RuntimeError("db down")
     with pytest.raises(RevalidationError, match=r"^Failed to revalidate /blog/1: db down"):
@@ -190,16 +190,8 @@ async def test_S36_revalidate_failure_keeps_the_old_page(engine, blog_site):
     assert (await engine.get("/blog/1", render, policy)).entry.body == b"render 1"
 
 
-@pytest.fixture
-def no_framework_views(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A process with no @isr views of Django or Flask (other tests may have made some)."""
-    import pyisr.revalidation
-
-    monkeypatch.setattr(pyisr.revalidation, "_view_resolvers", [])
-
-
-async def test_revalidate_without_a_site_is_a_clear_error(engine, no_framework_views):
-    assert engine.path_resolver is None
+async def test_revalidate_without_a_site_is_a_clear_error(engine):
+    assert not engine.has_resolvers
     with pytest.raises(RevalidationError, match=r"^Failed to revalidate /blog/1: no site is registered"):
         await revalidate("/blog/1")
 
@@ -210,7 +202,7 @@ def test_revalidate_sync_from_a_script(sync_engine, page_factory):
     async def resolve(key: str):
         return (key, page, blog_policy(key)) if key == "/blog/1" else None
 
-    sync_engine.path_resolver = resolve
+    sync_engine.add_resolver(resolve)
     revalidate_sync("/blog/1")
     revalidate_sync("/blog/1")
     assert run_sync(sync_engine.inspect("/blog/1")).body == b"render 2"
@@ -218,6 +210,6 @@ def test_revalidate_sync_from_a_script(sync_engine, page_factory):
         revalidate_sync("/nope")
 
 
-def test_revalidate_sync_without_a_site(sync_engine, no_framework_views):
+def test_revalidate_sync_without_a_site(sync_engine):
     with pytest.raises(RevalidationError, match="no site is registered"):
         revalidate_sync("/blog/1")

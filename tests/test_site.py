@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from pyisr.site.loader import SiteLoadError
+from pyisr.site.route import RouteKind, StaticPaths
 from pyisr.site.site import Site
 
 
@@ -21,8 +22,7 @@ def write(root: Path, files: dict[str, str]) -> Path:
 
 PAGE = "def page(params):\n    return 'x'\n"
 PAGES_PAGE = (
-    "def get_static_paths():\n    return {{'paths': [], 'fallback': {}}}\n"
-    "def page(props):\n    return 'x'\n"
+    "def get_static_paths():\n    return {{'paths': [], 'fallback': {}}}\ndef page(props):\n    return 'x'\n"
 )
 BLOCKING = PAGES_PAGE.format("'blocking'")
 STRICT = PAGES_PAGE.format("False")
@@ -149,3 +149,62 @@ def test_every_problem_is_reported_at_once(tmp_path: Path) -> None:
 def test_no_routes_folder(tmp_path: Path) -> None:
     errors = errors_of(tmp_path)
     assert "no app/ or pages/ folder" in errors[0]
+
+
+def test_each_file_becomes_the_route_kind_its_place_says(tmp_path: Path) -> None:
+    site = Site.load(
+        write(
+            tmp_path,
+            {
+                "app/page.py": PAGE,
+                "app/api/items/route.py": "def GET(request):\n    return {}\n",
+                "pages/blog/[id].py": STRICT,
+                "pages/api/hello.py": "def handler(request):\n    return {}\n",
+            },
+        )
+    )
+    kinds = {r.pattern: (type(r).__name__, r.kind) for r in site.routes}
+    assert kinds == {
+        "/": ("AppPage", RouteKind.APP_PAGE),
+        "/api/items": ("RouteHandler", RouteKind.ROUTE_HANDLER),
+        "/blog/[id]": ("PagesPage", RouteKind.PAGES_PAGE),
+        "/api/hello": ("ApiRoute", RouteKind.API),
+    }
+
+
+async def test_static_paths_change_nothing_until_the_caller_keeps_them(tmp_path: Path) -> None:
+    pages = PAGES_PAGE.replace("'paths': []", "'paths': ['/blog/1', {{'params': {{'id': '2'}}}}]")
+    site = Site.load(write(tmp_path, {"pages/blog/[id].py": pages.format("False")}))
+    (route,) = site.routes
+    paths = await route.static_paths()
+    assert paths == StaticPaths(["/blog/1", "/blog/2"], False)
+    assert route.fallback == "blocking" and route.prerendered == set()
+    await site.prepare()
+    assert route.fallback is False and route.prerendered == {"/blog/1", "/blog/2"}
+
+
+async def test_two_sites_in_one_process_render_their_own_templates(tmp_path: Path) -> None:
+    """Loading a site changes nothing global: each renders with its own templates/."""
+    import httpx
+
+    from pyisr import Engine, MemoryCache, get_engine
+    from pyisr.server.app import App
+
+    page = "from pyisr import render_template\n\ndef page(params):\n    return render_template('t.html')\n"
+    sites = []
+    for name in ("one", "two"):
+        root = write(tmp_path / name, {"app/page.py": page})
+        (root / "templates").mkdir()
+        (root / "templates" / "t.html").write_text(f"site {name}")
+        sites.append(root)
+    before = get_engine()
+    apps = [App(root, engine=Engine(MemoryCache())) for root in sites]
+    assert get_engine() is before, "constructing an App swaps no process-wide engine"
+    for app, name in zip(apps, ("one", "two"), strict=True):
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
+            assert (await client.get("/")).text == f"site {name}"
+    # An on-demand regeneration outside any request renders with its own site's templates too.
+    for app, name in zip(apps, ("one", "two"), strict=True):
+        entry = await app.engine.revalidate_now("/", *(await app.engine.resolve("/"))[1:])
+        assert entry.body == f"site {name}".encode()
+        await app.engine.close()

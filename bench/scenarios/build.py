@@ -36,10 +36,17 @@ def _tree_size(root: Path) -> tuple[int, int]:
 def run(ctx: Context) -> Report:
     cfg = settings(ctx)
     report = Report("build", ctx, cfg, "pyisr build of N simple template pages")
-    report.columns = [("pages", "pages"), ("wall_s", "wall s"), ("pages_per_s", "pages/s (wall)"),
-                      ("reported_s", "pyisr's time s"), ("reported_pages_per_s", "pages/s (pyisr)"),
-                      ("peak_rss_mb", "peak RSS MB"), ("cpu_s", "CPU s"), ("files", "files"),
-                      ("disk_mb", "disk MB")]
+    report.columns = [
+        ("pages", "pages"),
+        ("wall_s", "wall s"),
+        ("pages_per_s", "pages/s (wall)"),
+        ("reported_s", "pyisr's time s"),
+        ("reported_pages_per_s", "pages/s (pyisr)"),
+        ("peak_rss_mb", "peak RSS MB"),
+        ("cpu_s", "CPU s"),
+        ("files", "files"),
+        ("disk_mb", "disk MB"),
+    ]
     work = ctx.scratch("build")
     for size in cfg["sizes"]:
         site = sites.build_site(work / f"site-{size}", size)
@@ -48,16 +55,35 @@ def run(ctx: Context) -> Report:
         files, disk = _tree_size(site / ".pyisr")
         rate = size / result["wall_s"]
         reported = result["reported_s"]
-        log(f"{size:,} pages: {result['wall_s']:.1f}s wall ({rate:,.0f} pages/s), peak RSS "
-            f"{result['peak_rss_mb']:.0f} MB, {files:,} files, {disk / 2**20:.0f} MB on disk")
-        report.row(pages=size, wall_s=result["wall_s"], pages_per_s=rate, reported_s=reported,
-                   reported_pages_per_s=size / reported if reported else None,
-                   peak_rss_mb=result["peak_rss_mb"], cpu_s=result["user_s"] + result["sys_s"],
-                   user_s=result["user_s"], sys_s=result["sys_s"], files=files, disk_mb=disk / 2**20)
-        report.target(f"build {size:,} pages: pages/s", ">= 1,000 pages/s (wall clock)",
-                      f"{rate:,.0f} pages/s", rate >= 1000)
+        log(
+            f"{size:,} pages: {result['wall_s']:.1f}s wall ({rate:,.0f} pages/s), peak RSS "
+            f"{result['peak_rss_mb']:.0f} MB, {files:,} files, {disk / 2**20:.0f} MB on disk"
+        )
+        report.row(
+            pages=size,
+            wall_s=result["wall_s"],
+            pages_per_s=rate,
+            reported_s=reported,
+            reported_pages_per_s=size / reported if reported else None,
+            peak_rss_mb=result["peak_rss_mb"],
+            cpu_s=result["user_s"] + result["sys_s"],
+            user_s=result["user_s"],
+            sys_s=result["sys_s"],
+            files=files,
+            disk_mb=disk / 2**20,
+        )
+        report.target(
+            f"build {size:,} pages: pages/s",
+            ">= 1,000 pages/s (wall clock)",
+            f"{rate:,.0f} pages/s",
+            rate >= 1000,
+        )
         if size >= 100_000:
-            report.target(f"build {size:,} pages: peak RSS", "< 500 MB",
-                          f"{result['peak_rss_mb']:.0f} MB", result["peak_rss_mb"] < 500)
+            report.target(
+                f"build {size:,} pages: peak RSS",
+                "< 500 MB",
+                f"{result['peak_rss_mb']:.0f} MB",
+                result["peak_rss_mb"] < 500,
+            )
         shutil.rmtree(site, ignore_errors=True)
     return report

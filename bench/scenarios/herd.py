@@ -25,9 +25,16 @@ def settings(ctx: Context) -> dict[str, Any]:
 def run(ctx: Context) -> Report:
     cfg = settings(ctx)
     report = Report("herd", ctx, cfg, "1,000 concurrent requests to one missing and one stale page")
-    report.columns = [("case", "case"), ("page", "page"), ("answered", "answered"), ("failed", "failed"),
-                      ("renders", "renders"), ("p50_ms", "p50 ms"), ("slowest_ms", "slowest ms"),
-                      ("statuses", "x-pyisr-cache")]
+    report.columns = [
+        ("case", "case"),
+        ("page", "page"),
+        ("answered", "answered"),
+        ("failed", "failed"),
+        ("renders", "renders"),
+        ("p50_ms", "p50 ms"),
+        ("slowest_ms", "slowest ms"),
+        ("statuses", "x-pyisr-cache"),
+    ]
     configs = list(cfg["configs"])
     if any(server == "granian" for server, _ in configs):
         try:
@@ -36,8 +43,12 @@ def run(ctx: Context) -> Report:
             configs = [c for c in configs if c[0] != "granian"]
             report.note(f"no granian rows: {exc}")
     work = ctx.scratch("herd")
-    site = sites.herd_site(work / "site", stale_ids=len(configs), delay=cfg["render_s"],
-                           stale_revalidate=cfg["stale_revalidate_s"])
+    site = sites.herd_site(
+        work / "site",
+        stale_ids=len(configs),
+        delay=cfg["render_s"],
+        stale_revalidate=cfg["stale_revalidate_s"],
+    )
     (work / "counts-build").mkdir()
     run_build(site, {"BENCH_COUNTS": str(work / "counts-build")})
     stale_from = time.monotonic() + cfg["stale_revalidate_s"] + 0.3
@@ -45,10 +56,13 @@ def run(ctx: Context) -> Report:
         counts = work / f"counts-{index}"
         counts.mkdir()
         case = f"pyisr {server} x{workers}"
-        with PyisrServer(site, server=server, workers=workers, env={"BENCH_COUNTS": str(counts)},
-                         log_dir=work) as srv:
-            for kind, path, counter in (("missing", f"/herdmiss/k{index}", f"herdmiss-k{index}"),
-                                        ("stale", f"/herdstale/{index}", f"herdstale-{index}")):
+        with PyisrServer(
+            site, server=server, workers=workers, env={"BENCH_COUNTS": str(counts)}, log_dir=work
+        ) as srv:
+            for kind, path, counter in (
+                ("missing", f"/herdmiss/k{index}", f"herdmiss-k{index}"),
+                ("stale", f"/herdstale/{index}", f"herdstale-{index}"),
+            ):
                 if kind == "stale":
                     time.sleep(max(0.0, stale_from - time.monotonic()))
                 responses, failed = loadgen.run(loadgen.burst(srv.port, path, cfg["concurrency"]))
@@ -56,14 +70,26 @@ def run(ctx: Context) -> Report:
                 renders = sites.count_renders(counts, counter)
                 latencies = [r.latency for r in responses]
                 words = Counter(loadgen.cache_word(r) for r in responses)
-                log(f"{case} {kind}: {len(responses)} answered, {failed} failed, {renders} render(s), "
-                    f"slowest {ms(max(latencies, default=None))} ms, {dict(words)}")
-                report.row(case=case, page=kind, answered=len(responses), failed=failed, renders=renders,
-                           p50_ms=ms(percentile(latencies, 50)), slowest_ms=ms(max(latencies, default=None)),
-                           statuses=", ".join(f"{k} {v}" for k, v in sorted(words.items())))
-                report.target(f"herd {case}: {kind} page renders", "exactly 1",
-                              f"{renders} for {len(responses)} requests ({failed} failed)",
-                              renders == 1 and failed == 0)
+                log(
+                    f"{case} {kind}: {len(responses)} answered, {failed} failed, {renders} render(s), "
+                    f"slowest {ms(max(latencies, default=None))} ms, {dict(words)}"
+                )
+                report.row(
+                    case=case,
+                    page=kind,
+                    answered=len(responses),
+                    failed=failed,
+                    renders=renders,
+                    p50_ms=ms(percentile(latencies, 50)),
+                    slowest_ms=ms(max(latencies, default=None)),
+                    statuses=", ".join(f"{k} {v}" for k, v in sorted(words.items())),
+                )
+                report.target(
+                    f"herd {case}: {kind} page renders",
+                    "exactly 1",
+                    f"{renders} for {len(responses)} requests ({failed} failed)",
+                    renders == 1 and failed == 0,
+                )
             errors = [line for line in srv.log().splitlines() if "Error" in line or "Traceback" in line]
             if errors:
                 report.note(f"{case}: server log has {len(errors)} error line(s), e.g. {errors[0][:200]}")

@@ -25,12 +25,21 @@ PATH = "/hit/1"
 
 
 def settings(ctx: Context) -> dict[str, Any]:
-    return {"duration_s": 3 if ctx.quick else 8, "runs": 1 if ctx.quick else 3, "warmup_s": 1,
-            "connections": 50, "wrk_threads": 2, "workers": 1, "path": PATH, "ceiling": not ctx.quick}
+    return {
+        "duration_s": 3 if ctx.quick else 8,
+        "runs": 1 if ctx.quick else 3,
+        "warmup_s": 1,
+        "connections": 50,
+        "wrk_threads": 2,
+        "workers": 1,
+        "path": PATH,
+        "ceiling": not ctx.quick,
+    }
 
 
-def measure(ctx: Context, report: Report, work: Path, env: Mapping[str, str] | None = None,
-            label: str = "") -> None:
+def measure(
+    ctx: Context, report: Report, work: Path, env: Mapping[str, str] | None = None, label: str = ""
+) -> None:
     """Run the hit comparison and add its rows and targets to ``report``."""
     cfg = settings(ctx)
     report.params.update({f"{label}hit_{k}" if label else k: v for k, v in cfg.items()})
@@ -92,35 +101,57 @@ def measure(ctx: Context, report: Report, work: Path, env: Mapping[str, str] | N
                 raise RuntimeError(f"{name}: {PATH} is not a HIT: {response.headers}")
             log(f"{name}: {srv.url}{path} {len(response.content)} bytes")
             try:
-                tools.run_wrk(wrk, srv.url + path, duration=cfg["warmup_s"], connections=cfg["connections"],
-                              threads=cfg["wrk_threads"], script_dir=work)
+                tools.run_wrk(
+                    wrk,
+                    srv.url + path,
+                    duration=cfg["warmup_s"],
+                    connections=cfg["connections"],
+                    threads=cfg["wrk_threads"],
+                    script_dir=work,
+                )
             except tools.WrkTimeout as exc:
                 report.note(f"warm-up of {name}: {exc}")
 
         results: dict[str, list[tools.WrkResult]] = {name: [] for name, _ in targets}
         for run in range(cfg["runs"]):
-            order = targets[run % len(targets):] + targets[: run % len(targets)]
+            order = targets[run % len(targets) :] + targets[: run % len(targets)]
             for name, srv in order:
                 path = "/hit/1.html" if name == "nginx" else PATH
                 try:
-                    result = tools.run_wrk(wrk, srv.url + path, duration=cfg["duration_s"],
-                                           connections=cfg["connections"], threads=cfg["wrk_threads"],
-                                           script_dir=work)
+                    result = tools.run_wrk(
+                        wrk,
+                        srv.url + path,
+                        duration=cfg["duration_s"],
+                        connections=cfg["connections"],
+                        threads=cfg["wrk_threads"],
+                        script_dir=work,
+                    )
                 except tools.WrkTimeout as exc:
                     report.note(f"run {run + 1}, {name}: {exc}; the run is left out")
                     continue
                 results[name].append(result)
                 lat = result.latency_ms
-                log(f"run {run + 1}: {name:28s} {result.rps:9,.0f} req/s  p50 {lat['p50']:.2f} ms"
-                    f"  p99 {lat['p99']:.2f} ms  errors {sum(result.errors.values())}")
+                log(
+                    f"run {run + 1}: {name:28s} {result.rps:9,.0f} req/s  p50 {lat['p50']:.2f} ms"
+                    f"  p99 {lat['p99']:.2f} ms  errors {sum(result.errors.values())}"
+                )
         if ctx.profile is not None:
             for name, srv in targets:
                 if name.startswith("pyisr"):
-                    with tools.profiling(srv.pid, ctx.profile, f"{label}hit-{name.split()[1]}",
-                                         cfg["duration_s"]), contextlib.suppress(tools.WrkTimeout):
-                        tools.run_wrk(wrk, srv.url + PATH, duration=cfg["duration_s"],
-                                      connections=cfg["connections"], threads=cfg["wrk_threads"],
-                                      script_dir=work)
+                    with (
+                        tools.profiling(
+                            srv.pid, ctx.profile, f"{label}hit-{name.split()[1]}", cfg["duration_s"]
+                        ),
+                        contextlib.suppress(tools.WrkTimeout),
+                    ):
+                        tools.run_wrk(
+                            wrk,
+                            srv.url + PATH,
+                            duration=cfg["duration_s"],
+                            connections=cfg["connections"],
+                            threads=cfg["wrk_threads"],
+                            script_dir=work,
+                        )
         for name, srv in targets:
             if name.startswith("pyisr"):
                 word = httpx.get(srv.url + PATH).headers.get("x-pyisr-cache")
@@ -141,16 +172,24 @@ def measure(ctx: Context, report: Report, work: Path, env: Mapping[str, str] | N
         if median is None:
             report.row(table="hit", case=f"{label}{name}", runs="no complete run")
             continue
-        report.row(table="hit", case=f"{label}{name}", rps=median.rps,
-                   vs_nginx=(median.rps / nginx_rps) if nginx_rps else None,
-                   p50_ms=median.latency_ms["p50"], p99_ms=median.latency_ms["p99"],
-                   mean_ms=median.latency_ms["mean"], max_ms=median.latency_ms["max"],
-                   errors=sum(median.errors.values()),
-                   runs=" / ".join(f"{r.rps:,.0f}" for r in results[name]),
-                   spread=(max(r.rps for r in results[name]) / min(r.rps for r in results[name]) - 1)
-                   if len(results[name]) > 1 else None)
+        report.row(
+            table="hit",
+            case=f"{label}{name}",
+            rps=median.rps,
+            vs_nginx=(median.rps / nginx_rps) if nginx_rps else None,
+            p50_ms=median.latency_ms["p50"],
+            p99_ms=median.latency_ms["p99"],
+            mean_ms=median.latency_ms["mean"],
+            max_ms=median.latency_ms["max"],
+            errors=sum(median.errors.values()),
+            runs=" / ".join(f"{r.rps:,.0f}" for r in results[name]),
+            spread=(max(r.rps for r in results[name]) / min(r.rps for r in results[name]) - 1)
+            if len(results[name]) > 1
+            else None,
+        )
     report.extra.setdefault("wrk_runs", {})[label or "file"] = {
-        name: [r.__dict__ for r in runs] for name, runs in results.items()}
+        name: [r.__dict__ for r in runs] for name, runs in results.items()
+    }
 
     goals = {"uvicorn": 0.5, "granian": 0.75}
     for server in servers:
@@ -158,21 +197,37 @@ def measure(ctx: Context, report: Report, work: Path, env: Mapping[str, str] | N
         if median is None:
             continue
         ratio = median.rps / nginx_rps if nginx_rps else None
-        report.target(f"{label}hit {server}: req/s vs nginx", f">= {goals[server]:.0%} of nginx",
-                      None if ratio is None else f"{ratio:.0%} ({median.rps:,.0f} / {nginx_rps:,.0f})",
-                      None if ratio is None else ratio >= goals[server])
-        report.target(f"{label}hit {server}: p99 at {cfg['connections']} connections", "< 10 ms",
-                      f"{median.latency_ms['p99']:.2f} ms", median.latency_ms["p99"] < 10)
+        report.target(
+            f"{label}hit {server}: req/s vs nginx",
+            f">= {goals[server]:.0%} of nginx",
+            None if ratio is None else f"{ratio:.0%} ({median.rps:,.0f} / {nginx_rps:,.0f})",
+            None if ratio is None else ratio >= goals[server],
+        )
+        report.target(
+            f"{label}hit {server}: p99 at {cfg['connections']} connections",
+            "< 10 ms",
+            f"{median.latency_ms['p99']:.2f} ms",
+            median.latency_ms["p99"] < 10,
+        )
     if len(results.get("pyisr uvicorn", [])) > 1:
         spread = statistics.pstdev(r.rps for r in results["pyisr uvicorn"]) / statistics.mean(
-            r.rps for r in results["pyisr uvicorn"])
+            r.rps for r in results["pyisr uvicorn"]
+        )
         if spread > 0.1:
             report.note(f"pyisr uvicorn runs vary by {spread:.0%} (stdev/mean): the machine was busy")
 
 
-COLUMNS = [("case", "case"), ("rps", "req/s"), ("vs_nginx", "vs nginx", "pct"), ("p50_ms", "p50 ms"),
-           ("p99_ms", "p99 ms"), ("mean_ms", "mean ms"), ("max_ms", "max ms"), ("errors", "errors"),
-           ("runs", "req/s per run")]
+COLUMNS = [
+    ("case", "case"),
+    ("rps", "req/s"),
+    ("vs_nginx", "vs nginx", "pct"),
+    ("p50_ms", "p50 ms"),
+    ("p99_ms", "p99 ms"),
+    ("mean_ms", "mean ms"),
+    ("max_ms", "max ms"),
+    ("errors", "errors"),
+    ("runs", "req/s per run"),
+]
 
 
 def run(ctx: Context) -> Report:

@@ -32,9 +32,14 @@ SECRET = "bench-secret"
 
 
 def settings(ctx: Context) -> dict[str, Any]:
-    return {"sizes": [200, 2000] if ctx.quick else [1000, 10_000, 100_000], "calls": 30,
-            "e2e_pages": 200 if ctx.quick else 1000, "e2e_trials": 2 if ctx.quick else 5,
-            "e2e_servers": ["uvicorn"] if ctx.quick else ["uvicorn", "granian"], "e2e_workers": 2}
+    return {
+        "sizes": [200, 2000] if ctx.quick else [1000, 10_000, 100_000],
+        "calls": 30,
+        "e2e_pages": 200 if ctx.quick else 1000,
+        "e2e_trials": 2 if ctx.quick else 5,
+        "e2e_servers": ["uvicorn"] if ctx.quick else ["uvicorn", "granian"],
+        "e2e_workers": 2,
+    }
 
 
 # -- part 1: the call itself ----------------------------------------------------------------
@@ -55,8 +60,13 @@ def _fill(root: Path, count: int) -> None:
     now = time.time() - 60
     made: set[Path] = set()
     for i in range(1, count + 1):
-        entry = CacheEntry(key=f"/t/{i}", body=body, created_at=now, revalidate=None,
-                           tags=(TAG, *implicit_tags(f"/t/{i}", "/t/[id]")))
+        entry = CacheEntry(
+            key=f"/t/{i}",
+            body=body,
+            created_at=now,
+            revalidate=None,
+            tags=(TAG, *implicit_tags(f"/t/{i}", "/t/[id]")),
+        )
         slot = handler.slot(entry.key)
         if slot.dir not in made:
             slot.dir.mkdir(parents=True, exist_ok=True)
@@ -108,18 +118,30 @@ def part1(ctx: Context, report: Report, work: Path, cfg: dict[str, Any]) -> None
         times = result["times"]
         medians[size] = statistics.median(times)
         shutil.rmtree(root, ignore_errors=True)
-        log(f"{size:,} entries: revalidate_tag median {ms(medians[size])} ms, max {ms(max(times))} ms, "
-            f"invalidated: {result['invalidated']}")
-        report.row(case="revalidate_tag() call", entries=size, calls=len(times),
-                   median_ms=ms(medians[size]), p99_ms=ms(percentile(times, 99)), max_ms=ms(max(times)),
-                   invalidated=result["invalidated"], setup_s=fill_s)
+        log(
+            f"{size:,} entries: revalidate_tag median {ms(medians[size])} ms, max {ms(max(times))} ms, "
+            f"invalidated: {result['invalidated']}"
+        )
+        report.row(
+            case="revalidate_tag() call",
+            entries=size,
+            calls=len(times),
+            median_ms=ms(medians[size]),
+            p99_ms=ms(percentile(times, 99)),
+            max_ms=ms(max(times)),
+            invalidated=result["invalidated"],
+            setup_s=fill_s,
+        )
         if not result["invalidated"]:
             report.note(f"with {size:,} entries a tagged page was not re-rendered after revalidate_tag")
     small, large = min(medians), max(medians)
     growth = medians[large] / medians[small] if medians[small] else None
-    report.target(f"invalidate: time per call, {large:,} vs {small:,} entries", "O(1): ratio <= 2",
-                  f"{ms(medians[large])} / {ms(medians[small])} ms = {growth:.2f}x" if growth else None,
-                  None if growth is None else growth <= 2.0)
+    report.target(
+        f"invalidate: time per call, {large:,} vs {small:,} entries",
+        "O(1): ratio <= 2",
+        f"{ms(medians[large])} / {ms(medians[small])} ms = {growth:.2f}x" if growth else None,
+        None if growth is None else growth <= 2.0,
+    )
 
 
 # -- part 2: every worker sees it -------------------------------------------------------------
@@ -129,8 +151,9 @@ def _pin_workers(url: str, workers: int, attempts: int = 200) -> dict[int, httpx
     """One keep-alive connection per worker process, keyed by the worker's PID."""
     pinned: dict[int, httpx.Client] = {}
     for _ in range(attempts):
-        client = httpx.Client(base_url=url, timeout=10,
-                              limits=httpx.Limits(max_connections=1, max_keepalive_connections=1))
+        client = httpx.Client(
+            base_url=url, timeout=10, limits=httpx.Limits(max_connections=1, max_keepalive_connections=1)
+        )
         pid = int(client.get("/pid").json()["pid"])
         if pid in pinned:
             client.close()
@@ -147,8 +170,11 @@ def part2(ctx: Context, report: Report, work: Path, cfg: dict[str, Any], server:
     version_file.write_text("v1")
     counts = work / f"counts-{server}"
     counts.mkdir()
-    env = {"BENCH_VERSION_FILE": str(version_file), "BENCH_COUNTS": str(counts),
-           "PYISR_REVALIDATE_SECRET": SECRET}
+    env = {
+        "BENCH_VERSION_FILE": str(version_file),
+        "BENCH_COUNTS": str(counts),
+        "PYISR_REVALIDATE_SECRET": SECRET,
+    }
     run_build(site, env)
     workers = cfg["e2e_workers"]
     case = f"pyisr {server} x{workers}"
@@ -171,8 +197,9 @@ def part2(ctx: Context, report: Report, work: Path, cfg: dict[str, Any], server:
             poster = httpx.Client(base_url=srv.url, timeout=30)
             poster.get("/pid")
             t0 = time.perf_counter()
-            ack = poster.post("/_pyisr/revalidate", params={"tag": TAG},
-                              headers={"authorization": f"Bearer {SECRET}"})
+            ack = poster.post(
+                "/_pyisr/revalidate", params={"tag": TAG}, headers={"authorization": f"Bearer {SECRET}"}
+            )
             ack_s = time.perf_counter() - t0
             poster.close()
             if ack.status_code != 200:
@@ -186,30 +213,49 @@ def part2(ctx: Context, report: Report, work: Path, cfg: dict[str, Any], server:
                 time.sleep(0.005)
             worst = max(seen.values()) if len(seen) == len(pinned) else None
             renders = sites.count_renders(counts, "t-1") - before
-            log(f"{case} trial {trial}: POST {ack_s * 1000:.1f} ms, new page seen by worker(s) after "
-                f"{', '.join(f'{v * 1000:.0f} ms' for v in seen.values())}; {renders} render(s)")
+            log(
+                f"{case} trial {trial}: POST {ack_s * 1000:.1f} ms, new page seen by worker(s) after "
+                f"{', '.join(f'{v * 1000:.0f} ms' for v in seen.values())}; {renders} render(s)"
+            )
             acks.append(ack_s)
             delays.append(worst if worst is not None else float("inf"))
-            report.row(case=f"{case}: POST /_pyisr/revalidate?tag", entries=cfg["e2e_pages"], trial=trial,
-                       post_ms=ms(ack_s),
-                       worker_delays_ms=", ".join(f"{v * 1000:.0f}" for v in seen.values()),
-                       max_ms=ms(worst), renders=renders)
+            report.row(
+                case=f"{case}: POST /_pyisr/revalidate?tag",
+                entries=cfg["e2e_pages"],
+                trial=trial,
+                post_ms=ms(ack_s),
+                worker_delays_ms=", ".join(f"{v * 1000:.0f}" for v in seen.values()),
+                max_ms=ms(worst),
+                renders=renders,
+            )
             time.sleep(0.2)
         for client in pinned.values():
             client.close()
     worst_all = max(delays) if delays else None
-    report.target(f"invalidate {case}: every worker serves the new page", "within 1 s",
-                  f"max {ms(worst_all)} ms over {len(delays)} trials",
-                  None if worst_all is None else worst_all <= 1.0)
+    report.target(
+        f"invalidate {case}: every worker serves the new page",
+        "within 1 s",
+        f"max {ms(worst_all)} ms over {len(delays)} trials",
+        None if worst_all is None else worst_all <= 1.0,
+    )
 
 
 def run(ctx: Context) -> Report:
     cfg = settings(ctx)
     report = Report("invalidate", ctx, cfg, "revalidate_tag of a tag carried by N pages")
-    report.columns = [("case", "case"), ("entries", "tagged entries"), ("calls", "calls"),
-                      ("median_ms", "median ms"), ("p99_ms", "p99 ms"), ("trial", "trial"),
-                      ("post_ms", "POST ms"), ("worker_delays_ms", "new page seen per worker, ms"),
-                      ("max_ms", "max ms"), ("renders", "renders"), ("invalidated", "invalidated")]
+    report.columns = [
+        ("case", "case"),
+        ("entries", "tagged entries"),
+        ("calls", "calls"),
+        ("median_ms", "median ms"),
+        ("p99_ms", "p99 ms"),
+        ("trial", "trial"),
+        ("post_ms", "POST ms"),
+        ("worker_delays_ms", "new page seen per worker, ms"),
+        ("max_ms", "max ms"),
+        ("renders", "renders"),
+        ("invalidated", "invalidated"),
+    ]
     work = ctx.scratch("invalidate")
     part1(ctx, report, work, cfg)
     for server in cfg["e2e_servers"]:

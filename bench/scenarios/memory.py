@@ -19,17 +19,29 @@ from bench.common import Context, PyisrServer, Report, log, run_build
 
 
 def settings(ctx: Context) -> dict[str, Any]:
-    return {"pages": 5000 if ctx.quick else 100_000, "connections": 16,
-            "deadline_s": 60 if ctx.quick else 300, "memory_tier": "50MB (default)", "server": "uvicorn",
-            "workers": 1, "target_mb": 150}
+    return {
+        "pages": 5000 if ctx.quick else 100_000,
+        "connections": 16,
+        "deadline_s": 60 if ctx.quick else 300,
+        "memory_tier": "50MB (default)",
+        "server": "uvicorn",
+        "workers": 1,
+        "target_mb": 150,
+    }
 
 
 def run(ctx: Context) -> Report:
     cfg = settings(ctx)
     report = Report("memory", ctx, cfg, f"RSS after {cfg['pages']:,} distinct pages, 50 MB memory tier")
-    report.columns = [("requested", "pages requested"), ("seconds", "s"), ("rate", "pages/s"),
-                      ("rss_mb", "RSS MB"), ("hwm_mb", "peak RSS MB"), ("tier_entries", "tier entries"),
-                      ("tier_mb", "tier MB (its own count)")]
+    report.columns = [
+        ("requested", "pages requested"),
+        ("seconds", "s"),
+        ("rate", "pages/s"),
+        ("rss_mb", "RSS MB"),
+        ("hwm_mb", "peak RSS MB"),
+        ("tier_entries", "tier entries"),
+        ("tier_mb", "tier MB (its own count)"),
+    ]
     work = ctx.scratch("memory")
     site = sites.memory_site(work / "site")
     run_build(site)
@@ -43,21 +55,29 @@ def run(ctx: Context) -> Report:
             mem = srv.memory_kb()
             tier = _tier(srv.url)
             elapsed = time.monotonic() - started
-            report.row(requested=answered, seconds=elapsed, rate=answered / elapsed if elapsed else None,
-                       rss_mb=mem["rss_kb"] / 1024, hwm_mb=mem["hwm_kb"] / 1024, **tier)
+            report.row(
+                requested=answered,
+                seconds=elapsed,
+                rate=answered / elapsed if elapsed else None,
+                rss_mb=mem["rss_kb"] / 1024,
+                hwm_mb=mem["hwm_kb"] / 1024,
+                **tier,
+            )
             log(f"{answered:,} pages in {elapsed:.0f}s: RSS {mem['rss_kb'] / 1024:.0f} MB, tier {tier}")
 
         sample(0)
         deadline = time.monotonic() + cfg["deadline_s"]
-        if ctx.profile is not None:
-            with tools.profiling(srv.pid, ctx.profile, "memory-uvicorn", 15):
-                answered, errors, statuses = loadgen.run(loadgen.sweep(
-                    srv.port, paths, connections=cfg["connections"], deadline=deadline, on_progress=sample,
-                    progress_every=every))
-        else:
-            answered, errors, statuses = loadgen.run(loadgen.sweep(
-                srv.port, paths, connections=cfg["connections"], deadline=deadline, on_progress=sample,
-                progress_every=every))
+        with tools.profiling(srv.pid, ctx.profile, "memory-uvicorn", 15):  # no-op without --profile
+            answered, errors, statuses = loadgen.run(
+                loadgen.sweep(
+                    srv.port,
+                    paths,
+                    connections=cfg["connections"],
+                    deadline=deadline,
+                    on_progress=sample,
+                    progress_every=every,
+                )
+            )
         if answered % every:
             sample(answered)
         final = srv.memory_kb()
@@ -72,12 +92,16 @@ def run(ctx: Context) -> Report:
     half = [r for r in report.rows if r["requested"] >= answered / 2]
     growth = rss_mb - half[0]["rss_mb"] if half else None
     report.extra["rss_growth_second_half_mb"] = growth
-    report.target(f"memory: RSS after {answered:,} distinct pages", f"< {cfg['target_mb']} MB",
-                  f"{rss_mb:.0f} MB ({final['processes']} process(es))",
-                  rss_mb < cfg["target_mb"] if complete else None)
+    report.target(
+        f"memory: RSS after {answered:,} distinct pages",
+        f"< {cfg['target_mb']} MB",
+        f"{rss_mb:.0f} MB ({final['processes']} process(es))",
+        rss_mb < cfg["target_mb"] if complete else None,
+    )
     if growth is not None:
-        report.target("memory: RSS growth over the second half", "~0 (bounded by the tier)",
-                      f"{growth:+.0f} MB", None)
+        report.target(
+            "memory: RSS growth over the second half", "~0 (bounded by the tier)", f"{growth:+.0f} MB", None
+        )
     return report
 
 
@@ -86,5 +110,7 @@ def _tier(url: str) -> dict[str, Any]:
         info = httpx.get(url + "/_pyisr/health", timeout=5).json().get("cache", {}).get("memory_tier") or {}
     except (httpx.HTTPError, ValueError):
         return {}
-    return {"tier_entries": info.get("entries"),
-            "tier_mb": info["bytes"] / 2**20 if isinstance(info.get("bytes"), int) else None}
+    return {
+        "tier_entries": info.get("entries"),
+        "tier_mb": info["bytes"] / 2**20 if isinstance(info.get("bytes"), int) else None,
+    }

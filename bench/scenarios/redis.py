@@ -30,8 +30,10 @@ def _redis_url(ctx: Context) -> tuple[str, tools.RedisServer | None]:
             continue
     binary = tools.which("redis-server")
     if binary is None:
-        raise Skip("no Redis answers on 127.0.0.1:6379 and redis-server is not installed "
-                   "(apt-get install -y redis-server, or set PYISR_BENCH_REDIS_URL)")
+        raise Skip(
+            "no Redis answers on 127.0.0.1:6379 and redis-server is not installed "
+            "(apt-get install -y redis-server, or set PYISR_BENCH_REDIS_URL)"
+        )
     server = tools.RedisServer(binary, ctx.scratch("redis-server")).start()
     url = f"redis://127.0.0.1:{server.port}/0"
     redis.Redis.from_url(url, socket_timeout=2).ping()

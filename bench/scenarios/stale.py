@@ -25,12 +25,20 @@ from bench.common import Context, PyisrServer, Report, Skip, log, ms, percentile
 
 
 def settings(ctx: Context) -> dict[str, Any]:
-    return {"pages": 10, "render_s": 0.2, "revalidate_s": 1, "duration_s": 4 if ctx.quick else 15,
-            "connections": 50, "workers": 1, "servers": ["uvicorn"] if ctx.quick else ["uvicorn", "granian"]}
+    return {
+        "pages": 10,
+        "render_s": 0.2,
+        "revalidate_s": 1,
+        "duration_s": 4 if ctx.quick else 15,
+        "connections": 50,
+        "workers": 1,
+        "servers": ["uvicorn"] if ctx.quick else ["uvicorn", "granian"],
+    }
 
 
-def measure(ctx: Context, report: Report, work: Path, env: Mapping[str, str] | None = None,
-            label: str = "") -> None:
+def measure(
+    ctx: Context, report: Report, work: Path, env: Mapping[str, str] | None = None, label: str = ""
+) -> None:
     cfg = settings(ctx)
     report.params.update({f"{label}stale_{k}" if label else k: v for k, v in cfg.items()})
     servers = list(cfg["servers"])
@@ -48,22 +56,33 @@ def measure(ctx: Context, report: Report, work: Path, env: Mapping[str, str] | N
     for server in servers:
         counts = work / f"counts-{server}"
         counts.mkdir()
-        with PyisrServer(site, server=server, workers=cfg["workers"],
-                         env={**(env or {}), "BENCH_COUNTS": str(counts)}, log_dir=work) as srv:
+        with PyisrServer(
+            site,
+            server=server,
+            workers=cfg["workers"],
+            env={**(env or {}), "BENCH_COUNTS": str(counts)},
+            log_dir=work,
+        ) as srv:
             for path in paths:  # every page into the memory tier
                 httpx.get(srv.url + path)
             time.sleep(cfg["revalidate_s"] + 0.1)  # every page stale: the run starts with regenerations
             started = time.monotonic()
-            samples = loadgen.run(loadgen.closed_loop(srv.port, paths, connections=cfg["connections"],
-                                                      duration=cfg["duration_s"]))
+            samples = loadgen.run(
+                loadgen.closed_loop(
+                    srv.port, paths, connections=cfg["connections"], duration=cfg["duration_s"]
+                )
+            )
             elapsed = time.monotonic() - started
             time.sleep(cfg["render_s"] + 0.5)  # let the last background renders finish and count
             renders = sum(sites.count_renders(counts, f"stale-{i}") for i in range(1, cfg["pages"] + 1))
             per_page = [sites.count_renders(counts, f"stale-{i}") for i in range(1, cfg["pages"] + 1)]
             if ctx.profile is not None:
                 with tools.profiling(srv.pid, ctx.profile, f"{label}stale-{server}", cfg["duration_s"]):
-                    loadgen.run(loadgen.closed_loop(srv.port, paths, connections=cfg["connections"],
-                                                    duration=cfg["duration_s"]))
+                    loadgen.run(
+                        loadgen.closed_loop(
+                            srv.port, paths, connections=cfg["connections"], duration=cfg["duration_s"]
+                        )
+                    )
         hits = samples.by_status.get("HIT", [])
         stales = samples.by_status.get("STALE", [])
         others = {k: len(v) for k, v in samples.by_status.items() if k not in ("HIT", "STALE")}
@@ -72,28 +91,57 @@ def measure(ctx: Context, report: Report, work: Path, env: Mapping[str, str] | N
         ratio = stale_p99 / hit_p99 if hit_p99 and stale_p99 else None
         # Each page renders once when the run starts (all stale), then at most once per revalidate.
         rate = (renders - cfg["pages"]) / cfg["pages"] / elapsed
-        log(f"{server}: {samples.requests:,} requests ({samples.requests / samples.seconds:,.0f}/s), "
+        log(
+            f"{server}: {samples.requests:,} requests ({samples.requests / samples.seconds:,.0f}/s), "
             f"HIT {len(hits):,} p99 {ms(hit_p99)} ms, STALE {len(stales):,} p99 {ms(stale_p99)} ms, "
-            f"renders {renders} ({rate:.2f}/page/s), other {others}, errors {samples.errors}")
-        report.row(table="stale", case=f"{label}pyisr {server}", rps=samples.requests / samples.seconds,
-                   hit=len(hits), stale=len(stales), other=sum(others.values()) + samples.errors,
-                   hit_p50_ms=ms(percentile(hits, 50)), hit_p99_ms=ms(hit_p99),
-                   stale_p50_ms=ms(percentile(stales, 50)), stale_p99_ms=ms(stale_p99),
-                   stale_vs_hit_p99=ratio, renders=renders, renders_per_page_s=rate,
-                   requests_per_render=samples.requests / renders if renders else None,
-                   per_page=" ".join(str(n) for n in per_page), other_detail=others)
-        report.target(f"{label}stale {server}: STALE p99 vs HIT p99", "<= 1.5x",
-                      None if ratio is None else f"{ratio:.2f}x ({ms(stale_p99)} / {ms(hit_p99)} ms)",
-                      None if ratio is None else ratio <= 1.5)
-        report.target(f"{label}stale {server}: renders", "about 1 per page per second, never 1 per request",
-                      f"{renders} renders for {samples.requests:,} requests: {rate:.2f} re-renders/page/s",
-                      0.5 <= rate <= 1.1 and renders < samples.requests / 10)
+            f"renders {renders} ({rate:.2f}/page/s), other {others}, errors {samples.errors}"
+        )
+        report.row(
+            table="stale",
+            case=f"{label}pyisr {server}",
+            rps=samples.requests / samples.seconds,
+            hit=len(hits),
+            stale=len(stales),
+            other=sum(others.values()) + samples.errors,
+            hit_p50_ms=ms(percentile(hits, 50)),
+            hit_p99_ms=ms(hit_p99),
+            stale_p50_ms=ms(percentile(stales, 50)),
+            stale_p99_ms=ms(stale_p99),
+            stale_vs_hit_p99=ratio,
+            renders=renders,
+            renders_per_page_s=rate,
+            requests_per_render=samples.requests / renders if renders else None,
+            per_page=" ".join(str(n) for n in per_page),
+            other_detail=others,
+        )
+        report.target(
+            f"{label}stale {server}: STALE p99 vs HIT p99",
+            "<= 1.5x",
+            None if ratio is None else f"{ratio:.2f}x ({ms(stale_p99)} / {ms(hit_p99)} ms)",
+            None if ratio is None else ratio <= 1.5,
+        )
+        report.target(
+            f"{label}stale {server}: renders",
+            "about 1 per page per second, never 1 per request",
+            f"{renders} renders for {samples.requests:,} requests: {rate:.2f} re-renders/page/s",
+            0.5 <= rate <= 1.1 and renders < samples.requests / 10,
+        )
 
 
-COLUMNS = [("case", "case"), ("rps", "req/s"), ("hit", "HIT"), ("stale", "STALE"), ("other", "other"),
-           ("hit_p50_ms", "HIT p50 ms"), ("hit_p99_ms", "HIT p99 ms"), ("stale_p50_ms", "STALE p50 ms"),
-           ("stale_p99_ms", "STALE p99 ms"), ("stale_vs_hit_p99", "STALE/HIT p99", "x"),
-           ("renders", "renders"), ("renders_per_page_s", "re-renders/page/s")]
+COLUMNS = [
+    ("case", "case"),
+    ("rps", "req/s"),
+    ("hit", "HIT"),
+    ("stale", "STALE"),
+    ("other", "other"),
+    ("hit_p50_ms", "HIT p50 ms"),
+    ("hit_p99_ms", "HIT p99 ms"),
+    ("stale_p50_ms", "STALE p50 ms"),
+    ("stale_p99_ms", "STALE p99 ms"),
+    ("stale_vs_hit_p99", "STALE/HIT p99", "x"),
+    ("renders", "renders"),
+    ("renders_per_page_s", "re-renders/page/s"),
+]
 
 
 def run(ctx: Context) -> Report:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from typing import Any
@@ -22,6 +22,17 @@ ONE_YEAR = 31_536_000
 
 Revalidate = int | None
 """Normalised revalidate: seconds (> 0), ``None`` for never, or ``0`` for never cached."""
+
+
+class _Unset:
+    def __repr__(self) -> str:
+        return "UNSET"
+
+
+#: "No revalidate given": a render that keeps its route's, a page with no data calls yet,
+#: a ``fetch`` with neither ``cache`` nor ``revalidate``. The one sentinel for all three
+#: (``None`` already means "never").
+UNSET: Any = _Unset()
 
 #: Bytes of a CPython ``str`` object beyond its characters (ASCII).
 _STR_OVERHEAD = 49
@@ -141,12 +152,17 @@ class CacheEntry:
         due = self.stale_at()
         return due is not None and now >= due
 
-    def is_invalidated(self, tag_times: Mapping[str, float]) -> bool:
-        """True when any tag was revalidated at or after the render that made this entry."""
-        for tag in self.tags:
-            revalidated_at = tag_times.get(tag)
-            if revalidated_at is not None and revalidated_at >= self.created_at:
-                return True
+    def is_invalidated(self, tag_times: Mapping[str, float], also: Iterable[str] = ()) -> bool:
+        """True when any tag was revalidated at or after the render that made this entry.
+
+        ``also`` are tags checked like the entry's own without being stored with it (a
+        page's tags, for the data it read).
+        """
+        for tags in (self.tags, also):
+            for tag in tags:
+                revalidated_at = tag_times.get(tag)
+                if revalidated_at is not None and revalidated_at >= self.created_at:
+                    return True
         return False
 
     def age(self, now: float) -> int:

@@ -13,6 +13,7 @@ from typing import Any, Literal
 from pyisr.cache.entry import CacheEntry
 from pyisr.cache.handler import CacheHandler
 from pyisr.cache.lru import ByteLRU
+from pyisr.cache.tags import TagTimes
 
 DEFAULT_MEMORY_BYTES = 50 * 1024 * 1024
 
@@ -22,7 +23,7 @@ class MemoryCache(CacheHandler):
 
     def __init__(self, max_bytes: int = DEFAULT_MEMORY_BYTES) -> None:
         self._entries: ByteLRU[CacheEntry] = ByteLRU(max_bytes, CacheEntry.size)
-        self._tag_times: dict[str, float] = {}
+        self._tag_times = TagTimes()
         self._tag_versions: dict[str, int] = {}
         self._tags_version = 0
 
@@ -40,13 +41,9 @@ class MemoryCache(CacheHandler):
         self._entries.pop(key)
 
     async def revalidate_tags(self, tags: Iterable[str], at: float) -> None:
-        times = self._tag_times
         self._tags_version += 1
-        for tag in tags:
-            # The later time wins: a revalidation reported late must not undo a newer one.
-            if at > times.get(tag, float("-inf")):
-                times[tag] = at
-                self._tag_versions[tag] = self._tags_version
+        for tag in self._tag_times.record(tags, at):
+            self._tag_versions[tag] = self._tags_version
 
     def tags_version(self) -> int | None:
         return self._tags_version
@@ -57,8 +54,7 @@ class MemoryCache(CacheHandler):
         return self._tags_version, changed
 
     async def tag_times(self, tags: Iterable[str]) -> Mapping[str, float]:
-        times = self._tag_times
-        return {t: times[t] for t in tags if t in times}
+        return self._tag_times.pick(tags)
 
     async def keys(self, prefix: str = "") -> AsyncIterator[str]:
         for key in self._entries.keys():

@@ -1,13 +1,21 @@
-"""Tags: validating the ones users write and deriving the implicit ones pyisr adds.
+"""Tags: validating the ones users write, deriving the implicit ones pyisr adds, and
+recording when each was revalidated.
 
 Implicit tags are how ``revalidate_path`` works without scanning the cache: every
 entry carries a tag for its own path, its route pattern and each ancestor layout
 segment, so invalidating a path, a route or a subtree is one tag-manifest write.
+
+:class:`TagTimes` holds the one rule every copy of the tag manifest follows (the
+memory handler's, the tier's mirror, the file-system tag log and its mirror, Redis'
+mirror and its queue of invalidations made during an outage): of two times recorded
+for the same tag, the later wins. Invalidations reach a process in any order (a
+pub/sub message after a resync, a log line read after a newer one was applied), and
+one reported late must never undo a newer one.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 from pyisr.paths import normalize_path
 
@@ -64,6 +72,34 @@ def merge_tags(*groups: Iterable[str]) -> tuple[str, ...]:
         for tag in group:
             merged[tag] = None
     return tuple(merged)
+
+
+class TagTimes(dict[str, float]):
+    """Tag -> the time it was last revalidated, only ever raised (see the module docstring).
+
+    A ``dict`` so readers use it as the ``Mapping`` that ``CacheHandler.tag_times``
+    returns; writers raise times through :meth:`record` and :meth:`merge`, not ``[]=``.
+    """
+
+    def record(self, tags: Iterable[str], at: float) -> list[str]:
+        """Raise each of ``tags`` to ``at``; returns the tags whose time changed."""
+        return self.merge(dict.fromkeys(tags, at))
+
+    def merge(self, times: Mapping[str, float]) -> list[str]:
+        """Raise each tag to the later of its two times; returns the tags whose time changed.
+
+        Callers that keep a change log or a version number advance it for these only.
+        """
+        raised: list[str] = []
+        for tag, at in times.items():
+            if at > self.get(tag, float("-inf")):
+                self[tag] = at
+                raised.append(tag)
+        return raised
+
+    def pick(self, tags: Iterable[str]) -> dict[str, float]:
+        """The times of ``tags``, leaving out those never revalidated (``tag_times``' answer)."""
+        return {t: self[t] for t in tags if t in self}
 
 
 def _prefixes(path: str) -> list[str]:

@@ -19,6 +19,7 @@ from pyisr.cache.entry import CacheEntry
 from pyisr.cache.handler import CacheHandler
 from pyisr.cache.lru import ByteLRU
 from pyisr.cache.memory import DEFAULT_MEMORY_BYTES
+from pyisr.cache.tags import TagTimes
 
 
 class MemoryTier(CacheHandler):
@@ -34,7 +35,7 @@ class MemoryTier(CacheHandler):
         self.tag_refresh = tag_refresh
         self._entries: ByteLRU[CacheEntry] = ByteLRU(max_bytes, CacheEntry.size)
         #: Mirror of tag times; complete when the backing supports ``tag_changes``.
-        self._tags: dict[str, float] = {}
+        self._tags = TagTimes()
         #: Per-tag "checked at" (monotonic) when only ``tag_times`` is available.
         self._tag_checked: dict[str, float] = {}
         self._cursor: Any = None
@@ -57,16 +58,12 @@ class MemoryTier(CacheHandler):
             return
         self._mirror_complete = True
         self._cursor, times = changes
-        for tag, at in times.items():
-            if at > self._tags.get(tag, float("-inf")):
-                self._tags[tag] = at
-                self._tags_version += 1
+        self._tags_version += len(self._tags.merge(times))
 
     async def tag_times(self, tags: Iterable[str]) -> Mapping[str, float]:
         await self._refresh_tags()
         if self._mirror_complete:
-            mirror = self._tags
-            return {t: mirror[t] for t in tags if t in mirror}
+            return self._tags.pick(tags)
         now = time.monotonic()
         wanted = list(tags)
         expired = [t for t in wanted if now - self._tag_checked.get(t, float("-inf")) >= self.tag_refresh]
@@ -74,17 +71,13 @@ class MemoryTier(CacheHandler):
             fetched = await self.backing.tag_times(expired)
             for tag in expired:
                 self._tag_checked[tag] = now
-                if tag in fetched:
-                    self._tags[tag] = max(fetched[tag], self._tags.get(tag, float("-inf")))
-        mirror = self._tags
-        return {t: mirror[t] for t in wanted if t in mirror}
+            self._tags.merge({t: fetched[t] for t in expired if t in fetched})
+        return self._tags.pick(wanted)
 
     async def revalidate_tags(self, tags: Iterable[str], at: float) -> None:
         tags = list(tags)
         await self.backing.revalidate_tags(tags, at)
-        for tag in tags:
-            if at > self._tags.get(tag, float("-inf")):
-                self._tags[tag] = at
+        self._tags.record(tags, at)
         self._tags_version += 1
 
     def tags_version(self) -> int | None:
@@ -92,11 +85,6 @@ class MemoryTier(CacheHandler):
         if not self._mirror_complete or time.monotonic() - self._refreshed_at >= self.tag_refresh:
             return None
         return self._tags_version
-
-    def forget_tag_mirror(self) -> None:
-        """Force the next lookup to re-read tag times (used after a reconnect)."""
-        self._refreshed_at = float("-inf")
-        self._tag_checked.clear()
 
     # -- entries ------------------------------------------------------------------------
 
@@ -125,10 +113,6 @@ class MemoryTier(CacheHandler):
         else:
             self._entries.put(key, entry)
         return entry
-
-    def peek(self, key: str) -> CacheEntry | None:
-        """The in-memory entry without any I/O (for the server's fast path)."""
-        return self._entries.get(key)
 
     async def set(self, entry: CacheEntry) -> bool:
         stored = await self.backing.set(entry)

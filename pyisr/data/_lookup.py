@@ -25,7 +25,7 @@ from typing import Any, TypeVar
 from pyisr.cache.entry import CacheEntry, EntryKind, Revalidate
 from pyisr.context import current_render
 from pyisr.data.serializer import UnreadableEntry
-from pyisr.engine import CacheStatus, RenderFn, RenderPolicy, RevalidationError
+from pyisr.engine import CacheStatus, Engine, RenderFn, RenderPolicy, RevalidationError
 from pyisr.runtime import get_engine, run_sync
 
 logger = logging.getLogger("pyisr.data")
@@ -48,13 +48,15 @@ class DataRequest:
 
     soft_tags: tuple[str, ...]
     stale_blocks: bool
+    #: The engine rendering the page around the read (``None``: the process default).
+    engine: Engine | None = None
 
     @classmethod
     def from_context(cls) -> DataRequest:
         ctx = current_render()
         if ctx is None:
             return cls((), False)
-        return cls(ctx.soft_tags, ctx.is_revalidating)
+        return cls(ctx.soft_tags, ctx.is_revalidating, ctx.engine)
 
 
 def data_policy(revalidate: Revalidate, tags: tuple[str, ...], request: DataRequest) -> RenderPolicy:
@@ -107,7 +109,7 @@ async def read_through(
     whatever else is cached and is not fenced by the dropped entry's time stamp.
     """
     policy = data_policy(revalidate, tags, request)
-    engine = get_engine()
+    engine = request.engine if request.engine is not None else get_engine()
     served = await engine.get(key, compute, policy)
     assert served.entry is not None
     try:
@@ -141,9 +143,9 @@ def read_through_sync(
     compute: RenderFn,
     revalidate: Revalidate,
     tags: tuple[str, ...],
+    request: DataRequest,
     decode: Callable[[bytes], T],
     what: str,
 ) -> tuple[T, CacheEntry, CacheStatus]:
-    """:func:`read_through` for sync callers; the render context is read on their thread."""
-    request = DataRequest.from_context()
+    """:func:`read_through` for sync callers (``request`` read on their thread)."""
     return run_sync(read_through(key, compute, revalidate, tags, request, decode, what))

@@ -28,6 +28,7 @@ from pyisr.cache.tags import validate_tags
 from pyisr.data import serializer as codec
 from pyisr.data._lookup import DataRequest, data_key, read_through, read_through_sync, record_in_render
 from pyisr.data.serializer import SerializerName
+from pyisr.data.signing import signing_key
 from pyisr.engine import Rendered
 from pyisr.runtime import get_engine
 
@@ -158,9 +159,12 @@ def cached(
         # The serializer is part of the key: bytes of one format never reach the other's reader.
         return data_key("cached", serializer, identity, parts, list(args), kwargs)
 
-    def secret() -> bytes | None:
+    def secret(request: DataRequest) -> bytes | None:
         # Asked on every call: the engine (and so the store) is only known once called.
-        return codec.signing_key(get_engine().handler, where=where) if serializer == "pickle" else None
+        if serializer != "pickle":
+            return None
+        engine = request.engine if request.engine is not None else get_engine()
+        return signing_key(engine.handler, where=where)
 
     def compute_for(
         key: str, signing: bytes | None, args: tuple[Any, ...], kwargs: dict[str, Any]
@@ -188,17 +192,15 @@ def cached(
     def decoder(key: str, signing: bytes | None) -> Callable[[bytes], Any]:
         return lambda body: codec.loads(serializer, body, data_key=key, secret=signing)
 
+    def read_args(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...]:
+        # Made on the caller's thread: the render context (and so the engine) is read there.
+        request = DataRequest.from_context()
+        key, signing = key_for(args, kwargs), secret(request)
+        compute = compute_for(key, signing, args, kwargs)
+        return key, compute, seconds, tag_tuple, request, decoder(key, signing), what
+
     async def call_async(*args: Any, **kwargs: Any) -> Any:
-        key, signing = key_for(args, kwargs), secret()
-        value, entry, _ = await read_through(
-            key,
-            compute_for(key, signing, args, kwargs),
-            seconds,
-            tag_tuple,
-            DataRequest.from_context(),
-            decoder(key, signing),
-            what,
-        )
+        value, entry, _ = await read_through(*read_args(args, kwargs))
         record_in_render(entry)
         return value
 
@@ -208,10 +210,7 @@ def cached(
 
         @functools.wraps(fn)
         def wrapper(*args: Any, **kwargs: Any) -> Any:
-            key, signing = key_for(args, kwargs), secret()
-            value, entry, _ = read_through_sync(
-                key, compute_for(key, signing, args, kwargs), seconds, tag_tuple, decoder(key, signing), what
-            )
+            value, entry, _ = read_through_sync(*read_args(args, kwargs))
             record_in_render(entry)
             return value
 

@@ -15,26 +15,25 @@ there, and they must never be more than a response that is refetched.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
 import json as jsonlib
 import time
 import warnings
-import weakref
 from collections.abc import Iterable, Mapping
 from http.cookiejar import CookieJar, DefaultCookiePolicy
 from typing import Any
 
 import httpx
 
-from pyisr.cache.entry import Revalidate, validate_revalidate
+from pyisr.cache.entry import UNSET, Revalidate, validate_revalidate
 from pyisr.cache.tags import validate_tags
 from pyisr.context import current_render
 from pyisr.data._lookup import DataRequest, data_key, read_through, record_in_render
 from pyisr.data.serializer import UnreadableEntry
 from pyisr.engine import CacheStatus, Rendered
-from pyisr.log import enable_debug_logging, env_flag, fetch_logger
+from pyisr.log import enable_debug_logging, fetch_logger, fetch_logging
+from pyisr.loop_local import LoopLocal
 from pyisr.runtime import run_sync
 
 CACHE_MODES = ("force-cache", "no-store", "no-cache", None)
@@ -55,12 +54,12 @@ class UncacheableResponse(Exception):
 def _resolve_revalidate(
     url: str, revalidate: Any, cache: str | None, tags: tuple[str, ...]
 ) -> Revalidate | None:
-    """Seconds, ``None`` (forever) or ``0`` (no-store); ``None`` returned as "auto" is spelled -1."""
+    """Seconds, ``None`` (forever) or ``0`` (no-store) for this fetch."""
     if cache not in CACHE_MODES:
         raise ValueError(
             f"fetch({url!r}): cache={cache!r} is not one of 'force-cache', 'no-store', 'no-cache'"
         )
-    if revalidate is not _AUTO:
+    if revalidate is not UNSET:
         seconds = validate_revalidate(revalidate, where=f"fetch({url!r})")
         if cache is not None:
             conflicting = (cache == "force-cache" and seconds == 0) or (
@@ -84,45 +83,41 @@ def _resolve_revalidate(
 def _auto(tags: tuple[str, ...]) -> Revalidate | None:
     """No ``cache``/``revalidate``: take the page's revalidate (Next.js' "auto cache");
     outside a page, keep tagged responses until their tag is revalidated, else don't cache."""
-    if current_render() is not None:
-        return -1  # inherit the page's revalidate, resolved by the caller
+    ctx = current_render()
+    if ctx is not None:
+        return ctx.page_revalidate
     if tags:
         return None
     return 0
 
 
-class _Auto:
-    pass
-
-
-_AUTO: Any = _Auto()
-
-
 def _log_fetch(method: str, url: str, status: int, ms: float, outcome: str) -> None:
-    if not (env_flag("PYISR_LOG_FETCHES") or env_flag("PYISR_DEBUG_CACHE")):
+    enabled, full_url = fetch_logging()
+    if not enabled:
         return
     shown = url
-    if not env_flag("PYISR_LOG_FETCHES_FULL_URL") and len(url) > 48:
+    if not full_url and len(url) > 48:
         shown = url[:48] + "…"
     enable_debug_logging()
     fetch_logger.debug("%s %s %s in %.0fms (cache %s)", method, shown, status, ms, outcome)
 
 
 #: One client per event loop: a new client per call costs ~50 ms of TLS set-up.
-_clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, httpx.AsyncClient] = (
-    weakref.WeakKeyDictionary()
-)
+def _new_client() -> httpx.AsyncClient:
+    # The client is shared by every render in the process, so it keeps no cookies: a
+    # Set-Cookie in one response must not be sent with another visitor's page's fetches.
+    no_cookies = CookieJar(policy=DefaultCookiePolicy(allowed_domains=[]))
+    return httpx.AsyncClient(follow_redirects=True, cookies=no_cookies)
+
+
+_clients: LoopLocal[httpx.AsyncClient] = LoopLocal(_new_client)
 
 
 def _client() -> httpx.AsyncClient:
-    loop = asyncio.get_running_loop()
-    client = _clients.get(loop)
-    if client is None or client.is_closed:
-        # The client is shared by every render in the process, so it keeps no cookies: a
-        # Set-Cookie in one response must not be sent with another visitor's page's fetches.
-        no_cookies = CookieJar(policy=DefaultCookiePolicy(allowed_domains=[]))
-        client = httpx.AsyncClient(follow_redirects=True, cookies=no_cookies)
-        _clients[loop] = client
+    client = _clients.get()
+    if client.is_closed:
+        _clients.discard()
+        client = _clients.get()
     return client
 
 
@@ -197,7 +192,7 @@ async def fetch(
     params: Mapping[str, Any] | None = None,
     content: bytes | str | None = None,
     json: Any = None,
-    revalidate: int | bool | None = _AUTO,
+    revalidate: int | bool | None = UNSET,
     tags: Iterable[str] | None = None,
     cache: str | None = None,
     timeout: float = 30.0,
@@ -210,9 +205,6 @@ async def fetch(
     tag_tuple = validate_tags(tags, where=f"fetch({full_url!r}) tags")
     seconds = _resolve_revalidate(full_url, revalidate, cache, tag_tuple)
     ctx = current_render()
-    if seconds == -1:
-        assert ctx is not None
-        seconds = ctx.page_revalidate
     started = time.perf_counter()
     if seconds == 0:
         response = await _send(method, full_url, send_headers, body or None, timeout)

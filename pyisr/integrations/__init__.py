@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import re
-import weakref
 from collections.abc import Coroutine, Iterable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -27,7 +26,7 @@ from urllib.parse import quote, unquote
 
 from pyisr.cache.entry import EntryKind, Revalidate, validate_revalidate
 from pyisr.cache.tags import implicit_tags, validate_tags
-from pyisr.engine import CacheStatus, Engine, RenderFn, RenderPolicy, Resolver, Served
+from pyisr.engine import CacheStatus, Engine, RenderFn, RenderPolicy
 from pyisr.http import NOSTORE, age_header, entry_headers, not_modified
 from pyisr.paths import normalize_path
 from pyisr.runtime import bridge
@@ -116,36 +115,20 @@ def check_options(
     return validate_revalidate(revalidate, where=where), validate_tags(tags, where=f"{where} tags")
 
 
-def response_parts(
-    served: Served, now: float, if_none_match: str | None, *, head: bool
-) -> tuple[int, list[tuple[str, str]], bytes]:
-    """Status, headers and body of the response for ``served``, as the server sends it.
+@dataclass(frozen=True, slots=True)
+class PageAnswer:
+    """The response an integration sends for a cached page (or a failed render's own).
 
-    304 when ``If-None-Match`` matches; ``head`` empties the body but keeps its
-    ``Content-Length``. Header values are ``str`` for the WSGI frameworks; the ASGI
-    middleware encodes them back.
+    Headers stay bytes from the store to the wire (ASGI sends them as they are); the
+    WSGI frameworks take :meth:`text_headers`.
     """
-    entry = served.entry
-    assert entry is not None, "integrations render unknown paths, so an entry always exists"
-    out = entry_headers(entry, served.status)
-    if served.status is not CacheStatus.BYPASS:
-        out.append(age_header(entry, now))
-        if not_modified(entry, if_none_match):
-            headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in out if k != b"content-type"]
-            return 304, headers + [("content-length", "0")], b""
-    headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in out]
-    headers.append(("content-length", str(len(entry.body))))
-    return entry.status, headers, b"" if head else entry.body
 
+    status: int
+    headers: list[tuple[bytes, bytes]]
+    body: bytes
 
-def no_store(headers: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
-    """A shared render's (failed) response headers, made uncacheable for every cache on the way.
-
-    Its cookies are dropped: they were set for the render's anonymous request, not for
-    the visitor who gets this answer.
-    """
-    dropped = ("cache-control", "content-length", "set-cookie")
-    return [(k, v) for k, v in headers if k.lower() not in dropped] + [("cache-control", NOSTORE)]
+    def text_headers(self) -> list[tuple[str, str]]:
+        return [(k.decode("latin-1"), v.decode("latin-1")) for k, v in self.headers]
 
 
 @dataclass
@@ -156,44 +139,60 @@ class FailedResponse:
     what the app answered (with ``no-store``) instead of a generic error.
     """
 
-    response: Any = None
+    response: tuple[int, list[tuple[str, str]], bytes] | None = None
 
 
-class _Resolvers:
-    """Every integration's ``path_resolver`` on one engine, tried in turn."""
+async def serve_page(
+    engine: Engine,
+    key: str,
+    render: RenderFn,
+    policy: RenderPolicy,
+    failed: FailedResponse,
+    *,
+    if_none_match: str | None,
+    head: bool,
+) -> PageAnswer | None:
+    """The one flow of every integration for a cached GET or HEAD.
 
-    def __init__(self) -> None:
-        self.resolvers: list[Resolver] = []
-        self.previous: Resolver | None = None
-
-    async def __call__(self, key: str) -> tuple[str, RenderFn, RenderPolicy] | None:
-        for resolver in list(self.resolvers):
-            found = await resolver(key)
-            if found is not None:
-                return found
-        if self.previous is not None:
-            return await self.previous(key)
-        return None
-
-
-_dispatchers: weakref.WeakKeyDictionary[Engine, _Resolvers] = weakref.WeakKeyDictionary()
-
-
-def install_resolver(engine: Engine, resolver: Resolver) -> None:
-    """Let ``pyisr.revalidate(path)`` regenerate pages of this integration.
-
-    A resolver the engine already has (a site's, another middleware's) is kept and
-    asked after ours, so several apps can share one engine.
+    The engine answers ``key`` (HIT, STALE, MISS...) and the answer becomes a response
+    with pyisr's headers: a 304 when ``If-None-Match`` matches, no body for HEAD (its
+    ``Content-Length`` kept). A failed render with nothing cached answers the app's own
+    5xx (``no-store``, without the render's cookies); any other exception propagates.
+    ``None`` means the page belongs to its visitor (``CacheStatus.PRIVATE``): the
+    adapter lets the app answer the visitor's real request itself, marked no-store.
     """
-    dispatcher = _dispatchers.get(engine)
-    if dispatcher is None:
-        dispatcher = _Resolvers()
-        _dispatchers[engine] = dispatcher
-    if engine.path_resolver is not dispatcher:
-        dispatcher.previous = engine.path_resolver
-        engine.path_resolver = dispatcher
-    if resolver not in dispatcher.resolvers:
-        dispatcher.resolvers.append(resolver)
+    try:
+        served = await engine.get(key, render, policy)
+    except Exception:
+        if failed.response is None:
+            raise
+        status, headers, body = failed.response
+        encoded = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in no_store(headers)]
+        return PageAnswer(status, [*encoded, _length(body)], b"" if head else body)
+    if served.status is CacheStatus.PRIVATE:
+        return None
+    entry = served.entry
+    assert entry is not None, "integrations render unknown paths, so an entry always exists"
+    out = entry_headers(entry, served.status)
+    if served.status is not CacheStatus.BYPASS:
+        out.append(age_header(entry, engine.clock()))
+        if not_modified(entry, if_none_match):
+            return PageAnswer(304, [h for h in out if h[0] != b"content-type"] + [_length(b"")], b"")
+    return PageAnswer(entry.status, [*out, _length(entry.body)], b"" if head else entry.body)
+
+
+def _length(body: bytes) -> tuple[bytes, bytes]:
+    return (b"content-length", str(len(body)).encode())
+
+
+def no_store(headers: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
+    """A shared render's (failed) response headers, made uncacheable for every cache on the way.
+
+    Its cookies are dropped: they were set for the render's anonymous request, not for
+    the visitor who gets this answer.
+    """
+    dropped = ("cache-control", "content-length", "set-cookie")
+    return [(k, v) for k, v in headers if k.lower() not in dropped] + [("cache-control", NOSTORE)]
 
 
 def path_info_for(key: str, script_root: str) -> str | None:
@@ -240,11 +239,12 @@ __all__ = [
     "ISRMiddleware",
     "allow_list",
     "check_options",
-    "install_resolver",
     "key_for_decoded_path",
     "on_bridge",
     "page_policy",
     "path_info_for",
     "pattern_from_rule",
-    "response_parts",
+    "serve_page",
+    "PageAnswer",
+    "FailedResponse",
 ]

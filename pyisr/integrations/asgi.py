@@ -29,7 +29,7 @@ from typing import Any
 from urllib.parse import quote, unquote
 
 from pyisr.cache.entry import Revalidate
-from pyisr.engine import CacheStatus, Engine, Rendered, RenderFn, RenderPolicy
+from pyisr.engine import Engine, Rendered, RenderFn, RenderPolicy
 from pyisr.http import private_cache_control
 from pyisr.integrations import (
     _PATH_SAFE,
@@ -37,11 +37,9 @@ from pyisr.integrations import (
     FailedResponse,
     allow_list,
     check_options,
-    install_resolver,
     key_for_decoded_path,
-    no_store,
     page_policy,
-    response_parts,
+    serve_page,
 )
 from pyisr.origin import CanonicalOrigin, Origin
 from pyisr.paths import BadPath, normalize_path
@@ -55,37 +53,36 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
-_PARAM = re.compile(r"{([A-Za-z_][A-Za-z0-9_]*)(?::([A-Za-z_][A-Za-z0-9_]*))?}")
-#: Starlette's convertors, as regular expressions over one cache key.
-_CONVERTORS = {
-    "str": "[^/]+",
-    "path": ".*",
-    "int": "[0-9]+",
-    "float": r"[0-9]+(?:\.[0-9]+)?",
-    "uuid": "[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}",
-}
-
 
 @dataclass(frozen=True)
 class ISRRoute:
-    """One cached route: its Starlette-style pattern compiled for matching cache keys."""
+    """One cached route: its Starlette pattern, compiled by Starlette, matched against keys."""
 
     pattern: str
     regex: re.Pattern[str]
-    #: Literal text and ``(name,)`` holes, to rebuild the path the app itself routes.
-    template: tuple[str | tuple[str], ...]
+    #: Starlette's format string of the pattern (``/docs/{slug}/``): the path the app routes.
+    path_format: str
     #: The pattern in pyisr's spelling (``/blog/[id]``), for the implicit page tag.
     isr_pattern: str
     revalidate: Revalidate
     tags: tuple[str, ...]
 
-    def render_path(self, values: Mapping[str, str | None]) -> str:
+    def match(self, key: str) -> dict[str, str] | None:
+        """The pattern's values for cache key ``key``, or ``None``.
+
+        Keys have no trailing slash, so a pattern with one (``/docs/{slug}/``) matches its
+        key too, and ``/files/{rest:path}`` matches the bare ``/files`` (rest empty).
+        """
+        found = self.regex.match(key) or self.regex.match(key + "/")
+        return found.groupdict() if found is not None else None
+
+    def render_path(self, values: Mapping[str, str]) -> str:
         """The path the render requests: the pattern filled in, trailing slash and all.
 
         Built from the pattern rather than taken from the request, so ``/blog/1`` and
         ``/blog/1/`` (one cache key) render alike and never as the app's slash redirect.
         """
-        return "".join(part if isinstance(part, str) else values.get(part[0]) or "" for part in self.template)
+        return self.path_format.format_map(values)
 
     def policy(self, key: str) -> RenderPolicy:
         return page_policy(key, self.isr_pattern, self.revalidate, self.tags, route=self.pattern)
@@ -94,43 +91,37 @@ class ISRRoute:
 def compile_route(pattern: str, revalidate: object, tags: Iterable[str] | None) -> ISRRoute:
     """Compile ``/blog/{id}``, ``/files/{rest:path}``, ``/item/{n:int}``... for key matching.
 
-    Keys have no trailing slash, so the pattern's is ignored when matching, and a
-    trailing ``/{name:path}`` also matches the bare prefix (as Starlette's ``.*`` does).
+    Starlette's own path compiler and convertors (custom ones registered with
+    ``starlette.convertors.register_url_convertor`` included), so a pattern means here
+    exactly what it means to the app's router.
     """
+    from starlette.convertors import PathConvertor
+    from starlette.routing import compile_path
+
     if not pattern.startswith("/"):
         raise ValueError(f"route pattern {pattern!r} must start with '/'")
     where = f"ISRMiddleware route {pattern!r}"
     seconds, tag_tuple = check_options(revalidate, tags, where)
-    template: list[str | tuple[str]] = []
-    regex = ["^"]
-    isr = []
-    stripped = pattern.rstrip("/") or "/"
-    pos = 0
-    for m in _PARAM.finditer(pattern):
-        name, conv = m.group(1), m.group(2) or "str"
-        if conv not in _CONVERTORS:
-            raise ValueError(f"{where}: unknown convertor {conv!r} (use one of {', '.join(_CONVERTORS)})")
-        literal = pattern[pos : m.start()]
-        template += [literal, (name,)]
-        isr.append(literal)
-        trailing_path = conv == "path" and m.end() >= len(stripped) and literal.endswith("/")
-        if trailing_path:
-            regex.append(re.escape(literal[:-1]) + f"(?:/(?P<{name}>.*))?")
-            isr.append(f"[[...{name}]]")
+    try:
+        regex, path_format, convertors = compile_path(pattern)
+    except AssertionError as exc:  # Starlette asserts on unknown convertors and repeated names
+        raise ValueError(
+            f"{where}: {exc} (a custom convertor must be registered with "
+            "starlette.convertors.register_url_convertor before the middleware is made)"
+        ) from None
+    isr = path_format
+    for name, convertor in convertors.items():
+        hole = "{" + name + "}"
+        if isinstance(convertor, PathConvertor):
+            optional = isr.endswith("/" + hole)
+            isr = isr.replace(hole, f"[[...{name}]]" if optional else f"[...{name}]")
         else:
-            regex.append(re.escape(literal) + f"(?P<{name}>{_CONVERTORS[conv]})")
-            isr.append(f"[...{name}]" if conv == "path" else f"[{name}]")
-        pos = m.end()
-    tail = pattern[pos:]
-    template.append(tail)
-    isr.append(tail)
-    tail_match = tail.rstrip("/") if pos else stripped
-    regex.append(re.escape(tail_match) + "$")
+            isr = isr.replace(hole, f"[{name}]")
     return ISRRoute(
         pattern=pattern,
-        regex=re.compile("".join(regex)),
-        template=tuple(template),
-        isr_pattern=normalize_path("".join(isr)),
+        regex=regex,
+        path_format=path_format,
+        isr_pattern=normalize_path(isr),
         revalidate=seconds,
         tags=tag_tuple,
     )
@@ -349,18 +340,19 @@ class ISRMiddleware:
         return self._engine if self._engine is not None else get_engine()
 
     def _install(self) -> Engine:
+        """The engine to use now, with this middleware's paths known to ``revalidate()``."""
         engine = self.engine
         if engine is not self._installed_on:
-            install_resolver(engine, self._resolve)
+            engine.add_resolver(self._resolve)
             self._installed_on = engine
         return engine
 
-    def match(self, key: str) -> tuple[ISRRoute, dict[str, str | None]] | None:
+    def match(self, key: str) -> tuple[ISRRoute, dict[str, str]] | None:
         """The first route whose pattern matches the cache key, and its parameters."""
         for route in self.routes:
-            m = route.regex.match(key)
-            if m is not None:
-                return route, m.groupdict()
+            values = route.match(key)
+            if values is not None:
+                return route, values
         return None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -389,22 +381,21 @@ class ISRMiddleware:
             self._base = {k: scope[k] for k in _KEPT_SCOPE_KEYS if k in scope}
         origin = self.origin.for_request(scope.get("scheme", "http"), _header(scope, b"host"), self._trusted)
         render = self._renderer(route, values, scope, origin, failed)
-        try:
-            served = await engine.get(key, render, route.policy(key))
-        except Exception:
-            if failed.response is None:
-                raise
-            status, headers, body = failed.response
-            await _send(send, status, no_store(headers), body, scope["method"])
-            return
-        if served.status is CacheStatus.PRIVATE:
+        answer = await serve_page(
+            engine,
+            key,
+            render,
+            route.policy(key),
+            failed,
+            if_none_match=_header(scope, b"if-none-match"),
+            head=scope["method"] == "HEAD",
+        )
+        if answer is None:
             # The page belongs to its visitor: the app answers this one itself.
             await _send_no_store(self.app, scope, receive, send)
             return
-        status, headers, body = response_parts(
-            served, engine.clock(), _header(scope, b"if-none-match"), head=scope["method"] == "HEAD"
-        )
-        await _send(send, status, headers, body, "GET")
+        await send({"type": "http.response.start", "status": answer.status, "headers": answer.headers})
+        await send({"type": "http.response.body", "body": answer.body})
 
     def _render_scope(self, original: Scope, path: str, origin: Origin) -> tuple[Scope, _SessionProbe | None]:
         """A scope built from nothing but the path, the canonical origin and allowed headers.
@@ -442,7 +433,7 @@ class ISRMiddleware:
     def _renderer(
         self,
         route: ISRRoute,
-        values: Mapping[str, str | None],
+        values: Mapping[str, str],
         original: Scope,
         origin: Origin,
         failed: FailedResponse,
@@ -479,19 +470,6 @@ class ISRMiddleware:
         route, values = found
         origin = self.origin.default(self._trusted or ())
         return key, self._renderer(route, values, self._base, origin, FailedResponse()), route.policy(key)
-
-
-async def _send(send: Send, status: int, headers: list[tuple[str, str]], body: bytes, method: str) -> None:
-    if not any(k.lower() == "content-length" for k, _ in headers):
-        headers = headers + [("content-length", str(len(body)))]
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers],
-        }
-    )
-    await send({"type": "http.response.body", "body": b"" if method == "HEAD" else body})
 
 
 __all__ = ["ISRMiddleware", "ISRRoute", "compile_route"]

@@ -34,25 +34,24 @@ except ImportError as exc:  # pragma: no cover - exercised only without Django
     ) from exc
 
 from pyisr.cache.entry import Revalidate
-from pyisr.engine import CacheStatus, Engine, Rendered, RenderPolicy
+from pyisr.engine import Engine, Rendered, RenderPolicy
 from pyisr.http import private_cache_control
 from pyisr.integrations import (
     DEFAULT_ALLOW_HEADERS,
     SESSION_REASON,
     FailedResponse,
+    PageAnswer,
     allow_list,
     check_options,
     key_for_decoded_path,
-    no_store,
     on_bridge,
     page_policy,
     path_info_for,
     pattern_from_rule,
-    response_parts,
+    serve_page,
 )
 from pyisr.origin import CanonicalOrigin, Origin
 from pyisr.paths import normalize_path
-from pyisr.revalidation import register_view_resolver
 from pyisr.runtime import get_engine, run_sync
 
 View = Callable[..., Any]
@@ -95,7 +94,8 @@ def isr(
     )
 
     def decorate(view: View) -> View:
-        register_view_resolver(_resolve)  # revalidate(path) can reach this view now
+        # revalidate(path) can reach this view now (and from every engine it later serves with).
+        (engine if engine is not None else get_engine()).add_resolver(_resolve)
         wrap = _async_wrapper if inspect.iscoroutinefunction(view) else _sync_wrapper
         return wrap(_Options(view=view, **options))  # type: ignore[arg-type]
 
@@ -170,6 +170,19 @@ def _async_render(options: _Options, fresh: Any, args: Any, kwargs: Any, failed:
     return render
 
 
+def _prepare(request: Any, options: _Options) -> tuple[Engine, str, RenderPolicy, Any, FailedResponse]:
+    """What one cached GET needs: the engine (knowing this view), key, policy, render request."""
+    _remember_script(request)
+    eng = options.engine if options.engine is not None else get_engine()
+    eng.add_resolver(_resolve)
+    key, policy = _key_and_policy(request, options.seconds, options.tags)
+    return eng, key, policy, _shared_request(request, options), FailedResponse()
+
+
+def _conditions(request: Any) -> dict[str, Any]:
+    return {"if_none_match": request.headers.get("If-None-Match"), "head": request.method == "HEAD"}
+
+
 def _sync_wrapper(options: _Options) -> View:
     view = options.view
 
@@ -177,20 +190,12 @@ def _sync_wrapper(options: _Options) -> View:
     def wrapper(request: Any, *args: Any, **kwargs: Any) -> Any:
         if request.method not in ("GET", "HEAD"):
             return view(request, *args, **kwargs)
-        _remember_script(request)
-        eng = options.engine if options.engine is not None else get_engine()
-        key, policy = _key_and_policy(request, options.seconds, options.tags)
-        failed = FailedResponse()
-        fresh = _shared_request(request, options)
-        try:
-            served = run_sync(eng.get(key, _sync_render(options, fresh, args, kwargs, failed), policy))
-        except Exception:
-            if failed.response is None:
-                raise
-            return _failed(failed.response)
-        if served.status is CacheStatus.PRIVATE:
+        eng, key, policy, fresh, failed = _prepare(request, options)
+        render = _sync_render(options, fresh, args, kwargs, failed)
+        answer = run_sync(serve_page(eng, key, render, policy, failed, **_conditions(request)))
+        if answer is None:  # the page belongs to its visitor: the view answers them itself
             return _no_store(view(request, *args, **kwargs))
-        return _response(served, eng, request)
+        return _build(answer)
 
     wrapper.__pyisr_isr__ = options  # type: ignore[attr-defined]
     return wrapper
@@ -203,22 +208,12 @@ def _async_wrapper(options: _Options) -> View:
     async def wrapper(request: Any, *args: Any, **kwargs: Any) -> Any:
         if request.method not in ("GET", "HEAD"):
             return await view(request, *args, **kwargs)
-        _remember_script(request)
-        eng = options.engine if options.engine is not None else get_engine()
-        key, policy = _key_and_policy(request, options.seconds, options.tags)
-        failed = FailedResponse()
-        fresh = _shared_request(request, options)
-        try:
-            served = await on_bridge(
-                eng.get(key, _async_render(options, fresh, args, kwargs, failed), policy)
-            )
-        except Exception:
-            if failed.response is None:
-                raise
-            return _failed(failed.response)
-        if served.status is CacheStatus.PRIVATE:
+        eng, key, policy, fresh, failed = _prepare(request, options)
+        render = _async_render(options, fresh, args, kwargs, failed)
+        answer = await on_bridge(serve_page(eng, key, render, policy, failed, **_conditions(request)))
+        if answer is None:  # the page belongs to its visitor: the view answers them itself
             return _no_store(await view(request, *args, **kwargs))
-        return _response(served, eng, request)
+        return _build(answer)
 
     wrapper.__pyisr_isr__ = options  # type: ignore[attr-defined]
     return wrapper
@@ -350,28 +345,17 @@ def _rendered(response: Any, fresh: Any, failed: FailedResponse, body: bytes | N
     return Rendered(body, status=status, headers=headers, private=_private_reason(fresh))
 
 
-def _response(served: Any, engine: Engine, request: Any) -> Any:
-    status, headers, body = response_parts(
-        served, engine.clock(), request.headers.get("If-None-Match"), head=request.method == "HEAD"
-    )
-    return _build(status, headers, body)
-
-
 def _no_store(response: Any) -> Any:
     """The view's own answer to its visitor, marked so no cache on the way keeps it."""
     response["Cache-Control"] = private_cache_control(response.get("Cache-Control"))
     return response
 
 
-def _failed(parts: tuple[int, list[tuple[str, str]], bytes]) -> Any:
-    status, headers, body = parts
-    return _build(status, no_store(headers), body)
-
-
-def _build(status: int, headers: list[tuple[str, str]], body: bytes) -> Any:
+def _build(answer: PageAnswer) -> Any:
     from django.http import HttpResponse
 
-    response = HttpResponse(body, status=status)
+    response = HttpResponse(answer.body, status=answer.status)
+    headers = answer.text_headers()
     if not any(k.lower() == "content-type" for k, _ in headers):
         del response.headers["Content-Type"]
     for name, value in headers:

@@ -37,7 +37,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without Flask
     ) from exc
 
 from pyisr.cache.entry import Revalidate
-from pyisr.engine import CacheStatus, Engine, Rendered, RenderPolicy
+from pyisr.engine import Engine, Rendered, RenderPolicy
 from pyisr.http import private_cache_control
 from pyisr.integrations import (
     DEFAULT_ALLOW_HEADERS,
@@ -46,15 +46,13 @@ from pyisr.integrations import (
     allow_list,
     check_options,
     key_for_decoded_path,
-    no_store,
     page_policy,
     path_info_for,
     pattern_from_rule,
-    response_parts,
+    serve_page,
 )
 from pyisr.origin import CanonicalOrigin, Origin
 from pyisr.paths import normalize_path
-from pyisr.revalidation import register_view_resolver
 from pyisr.runtime import get_engine, run_sync
 
 View = Callable[..., Any]
@@ -101,7 +99,8 @@ def isr(
     )
 
     def decorate(view: View) -> View:
-        register_view_resolver(_resolve)  # revalidate(path) can reach this view now
+        # revalidate(path) can reach this view now (and from every engine it later serves with).
+        (engine if engine is not None else get_engine()).add_resolver(_resolve)
 
         @functools.wraps(view)
         def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -111,27 +110,25 @@ def isr(
                 return app.ensure_sync(view)(*args, **kwargs)
             _remember_site(app, request.environ)
             eng = engine if engine is not None else get_engine()
+            eng.add_resolver(_resolve)
             key, policy = _key_and_policy(request, seconds, tag_tuple)
             failed = FailedResponse()
             origin = options.origin_for(app, request.scheme, request.host)
             environ = _shared_environ(request.path, request.script_root, origin, request.environ, options)
-            try:
-                served = run_sync(eng.get(key, _render(app, environ, failed), policy))
-            except Exception:
-                if failed.response is None:
-                    raise
-                status, headers, body = failed.response
-                return flask.Response(body, status=status, headers=no_store(headers))
-            if served.status is CacheStatus.PRIVATE:
+            render = _render(app, environ, failed)
+            # HEAD keeps its body here: werkzeug drops it and keeps the Content-Length.
+            if_none_match = request.headers.get("If-None-Match")
+            answer = run_sync(
+                serve_page(eng, key, render, policy, failed, if_none_match=if_none_match, head=False)
+            )
+            if answer is None:
                 # The page belongs to its visitor: the view answers this one itself.
                 response = app.make_response(app.ensure_sync(view)(*args, **kwargs))
                 own = response.headers.get("Cache-Control")
                 response.headers["Cache-Control"] = private_cache_control(own)
                 return response
-            status, headers, body = response_parts(
-                served, eng.clock(), request.headers.get("If-None-Match"), head=False
-            )
-            response = flask.Response(body, status=status, headers=headers)
+            headers = answer.text_headers()
+            response = flask.Response(answer.body, status=answer.status, headers=headers)
             if not any(k == "content-type" for k, _ in headers):
                 del response.headers["Content-Type"]
             return response

@@ -13,15 +13,13 @@ literal ``%25`` followed by two letters that are not hex digits reads as malform
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import re
 from collections.abc import MutableMapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.parse import quote
 
-if TYPE_CHECKING:
-    from pyisr.server.app import App
+from starlette.types import ASGIApp
 
 logger = logging.getLogger("pyisr.server")
 
@@ -74,7 +72,7 @@ def asgi_scope(scope: Any) -> dict[str, Any]:
     }
 
 
-async def call_asgi(app: App, scope: Any, proto: Any) -> None:
+async def call_asgi(app: ASGIApp, scope: Any, proto: Any) -> None:
     """Run the ASGI application for one RSGI request and answer with what it sends."""
     body_read = False
     status = 500
@@ -122,21 +120,12 @@ async def call_asgi(app: App, scope: Any, proto: Any) -> None:
         proto.response_bytes(status, headers, b"")
 
 
-async def serve(app: App, scope: Any, proto: Any) -> None:
-    """An RSGI request the fast path did not answer (``App.__rsgi__`` tried it first)."""
+async def serve(app: ASGIApp, scope: Any, proto: Any) -> None:
+    """An RSGI request the fast path did not answer (``App.__rsgi__`` tried it first).
+
+    The app starts itself on its first request if ``__rsgi_init__`` has not.
+    """
     if scope.proto != "http":
         proto.close(403)  # websockets: pyisr serves none
         return
-    if not app._prepared:
-        await app._prepare()
     await call_asgi(app, scope, proto)
-
-
-def startup(app: App, loop: asyncio.AbstractEventLoop) -> None:
-    """``__rsgi_init__``: what ASGI's lifespan startup does, before the first request."""
-    loop.run_until_complete(app._prepare())
-
-
-def shutdown(app: App, loop: asyncio.AbstractEventLoop) -> None:
-    """``__rsgi_del__``: finish background regenerations, close the cache handler."""
-    loop.run_until_complete(app._shutdown())

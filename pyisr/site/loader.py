@@ -18,6 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 
+from pyisr.cache.entry import Revalidate, validate_revalidate
+from pyisr.cache.tags import validate_tags
+
 
 @dataclass
 class SiteError:
@@ -124,3 +127,67 @@ def unknown_exports(
                 SiteError(path, lines[name], f"unknown export {name!r}: did you mean {close[0]!r}?")
             )
     return errors
+
+
+class ExportCheck:
+    """The exports of one route module, read and checked, with every problem kept.
+
+    Each route kind reads the names it knows through one of these, so a module's
+    mistakes are all reported together instead of one per build.
+    """
+
+    def __init__(self, path: Path, module: ModuleType, known: Iterable[str]) -> None:
+        self.path = path
+        self.module = module
+        self.lines = definition_lines(path)
+        self.errors = unknown_exports(path, module, known, self.lines)
+
+    def error(self, message: str, name: str | None = None) -> None:
+        """Record a problem, at the line that defines ``name`` when there is one."""
+        self.errors.append(SiteError(self.path, self.lines.get(name) if name else None, message))
+
+    def need_callable(self, name: str, required: bool = True) -> None:
+        fn = getattr(self.module, name, None)
+        if fn is None:
+            if required:
+                self.error(f"missing {name}(): define `def {name}(...)`")
+        elif not callable(fn):
+            self.error(f"{name} must be a function, not {type(fn).__name__}", name)
+
+    def revalidate(self, pattern: str) -> Revalidate:
+        """The module's ``revalidate`` in seconds (None: never), or None after recording why not."""
+        if not hasattr(self.module, "revalidate"):
+            return None
+        value = self.module.revalidate
+        if isinstance(value, bool) and value:
+            self.error("revalidate = True is not allowed: use seconds (e.g. 60) or False", "revalidate")
+            return None
+        try:
+            return validate_revalidate(value, where=f"{pattern}")
+        except ValueError:
+            self.error(
+                f"Invalid revalidate value {value!r} on {pattern!r}, must be a non-negative number "
+                "of seconds or False (e.g. revalidate = 60)",
+                "revalidate",
+            )
+            return None
+
+    def dynamic_params(self) -> bool:
+        """The module's ``dynamic_params``; True (render unknown paths) when absent or wrong."""
+        if not hasattr(self.module, "dynamic_params"):
+            return True
+        value = self.module.dynamic_params
+        if not isinstance(value, bool):
+            self.error(f"dynamic_params must be True or False, not {value!r}", "dynamic_params")
+            return True
+        return value
+
+    def tags(self) -> tuple[str, ...]:
+        """The module's own cache tags, validated like every other tag."""
+        if not hasattr(self.module, "tags"):
+            return ()
+        try:
+            return validate_tags(self.module.tags, where="tags")
+        except ValueError as exc:
+            self.error(str(exc), "tags")
+            return ()

@@ -5,19 +5,25 @@ App-style pages (``revalidate``, ``dynamic_params``, ``generate_static_params``,
 ``page(props)`` or ``template``), route handlers (``GET``/``POST``...) and API routes
 (``handler(request)``) all become a :class:`Route` that can list its static paths,
 render a key into an :class:`~pyisr.engine.Rendered`, and describe its cache policy.
+
+This module holds what every kind shares; each kind is one class in its own module
+(``app_page``, ``pages_page``, ``route_handler``, ``api_route``) that builds itself from
+its module and answers the questions below in its own way. The server branches on
+:attr:`Route.kind` only where HTTP differs (which requests bypass the cache).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextvars
 import inspect
-import json
-import math
+from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import Any, ClassVar, Self
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -25,10 +31,11 @@ from starlette.responses import JSONResponse, Response
 from pyisr.cache.entry import EntryKind, Revalidate
 from pyisr.cache.tags import implicit_tags
 from pyisr.engine import UNSET, OnMissing, Rendered, RenderPolicy
-from pyisr.http import HTML, PROPS_HEADER
+from pyisr.http import HTML
 from pyisr.origin import LOCALHOST, Origin
-from pyisr.site.routes import Params, PatternRoute, path_for
-from pyisr.site.signals import NotFoundSignal, RedirectSignal
+from pyisr.site import templates
+from pyisr.site.loader import ExportCheck, SiteError
+from pyisr.site.router import Params, PatternRoute, path_for
 from pyisr.site.templates import has_template, render_template
 
 HTTP_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
@@ -48,9 +55,6 @@ async def call_maybe_async(fn: Callable[..., Any], *args: Any) -> Any:
     """Call a user function that may be sync or async; sync ones run in a thread."""
     if inspect.iscoroutinefunction(fn):
         return await fn(*args)
-    import asyncio
-    import contextvars
-
     ctx = contextvars.copy_context()
     result = await asyncio.get_running_loop().run_in_executor(None, lambda: ctx.run(fn, *args))
     if inspect.isawaitable(result):
@@ -58,7 +62,7 @@ async def call_maybe_async(fn: Callable[..., Any], *args: Any) -> Any:
     return result
 
 
-def _body_of(result: Any, where: str) -> Rendered:
+def as_rendered(result: Any, where: str) -> Rendered:
     """Turn what a page function returned into a Rendered result."""
     if isinstance(result, Rendered):
         return result
@@ -76,7 +80,7 @@ def _body_of(result: Any, where: str) -> Rendered:
     )
 
 
-def _with_header(rendered: Rendered, name: str, value: str) -> Rendered:
+def with_header(rendered: Rendered, name: str, value: str) -> Rendered:
     """``rendered`` with one more header, whichever form its headers have."""
     headers = rendered.headers
     if isinstance(headers, Mapping):
@@ -86,12 +90,21 @@ def _with_header(rendered: Rendered, name: str, value: str) -> Rendered:
     return rendered
 
 
+def handler_result(result: Any) -> Any:
+    """A handler may return a dict or list, as in Next.js' ``Response.json``: answer it as JSON."""
+    if isinstance(result, dict | list):
+        return JSONResponse(result)
+    return result
+
+
 def not_found_result(revalidate: Any = UNSET) -> Rendered:
+    """The site's 404 page, cached like the page that asked for it."""
     body = render_template("404.html") if has_template("404.html") else DEFAULT_404
     return Rendered(body, status=404, headers={"content-type": HTML}, revalidate=revalidate)
 
 
 def redirect_result(destination: str, permanent: bool, revalidate: Any = UNSET) -> Rendered:
+    """A 307 or 308, cached like the page that asked for it."""
     headers = {"location": destination, "content-type": "text/plain; charset=utf-8"}
     if permanent:
         headers["refresh"] = f"0;url={destination}"
@@ -108,33 +121,41 @@ DEFAULT_500 = (
 )
 
 
-def validate_props_revalidate(value: Any, key: str) -> Revalidate:
-    """Check ``get_static_props``' ``revalidate`` the way Next.js does (SPEC S-25)."""
-    if value is None or value is False:
-        return None
-    if value is True:
-        return 1
-    if isinstance(value, float) and not math.isnan(value) and not value.is_integer():
-        raise ValueError(
-            f"A page's revalidate option must be seconds expressed as a natural number for {key}. "
-            f"Mixed numbers, such as {value!r}, cannot be used."
-        )
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        if math.isnan(value) or value <= 0:
-            raise ValueError(
-                f"A page's revalidate option can not be less than or equal to zero for {key} "
-                f"(got {value!r}). To never revalidate, return revalidate=False."
-            )
-        return int(value)
-    raise ValueError(
-        f"A page's revalidate option must be seconds expressed as a natural number. Mixed numbers "
-        f"and strings cannot be used. Received {value!r} for {key}."
-    )
+class MethodNotAllowed(Exception):
+    def __init__(self, allowed: list[str]) -> None:
+        super().__init__(", ".join(allowed))
+        self.allowed = allowed
+
+
+@dataclass(frozen=True)
+class StaticPaths:
+    """What a route prerenders, and its fallback: computed, never stored on the route.
+
+    The caller decides where the fallback goes (the build's manifest, a dev server's
+    route), so listing the paths twice or failing half-way changes nothing.
+    """
+
+    keys: list[str]
+    fallback: Fallback
 
 
 @dataclass
-class Route:
-    kind: RouteKind
+class Route(ABC):
+    """A route of the site: its pattern, its module and what the module declared.
+
+    A subclass per :class:`RouteKind` answers how it renders, which unknown paths it
+    renders, what it prerenders and which requests it handles itself.
+    """
+
+    #: Which kind of route this is; the server branches on it where HTTP differs.
+    kind: ClassVar[RouteKind]
+    #: The names a module of this kind may define; look-alikes are reported as mistakes.
+    exports: ClassVar[tuple[str, ...]]
+    #: What the engine stores this route's renders as.
+    entry_kind: ClassVar[EntryKind] = EntryKind.PAGE
+    #: Pages answer GET and HEAD only; route handlers and API routes answer their methods.
+    is_page: ClassVar[bool] = False
+
     pattern: str
     file: Path
     module: ModuleType
@@ -142,24 +163,29 @@ class Route:
     dynamic_params: bool = True
     fallback: Fallback = "blocking"
     tags: tuple[str, ...] = ()
-    methods: tuple[str, ...] = ("GET", "HEAD")
     matcher: PatternRoute[Route] | None = field(default=None, repr=False)
     #: Keys prerendered by the build (filled in from the build manifest).
     prerendered: set[str] = field(default_factory=set)
+    #: The site's Jinja2 environment, current while this route renders (site/templates.py).
+    templates: Any = field(default=None, repr=False)
+
+    @classmethod
+    def from_module(cls, pattern: str, path: Path, module: ModuleType) -> tuple[Self | None, list[SiteError]]:
+        """The route ``module`` declares, or every mistake in it (so one build lists them all)."""
+        check = ExportCheck(path, module, cls.exports)
+        route = cls.from_exports(pattern, check)
+        return (None, check.errors) if check.errors else (route, [])
+
+    @classmethod
+    @abstractmethod
+    def from_exports(cls, pattern: str, check: ExportCheck) -> Self:
+        """This kind's route, read from its module through ``check``, which keeps every mistake."""
 
     # -- classification -----------------------------------------------------------------
 
     @property
-    def is_page(self) -> bool:
-        return self.kind in (RouteKind.APP_PAGE, RouteKind.PAGES_PAGE)
-
-    @property
     def is_isr(self) -> bool:
         """Served through the cache (pages and route handlers with a revalidate other than 0)."""
-        if self.kind is RouteKind.API:
-            return False
-        if self.kind is RouteKind.ROUTE_HANDLER:
-            return hasattr(self.module, "revalidate") and self.revalidate != 0 and "GET" in self.methods
         return self.revalidate != 0
 
     @property
@@ -169,28 +195,24 @@ class Route:
     def describe_kind(self) -> str:
         """``static``, ``ISR 60s`` or ``dynamic``, for the build summary."""
         if not self.is_isr:
-            return "dynamic" if self.kind is not RouteKind.API else "api"
-        if self.kind is RouteKind.PAGES_PAGE and hasattr(self.module, "get_static_props"):
-            return "ISR (per page)"
+            return "dynamic"
         return "static" if self.revalidate is None else f"ISR {self.revalidate}s"
 
     # -- policy -------------------------------------------------------------------------
 
     def on_missing(self, key: str, *, bot: bool = False) -> OnMissing:
+        """What the engine does with a key it has no entry for."""
         if key in self.prerendered or not self.is_dynamic_pattern:
             return OnMissing.RENDER
-        if self.kind is RouteKind.APP_PAGE:
-            return OnMissing.RENDER if self.dynamic_params else OnMissing.NOT_FOUND
-        if self.kind is RouteKind.PAGES_PAGE:
-            if self.fallback is False:
-                return OnMissing.NOT_FOUND
-            if self.fallback is True and not bot:
-                return OnMissing.FALLBACK
+        return self.on_unknown_path(bot=bot)
+
+    def on_unknown_path(self, *, bot: bool) -> OnMissing:
+        """A path of a dynamic pattern the build did not prerender: rendered unless a kind says no."""
         return OnMissing.RENDER
 
     def policy(self, key: str, *, bot: bool = False) -> RenderPolicy:
         return RenderPolicy(
-            kind=EntryKind.ROUTE if self.kind is RouteKind.ROUTE_HANDLER else EntryKind.PAGE,
+            kind=self.entry_kind,
             revalidate=self.revalidate,
             tags=self.tags + implicit_tags(key, self.pattern),
             on_missing=self.on_missing(key, bot=bot),
@@ -199,50 +221,19 @@ class Route:
 
     # -- static paths -------------------------------------------------------------------
 
-    async def static_keys(self) -> list[str]:
+    async def static_paths(self) -> StaticPaths:
         """The keys to prerender: one for a static pattern, the static params otherwise."""
-        if not self.is_isr or self.kind is RouteKind.API:
-            return []
+        if not self.is_isr:
+            return StaticPaths([], self.fallback)
         if not self.is_dynamic_pattern:
-            return [path_for(self.matcher.segments if self.matcher else (), {}, self.pattern)]
+            key = path_for(self.matcher.segments if self.matcher else (), {}, self.pattern)
+            return StaticPaths([key], self.fallback)
         assert self.matcher is not None
-        where = f"{self.file}"
-        if self.kind is RouteKind.APP_PAGE:
-            fn = getattr(self.module, "generate_static_params", None)
-            if fn is None:
-                return []
-            params_list = await call_maybe_async(fn)
-            if not isinstance(params_list, list | tuple):
-                raise TypeError(f"{where}: generate_static_params() must return a list of dicts")
-            return [
-                path_for(self.matcher.segments, _check_params(p, where), self.pattern) for p in params_list
-            ]
-        fn = getattr(self.module, "get_static_paths", None)
-        if fn is None:
-            return []
-        result = await call_maybe_async(fn)
-        if not isinstance(result, dict) or "paths" not in result:
-            raise TypeError(f"{where}: get_static_paths() must return {{'paths': [...], 'fallback': ...}}")
-        fallback = result.get("fallback", False)
-        if fallback not in (True, False, "blocking"):
-            raise ValueError(
-                f"{where}: get_static_paths() fallback must be False, True or 'blocking', not {fallback!r}"
-            )
-        self.fallback = fallback
-        keys = []
-        for item in result["paths"]:
-            if isinstance(item, str):
-                from pyisr.paths import normalize_path
+        return await self.dynamic_static_paths(self.matcher)
 
-                keys.append(normalize_path(item))
-            elif isinstance(item, dict) and isinstance(item.get("params"), dict):
-                keys.append(path_for(self.matcher.segments, item["params"], self.pattern))
-            else:
-                raise TypeError(
-                    f"{where}: get_static_paths() paths must be '/path' strings or "
-                    f"{{'params': {{...}}}} dicts, not {item!r}"
-                )
-        return keys
+    async def dynamic_static_paths(self, matcher: PatternRoute[Route]) -> StaticPaths:
+        """The static paths of a dynamic pattern: none unless the kind's module lists some."""
+        return StaticPaths([], self.fallback)
 
     # -- rendering ----------------------------------------------------------------------
 
@@ -255,152 +246,39 @@ class Route:
         """
 
         async def render() -> Rendered:
-            return await self.render(key, params, fallback_shell=fallback_shell, origin=origin)
+            token = templates.use(self.templates)
+            try:
+                return await self.render(key, params, fallback_shell=fallback_shell, origin=origin)
+            finally:
+                templates.reset(token)
 
         return render
 
+    @abstractmethod
     async def render(
         self, key: str, params: Params, *, fallback_shell: bool = False, origin: Origin = LOCALHOST
     ) -> Rendered:
-        if self.kind is RouteKind.APP_PAGE:
-            return await self._render_app(key, params)
-        if self.kind is RouteKind.PAGES_PAGE:
-            return await self._render_pages(key, params, fallback_shell=fallback_shell)
-        if self.kind is RouteKind.ROUTE_HANDLER:
-            request = synthetic_request(key, origin)
-            return _body_of(
-                _handler_result(await call_maybe_async(self.module.GET, request)), f"{self.file} GET"
-            )
-        raise TypeError(f"{self.kind} routes are not rendered into the cache")
-
-    async def _render_app(self, key: str, params: Params) -> Rendered:
-        try:
-            result = await call_maybe_async(self.module.page, params)
-        except NotFoundSignal:
-            return not_found_result()
-        except RedirectSignal as sig:
-            return redirect_result(sig.destination, sig.permanent)
-        return _body_of(result, f"{self.file} page()")
-
-    async def _render_pages(self, key: str, params: Params, *, fallback_shell: bool) -> Rendered:
-        if fallback_shell:
-            from pyisr import context as render_context
-
-            token = render_context.enter(render_context.RenderContext(key=key, is_fallback=True))
-            try:
-                return await self._render_pages_body({}, None, params)
-            finally:
-                render_context.leave(token)
-        gsp = getattr(self.module, "get_static_props", None)
-        if gsp is None:
-            return await self._render_pages_body({}, None, params)
-        result = await call_maybe_async(gsp, params)
-        if not isinstance(result, dict):
-            raise TypeError(
-                f"{self.file}: get_static_props() must return a dict, not {type(result).__name__}"
-            )
-        extra = set(result) - {"props", "revalidate", "not_found", "redirect"}
-        if extra:
-            raise ValueError(
-                f"{self.file}: get_static_props() returned unknown keys {sorted(extra)}; allowed: "
-                "props, revalidate, not_found, redirect"
-            )
-        revalidate = validate_props_revalidate(result.get("revalidate"), key)
-        if result.get("not_found") and result.get("redirect"):
-            raise ValueError(f"{self.file}: get_static_props() cannot return both not_found and redirect")
-        if result.get("not_found"):
-            return _with_header(not_found_result(revalidate), PROPS_HEADER, json.dumps({"not_found": True}))
-        if result.get("redirect"):
-            target = result["redirect"]
-            if not isinstance(target, dict) or not isinstance(target.get("destination"), str):
-                raise ValueError(
-                    f"{self.file}: redirect must be {{'destination': '/path', 'permanent': False}}, "
-                    f"not {target!r}"
-                )
-            rendered = redirect_result(target["destination"], bool(target.get("permanent")), revalidate)
-            return _with_header(rendered, PROPS_HEADER, json.dumps({"redirect": target}))
-        props = result.get("props", {})
-        if not isinstance(props, dict):
-            raise TypeError(f"{self.file}: get_static_props() 'props' must be a dict")
-        return await self._render_pages_body(props, revalidate, params)
-
-    async def _render_pages_body(
-        self, props: dict[str, Any], revalidate: Revalidate, params: Params
-    ) -> Rendered:
-        page_fn = getattr(self.module, "page", None)
-        if page_fn is not None:
-            result = await call_maybe_async(page_fn, props)
-        else:
-            template = self.module.template
-            result = render_template(template, **props, props=props, params=params)
-        rendered = _body_of(result, f"{self.file} page()")
-        try:
-            props_json = json.dumps({"props": props}, default=str)
-        except (TypeError, ValueError) as exc:
-            raise TypeError(f"{self.file}: props must be JSON-serialisable: {exc}") from exc
-        rendered.revalidate = revalidate
-        return _with_header(rendered, PROPS_HEADER, props_json)
+        """Render ``key`` for the cache (or for one visitor, when the route is dynamic)."""
 
     # -- request handlers (API routes, non-cached route handler methods) ------------------
 
     async def handle(self, request: Request) -> Response:
-        if self.kind is RouteKind.API:
-            fn = self.module.handler
-        else:
-            method = request.method.upper()
-            fn = getattr(self.module, method, None)
-            if fn is None and method == "HEAD":
-                fn = getattr(self.module, "GET", None)
+        """Answer ``request`` outside the cache with the module's function for its method."""
+        fn = self.handler_for(request.method.upper())
         if fn is None:
             raise MethodNotAllowed(self.allowed_methods())
-        result = _handler_result(await call_maybe_async(fn, request))
+        result = handler_result(await call_maybe_async(fn, request))
         if isinstance(result, Response):
             return result
-        rendered = _body_of(result, f"{self.file}")
+        rendered = as_rendered(result, f"{self.file}")
         return Response(rendered.body, status_code=rendered.status, headers=dict(rendered.headers))
 
+    def handler_for(self, method: str) -> Callable[..., Any] | None:
+        """The module's function named for ``method``; HEAD falls back to GET, as in Next.js."""
+        fn = getattr(self.module, method, None)
+        if fn is None and method == "HEAD":
+            fn = getattr(self.module, "GET", None)
+        return fn
+
     def allowed_methods(self) -> list[str]:
-        if self.kind is RouteKind.API:
-            return list(HTTP_METHODS)
-        if self.is_page:
-            return ["GET", "HEAD"]
-        methods = [m for m in HTTP_METHODS if hasattr(self.module, m)]
-        if "GET" in methods and "HEAD" not in methods:
-            methods.insert(methods.index("GET") + 1, "HEAD")
-        return methods
-
-
-class MethodNotAllowed(Exception):
-    def __init__(self, allowed: list[str]) -> None:
-        super().__init__(", ".join(allowed))
-        self.allowed = allowed
-
-
-def _handler_result(result: Any) -> Any:
-    if isinstance(result, dict | list):
-        return JSONResponse(result)
-    return result
-
-
-def _check_params(params: Any, where: str) -> dict[str, Any]:
-    if not isinstance(params, dict):
-        raise TypeError(f"{where}: generate_static_params() items must be dicts, not {params!r}")
-    return params
-
-
-def synthetic_request(path: str, origin: Origin = LOCALHOST) -> Request:
-    """A GET for ``path`` from no one, at ``origin``: what a cached route handler renders against."""
-    scope: dict[str, Any] = {
-        "type": "http",
-        "method": "GET",
-        "path": path,
-        "raw_path": path.encode(),
-        "query_string": b"",
-        "headers": [(b"host", origin.host.encode("latin-1"))],
-        "scheme": origin.scheme,
-        "server": (origin.hostname, origin.port),
-        "client": None,
-        "root_path": "",
-        "http_version": "1.1",
-    }
-    return Request(scope)
+        return ["GET", "HEAD"]

@@ -12,23 +12,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pyisr.cache.entry import validate_revalidate
-from pyisr.site.loader import (
-    SiteError,
-    SiteLoadError,
-    definition_lines,
-    import_error,
-    load_module,
-    unknown_exports,
-)
-from pyisr.site.route import HTTP_METHODS, Route, RouteKind
-from pyisr.site.routes import Params, PatternError, PatternRoute, Router, parse_pattern
-from pyisr.site.templates import make_environment, set_environment
-
-APP_PAGE_EXPORTS = ("revalidate", "dynamic_params", "tags", "generate_static_params", "page")
-PAGES_EXPORTS = ("get_static_paths", "get_static_props", "page", "template")
-ROUTE_EXPORTS = ("revalidate", "tags", *HTTP_METHODS)
-API_EXPORTS = ("handler",)
+from pyisr.site.api_route import ApiRoute
+from pyisr.site.app_page import AppPage
+from pyisr.site.loader import SiteError, SiteLoadError, import_error, load_module
+from pyisr.site.pages_page import PagesPage
+from pyisr.site.route import Route
+from pyisr.site.route_handler import RouteHandler
+from pyisr.site.router import Params, PatternError, PatternRoute, Router, parse_pattern
+from pyisr.site.templates import make_environment
 
 MANIFEST = "manifest.json"
 BUILD_ID = "BUILD_ID"
@@ -55,6 +46,8 @@ class Site:
     build_id: str | None = None
     #: ``SITE/middleware.py``'s ``middleware(request)``, run before every page request.
     middleware: Any = None
+    #: The site's Jinja2 environment (``templates/``), current while it renders.
+    templates: Any = None
 
     @property
     def dot_dir(self) -> Path:
@@ -80,10 +73,10 @@ class Site:
         # Pages import the site's own helpers (`from lib.db import posts`), as in Next.js.
         if str(root) not in sys.path:
             sys.path.insert(0, str(root))
-        set_environment(make_environment([root / "templates"]))
+        site.templates = make_environment([root / "templates"])
         errors: list[SiteError] = []
         routes: list[Route] = []
-        for path, kind, pattern in site._discover():
+        for path, route_class, pattern in site._discover():
             try:
                 parse_pattern(pattern)
             except PatternError as exc:
@@ -96,7 +89,7 @@ class Site:
                     raise
                 errors.append(import_error(path, exc))
                 continue
-            route, route_errors = _make_route(kind, pattern, path, module)
+            route, route_errors = route_class.from_module(pattern, path, module)
             errors.extend(route_errors)
             if route is not None:
                 routes.append(route)
@@ -116,14 +109,17 @@ class Site:
         if errors:
             raise SiteLoadError(errors)
         site.routes = routes
+        for route in routes:
+            route.templates = site.templates
         site.router = Router(PatternRoute(r.pattern, r) for r in routes)
         for matcher in site.router.routes:
             matcher.target.matcher = matcher
         site._load_manifest()
         return site
 
-    def _discover(self) -> list[tuple[Path, RouteKind, str]]:
-        found: list[tuple[Path, RouteKind, str]] = []
+    def _discover(self) -> list[tuple[Path, type[Route], str]]:
+        """Every route file with the kind of route its place and name make it."""
+        found: list[tuple[Path, type[Route], str]] = []
         app = self.root / "app"
         if app.is_dir():
             for path in sorted(app.rglob("*.py")):
@@ -131,17 +127,17 @@ class Site:
                 if any(part.startswith(("_", ".")) for part in rel.parts[:-1]):
                     continue
                 if path.name == "page.py":
-                    found.append((path, RouteKind.APP_PAGE, _pattern_from_app(rel)))
+                    found.append((path, AppPage, _pattern_from_app(rel)))
                 elif path.name == "route.py":
-                    found.append((path, RouteKind.ROUTE_HANDLER, _pattern_from_app(rel)))
+                    found.append((path, RouteHandler, _pattern_from_app(rel)))
         pages = self.root / "pages"
         if pages.is_dir():
             for path in sorted(pages.rglob("*.py")):
                 rel = path.relative_to(pages)
                 if any(part.startswith(("_", ".")) for part in rel.parts):
                     continue
-                kind = RouteKind.API if rel.parts[0] == "api" else RouteKind.PAGES_PAGE
-                found.append((path, kind, _pattern_from_pages(rel)))
+                route_class = ApiRoute if rel.parts[0] == "api" else PagesPage
+                found.append((path, route_class, _pattern_from_pages(rel)))
         return found
 
     def _load_manifest(self) -> None:
@@ -160,7 +156,8 @@ class Site:
     async def prepare(self) -> None:
         """Learn each route's static paths and fallback without rendering (dev, no build)."""
         for route in self.routes:
-            route.prerendered = set(await route.static_keys())
+            paths = await route.static_paths()
+            route.prerendered, route.fallback = set(paths.keys), paths.fallback
 
     def read_manifest(self) -> dict[str, Any] | None:
         path = self.dot_dir / MANIFEST
@@ -179,121 +176,6 @@ class Site:
         if found is None:
             return None
         return found[0].target, found[1]
-
-
-def _make_route(
-    kind: RouteKind, pattern: str, path: Path, module: Any
-) -> tuple[Route | None, list[SiteError]]:
-    lines = definition_lines(path)
-    errors: list[SiteError] = []
-    known = {
-        RouteKind.APP_PAGE: APP_PAGE_EXPORTS,
-        RouteKind.PAGES_PAGE: PAGES_EXPORTS,
-        RouteKind.ROUTE_HANDLER: ROUTE_EXPORTS,
-        RouteKind.API: API_EXPORTS,
-    }[kind]
-    errors.extend(unknown_exports(path, module, known, lines))
-
-    def err(name: str, message: str) -> None:
-        errors.append(SiteError(path, lines.get(name), message))
-
-    revalidate = None
-    if kind in (RouteKind.APP_PAGE, RouteKind.ROUTE_HANDLER) and hasattr(module, "revalidate"):
-        value = module.revalidate
-        if isinstance(value, bool) and value:
-            err("revalidate", "revalidate = True is not allowed: use seconds (e.g. 60) or False")
-        else:
-            try:
-                revalidate = validate_revalidate(value, where=f"{pattern}")
-            except ValueError:
-                err(
-                    "revalidate",
-                    f"Invalid revalidate value {value!r} on {pattern!r}, must be a non-negative number "
-                    "of seconds or False (e.g. revalidate = 60)",
-                )
-    dynamic_params = True
-    if hasattr(module, "dynamic_params"):
-        if not isinstance(module.dynamic_params, bool):
-            err("dynamic_params", f"dynamic_params must be True or False, not {module.dynamic_params!r}")
-        else:
-            dynamic_params = module.dynamic_params
-    tags: tuple[str, ...] = ()
-    if hasattr(module, "tags"):
-        try:
-            from pyisr.cache.tags import validate_tags
-
-            tags = validate_tags(module.tags, where="tags")
-        except ValueError as exc:
-            err("tags", str(exc))
-
-    def need_callable(name: str, required: bool = True) -> None:
-        fn = getattr(module, name, None)
-        if fn is None:
-            if required:
-                errors.append(SiteError(path, None, f"missing {name}(): define `def {name}(...)`"))
-        elif not callable(fn):
-            err(name, f"{name} must be a function, not {type(fn).__name__}")
-
-    fallback: bool | str = "blocking"
-    methods: tuple[str, ...] = ("GET", "HEAD")
-    if kind is RouteKind.APP_PAGE:
-        need_callable("page")
-        need_callable("generate_static_params", required=False)
-        if "[" in pattern and not hasattr(module, "generate_static_params") and not dynamic_params:
-            errors.append(
-                SiteError(
-                    path,
-                    lines.get("dynamic_params"),
-                    "dynamic_params = False but no generate_static_params(): "
-                    "no page of this route could ever exist",
-                )
-            )
-    elif kind is RouteKind.PAGES_PAGE:
-        need_callable("get_static_props", required=False)
-        if not hasattr(module, "page") and not hasattr(module, "template"):
-            errors.append(SiteError(path, None, "define page(props) or template = 'name.html'"))
-        need_callable("page", required=False)
-        if hasattr(module, "template") and not isinstance(module.template, str):
-            err("template", "template must be a template file name such as 'post.html'")
-        if "[" in pattern:
-            if not hasattr(module, "get_static_paths"):
-                errors.append(
-                    SiteError(
-                        path,
-                        None,
-                        "a dynamic Pages route needs get_static_paths() returning "
-                        "{'paths': [...], 'fallback': False | True | 'blocking'}",
-                    )
-                )
-            else:
-                need_callable("get_static_paths")
-        elif hasattr(module, "get_static_paths"):
-            err(
-                "get_static_paths", "get_static_paths() is only for dynamic routes such as pages/blog/[id].py"
-            )
-    elif kind is RouteKind.ROUTE_HANDLER:
-        methods = tuple(m for m in HTTP_METHODS if callable(getattr(module, m, None)))
-        if not methods:
-            errors.append(SiteError(path, None, "a route handler needs at least one of GET, POST, PUT, ..."))
-        if hasattr(module, "revalidate") and "GET" not in methods:
-            err("revalidate", "revalidate only applies to GET, which this route does not define")
-    else:
-        need_callable("handler")
-    if errors:
-        return None, errors
-    if kind is RouteKind.ROUTE_HANDLER and not hasattr(module, "revalidate"):
-        revalidate = 0
-    return Route(
-        kind=kind,
-        pattern=pattern,
-        file=path,
-        module=module,
-        revalidate=revalidate,
-        dynamic_params=dynamic_params,
-        fallback=fallback,
-        tags=tags,
-        methods=methods,
-    ), errors
 
 
 def _duplicates(routes: list[Route]) -> list[SiteError]:

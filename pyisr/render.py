@@ -1,0 +1,119 @@
+"""The engine's vocabulary: what a render returns, how it may be cached, how it was served.
+
+A render callable returns a :class:`Rendered`; the caller describes the key's caching
+with a :class:`RenderPolicy`; :meth:`pyisr.engine.Engine.get` answers with
+:class:`Served` (an entry and a :class:`CacheStatus`). The errors of rendering and of
+on-demand revalidation live here too, each revalidation error with the HTTP status that
+says why. None of this knows HTTP or storage; ``pyisr.engine`` re-exports all of it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+from pyisr.cache.entry import UNSET, CacheEntry, EntryKind, Revalidate
+
+
+class CacheStatus(StrEnum):
+    HIT = "HIT"
+    STALE = "STALE"
+    MISS = "MISS"
+    REVALIDATED = "REVALIDATED"
+    #: The path is unknown and the route does not render unknown paths (404).
+    NOT_ALLOWED = "NOT_ALLOWED"
+    #: ``fallback: True``: the caller serves its fallback shell; the page renders meanwhile.
+    FALLBACK = "FALLBACK"
+    #: ``revalidate = 0``: rendered for this request, never stored.
+    BYPASS = "BYPASS"
+    #: The render belongs to one visitor (a cookie, ``private``...): never stored or shared.
+    #: With an entry, it is the caller's own render; without, the caller renders for its
+    #: visitor itself (the key is known to be private, or another caller's render was).
+    PRIVATE = "PRIVATE"
+
+
+class OnMissing(StrEnum):
+    RENDER = "render"
+    NOT_FOUND = "not_found"
+    FALLBACK = "fallback"
+
+
+@dataclass
+class Rendered:
+    """What a render callable returns.
+
+    ``revalidate`` left UNSET means "the route's default"; a value given here (a Pages
+    page's ``get_static_props`` result) replaces that default for this entry.
+    """
+
+    body: bytes | str
+    status: int = 200
+    #: A mapping, or name/value pairs when a name repeats (``Set-Cookie``).
+    headers: Mapping[str, str] | Sequence[tuple[str, str]] = field(default_factory=dict)
+    revalidate: Any = UNSET
+    tags: Iterable[str] = ()
+    #: Why this render may not be shared, found by the framework that made it (it read
+    #: the session, used a CSRF token...); header reasons are found by the engine.
+    private: str | None = None
+
+
+@dataclass(frozen=True)
+class RenderPolicy:
+    kind: EntryKind = EntryKind.PAGE
+    #: The route's revalidate: seconds, ``None`` (never), or ``0`` (never cached).
+    revalidate: Revalidate = None
+    #: Tags stored with the entry (explicit and implicit).
+    tags: tuple[str, ...] = ()
+    #: Tags checked against but not stored (a page's tags, for data read while it renders).
+    soft_tags: tuple[str, ...] = ()
+    on_missing: OnMissing = OnMissing.RENDER
+    #: Treat a stale entry like a missing one (data read during a regeneration).
+    stale_blocks: bool = False
+    #: The route the key belongs to (``/blog/[id]``), named in warnings; the key if unset.
+    route: str | None = None
+
+
+DEFAULT_POLICY = RenderPolicy()
+
+RenderFn = Callable[[], Awaitable[Rendered] | Rendered]
+
+
+@dataclass(frozen=True, slots=True)
+class Served:
+    entry: CacheEntry | None
+    status: CacheStatus
+
+
+class RenderFailed(RuntimeError):
+    """A render returned a 5xx result: treated exactly like an exception."""
+
+
+class RenderTimeout(TimeoutError):
+    pass
+
+
+class RevalidationError(RuntimeError):
+    """``revalidate(path)`` could not regenerate the page; the old one is still served.
+
+    ``status`` is the HTTP status that says why (the revalidate endpoint answers it).
+    """
+
+    status = 500
+
+
+class NoPageError(RevalidationError):
+    """``revalidate(path)`` of a path no page answers (or with no site registered)."""
+
+    status = 404
+
+
+class NotShareable(RevalidationError):
+    """The page rendered for ``revalidate(path)`` or a build belongs to its visitor: not stored."""
+
+    status = 409
+
+
+#: Finds what to render for a path: ``(key, render, policy)``, or ``None`` for no page there.
+Resolver = Callable[[str], Awaitable[tuple[str, RenderFn, RenderPolicy] | None]]

@@ -1,0 +1,190 @@
+"""The server's own endpoints under ``/_pyisr/``.
+
+- ``POST /_pyisr/revalidate?path=|tag=|type=``: on-demand revalidation (secret);
+- ``GET /_pyisr/health``: for load balancers (``"degraded"`` while a shared store is down);
+- ``GET /_pyisr/cache?path=``: one entry's state (secret);
+- ``GET /_pyisr/data/<build id>/<path>.json``: a Pages page's props (SPEC S-51).
+
+The revalidation secret is compared in constant time, and only ever accepted from the
+``Authorization`` header or the query string, never logged.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import time
+from typing import Any
+from urllib.parse import parse_qs
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.types import Receive, Scope, Send
+
+from pyisr.cache.entry import CacheEntry
+from pyisr.cache.shareable import visitor_headers
+from pyisr.cache.tags import tags_for_revalidate_path, validate_tags
+from pyisr.config import Config
+from pyisr.engine import CacheStatus, Engine, RevalidationError
+from pyisr.http import NOSTORE, PROPS_HEADER, cache_control
+from pyisr.paths import BadPath, normalize_path
+from pyisr.revalidation import revalidate
+from pyisr.server.responses import send_response
+from pyisr.site.route import RouteKind
+from pyisr.site.site import Site
+
+PREFIX = "/_pyisr/"
+_JSON = (b"content-type", b"application/json; charset=utf-8")
+_NOT_FOUND = b'{"not_found": true}'
+
+
+class Endpoints:
+    """Answers every path under ``/_pyisr/`` for one site and engine."""
+
+    def __init__(self, site: Site, engine: Engine, config: Config) -> None:
+        self.site = site
+        self.engine = engine
+        self.config = config
+
+    async def __call__(self, path: str, scope: Scope, receive: Receive, send: Send) -> None:
+        if path.startswith(PREFIX + "data/"):
+            await self._props(path, scope, send)
+            return
+        request = Request(scope, receive)
+        if path == PREFIX + "revalidate":
+            response = await self._revalidate(request)
+        elif path == PREFIX + "health":
+            response = self._health()
+        elif path == PREFIX + "cache":
+            response = await self._inspect(request)
+        else:
+            response = JSONResponse({"error": "not found"}, status_code=404)
+        await response(scope, receive, send)
+
+    def _authorized(self, request: Request) -> bool:
+        secret = self.config.revalidate_secret
+        if not secret:
+            return False
+        given = request.headers.get("authorization", "")
+        given = given[7:] if given.lower().startswith("bearer ") else request.query_params.get("secret", "")
+        return hmac.compare_digest(given.encode(), secret.encode())
+
+    async def _revalidate(self, request: Request) -> Response:
+        if not self.config.revalidate_secret:
+            return JSONResponse(
+                {"error": "on-demand revalidation is off: set PYISR_REVALIDATE_SECRET"}, status_code=404
+            )
+        if request.method != "POST":
+            return JSONResponse({"error": "use POST"}, status_code=405, headers={"allow": "POST"})
+        if not self._authorized(request):
+            return JSONResponse({"error": "invalid or missing secret"}, status_code=401)
+        params: dict[str, Any] = dict(request.query_params)
+        body = await request.body()
+        if body:
+            try:
+                if request.headers.get("content-type", "").startswith("application/json"):
+                    params.update(json.loads(body))
+                else:
+                    params.update({k: v[-1] for k, v in parse_qs(body.decode()).items()})
+            except ValueError:
+                return JSONResponse({"error": "body must be JSON or form data"}, status_code=400)
+        path, tag, kind = params.get("path"), params.get("tag"), params.get("type")
+        if not path and not tag:
+            return JSONResponse({"error": "give a path or a tag to revalidate"}, status_code=400)
+        try:
+            if tag:
+                await self.engine.revalidate_tags(validate_tags([tag], where="tag"))
+            if path and kind:
+                await self.engine.revalidate_tags(tags_for_revalidate_path(path, kind))
+            elif path:
+                await revalidate(path, engine=self.engine)
+        except ValueError as exc:
+            return JSONResponse({"error": str(exc)}, status_code=400)
+        except RevalidationError as exc:
+            return JSONResponse({"revalidated": False, "error": str(exc)}, status_code=exc.status)
+        return JSONResponse({"revalidated": True, "now": int(time.time() * 1000)})
+
+    def _health(self) -> Response:
+        info = self.engine.handler.describe()
+        degraded = bool(info.get("degraded"))
+        return JSONResponse(
+            {"status": "degraded" if degraded else "ok", "build_id": self.site.build_id, "cache": info},
+            headers={"cache-control": NOSTORE},
+        )
+
+    async def _inspect(self, request: Request) -> Response:
+        if not self._authorized(request):
+            return JSONResponse({"error": "invalid or missing secret"}, status_code=401)
+        path = request.query_params.get("path")
+        if not path:
+            return JSONResponse({"error": "give ?path=/some/page"}, status_code=400)
+        try:
+            key = normalize_path(path)
+        except BadPath as exc:
+            return JSONResponse({"error": str(exc)}, status_code=400)
+        entry = await self.engine.inspect(key)
+        if entry is None:
+            return JSONResponse({"key": key, "cached": False}, status_code=404)
+        return JSONResponse(describe_entry(entry, self.engine.clock()))
+
+    async def _props(self, path: str, scope: Scope, send: Send) -> None:
+        """``/_pyisr/data/<build id>/<path>.json``: a Pages page's props, cached with the page."""
+        method = scope["method"]
+        build_id, _, page_path = path[len(PREFIX + "data/") :].partition("/")
+        if build_id != self.site.build_id or not page_path.endswith(".json"):
+            await send_response(send, 404, [_JSON], _NOT_FOUND, method)
+            return
+        try:
+            key = normalize_path("/" + page_path[: -len(".json")])
+        except BadPath:
+            await send_response(send, 400, [], b"Bad Request", method)
+            return
+        found = self.site.match(key)
+        if found is None or found[0].kind is not RouteKind.PAGES_PAGE or not found[0].is_isr:
+            await send_response(send, 404, [_JSON], _NOT_FOUND, method)
+            return
+        route, params = found
+        nostore = (b"cache-control", NOSTORE.encode())
+        try:
+            served = await self.engine.get(key, route.renderer(key, params), route.policy(key, bot=True))
+            if served.status is CacheStatus.PRIVATE:
+                # A page that belongs to its visitor: its props are this visitor's too.
+                rendered = await route.render(key, params)
+                props = visitor_headers(rendered.headers).get(PROPS_HEADER, '{"props": {}}')
+                await send_response(send, 200, [_JSON, nostore], props.encode(), method)
+                return
+        except Exception:  # noqa: BLE001 - a failing page is a 500, never a crash
+            await send_response(send, 500, [nostore], b'{"error": true}', method)
+            return
+        entry = served.entry
+        if entry is None:
+            await send_response(send, 404, [_JSON, nostore], _NOT_FOUND, method)
+            return
+        headers = [
+            _JSON,
+            (b"cache-control", cache_control(entry.revalidate).encode()),
+            (b"x-pyisr-cache", served.status.value.encode()),
+            (b"age", str(entry.age(self.engine.clock())).encode()),
+        ]
+        body = entry.headers.get(PROPS_HEADER, '{"props": {}}').encode()
+        await send_response(send, 404 if entry.status == 404 else 200, headers, body, method)
+
+
+def describe_entry(entry: CacheEntry, now: float) -> dict[str, Any]:
+    """What ``pyisr cache inspect`` and the inspection endpoint show about one entry."""
+    return {
+        "key": entry.key,
+        "cached": True,
+        "kind": entry.kind.value,
+        "status": entry.status,
+        "size": len(entry.body),
+        "etag": entry.etag,
+        "created_at": entry.created_at,
+        "age": entry.age(now),
+        "revalidate": entry.revalidate,
+        "stale": entry.is_stale(now),
+        "stale_at": entry.stale_at(),
+        "tags": list(entry.tags),
+        "retry_at": entry.retry_at,
+        "last_failure": entry.last_failure.to_json() if entry.last_failure else None,
+    }

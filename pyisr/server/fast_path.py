@@ -1,0 +1,176 @@
+"""The server's fast path: ready responses of hot cached pages, by request path.
+
+A HIT is the most common request and the one the site is judged by, so a page served
+once keeps its whole response built (status, header lists, body, the 304 and the STALE
+variants) in an index keyed by the raw request path. A request that finds its path here
+is answered with one dictionary lookup and one send: no route matching, no engine call,
+no header building. The index is an optimisation in front of the engine, never a second
+source of truth: an answer is given only while it is exactly what the engine would say
+(see :meth:`FastPath.answer`), on the engine's clock.
+
+It has its own memory budget (it can hold entries the memory tier has evicted), and is
+cleared whole when it is full rather than tracking recency on every hit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from starlette.types import Scope, Send
+
+from pyisr.cache.entry import CacheEntry
+from pyisr.engine import CacheStatus, Engine
+from pyisr.http import Headers, cache_status, etag_matches
+
+#: Bounds of the index: bodies plus ~1 KB of ready headers each, outside the tier's budget.
+HOT_LIMIT = 10_000
+HOT_BYTES = 16 * 1024 * 1024
+
+
+class HotAnswer:
+    """One ready response of a hot entry, with its headers for the current ``Age``.
+
+    The header list with ``Age`` is rebuilt once per second of age, not per request.
+    RSGI's ``str`` form is made on its first use only, so a server that never uses it
+    never holds it. (The lists handed out are never changed afterwards, only replaced.)
+    """
+
+    __slots__ = ("status", "headers", "body", "_text", "_asgi", "_asgi_age", "_rsgi", "_rsgi_age")
+
+    def __init__(self, status: int, headers: Headers, body: bytes) -> None:
+        self.status = status
+        self.headers = headers
+        self.body = body
+        self._text: list[tuple[str, str]] | None = None
+        self._asgi: Headers = []
+        self._asgi_age = -1
+        self._rsgi: list[tuple[str, str]] = []
+        self._rsgi_age = -1
+
+    def asgi_headers(self, age: int) -> Headers:
+        if age != self._asgi_age:
+            self._asgi = [*self.headers, (b"age", str(age).encode())]
+            self._asgi_age = age
+        return self._asgi
+
+    def rsgi_headers(self, age: int) -> list[tuple[str, str]]:
+        if age != self._rsgi_age:
+            if self._text is None:
+                self._text = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in self.headers]
+            self._rsgi = [*self._text, ("age", str(age))]
+            self._rsgi_age = age
+        return self._rsgi
+
+
+@dataclass(slots=True)
+class HotResponse:
+    """A cached page with its responses built once.
+
+    ``answers`` holds the 200 (or cached status) and the 304, as HIT and as STALE:
+    index ``2 * stale + not_modified``.
+    """
+
+    entry: CacheEntry
+    stale_at: float | None
+    tags_version: int
+    etag: str
+    answers: tuple[HotAnswer, HotAnswer, HotAnswer, HotAnswer]
+
+
+def hot_size(entry: CacheEntry) -> int:
+    """What one page costs the index's budget: its body and ~1 KB of ready headers."""
+    return len(entry.body) + 1024
+
+
+class FastPath:
+    """The index of hot pages of one server, by raw path (ASGI) and decoded path (RSGI)."""
+
+    def __init__(self, engine: Engine, *, enabled: bool) -> None:
+        self.engine = engine
+        self.enabled = enabled
+        #: raw request path -> ready responses of a cached page.
+        self.by_raw_path: dict[bytes, HotResponse] = {}
+        #: The same, by decoded path: what RSGI gives (see pyisr/server/rsgi.py).
+        self.by_path: dict[str, HotResponse] = {}
+        self.bytes = 0
+        #: Bound once: it is asked on every answer.
+        self._tags_version = engine.handler.tags_version
+        self._clock = engine.clock
+
+    def answer(
+        self, hot: HotResponse, method: str, if_none_match: str | None
+    ) -> tuple[HotAnswer, bytes, int] | None:
+        """The ready answer to a request for a hot entry, its body and its Age, or ``None``.
+
+        Valid while the handler's tag state is the one the entry was checked against, and
+        while the entry is fresh or this process is regenerating it (the engine would say
+        STALE and start nothing). Anything else (stale with no regeneration under way, a
+        tag revalidated anywhere, a method other than GET/HEAD) goes the full way, which
+        re-validates.
+        """
+        now = self._clock()
+        stale = hot.stale_at is not None and now >= hot.stale_at
+        if stale and not self.engine.regenerating(hot.entry.key):
+            return None
+        if self._tags_version() != hot.tags_version:
+            return None
+        if method != "GET" and method != "HEAD":
+            return None
+        not_modified = if_none_match is not None and etag_matches(if_none_match, hot.etag)
+        answer = hot.answers[2 * stale + (not_modified and hot.entry.status == 200)]
+        age = max(0, int(now - hot.entry.created_at))
+        if self.engine.log.enabled:
+            self.engine.log.decision(hot.entry.key, "STALE" if stale else "HIT", f"age={age}s")
+        return answer, b"" if method == "HEAD" else answer.body, age
+
+    async def serve_asgi(self, hot: HotResponse, scope: Scope, send: Send) -> bool:
+        """Answer from a hot entry; ``False`` when the request must go the full way."""
+        if_none_match = None
+        for name, value in scope["headers"]:
+            if name == b"if-none-match":
+                if_none_match = value.decode("latin-1")
+                break
+        found = self.answer(hot, scope["method"], if_none_match)
+        if found is None:
+            return False
+        answer, body, age = found
+        headers = answer.asgi_headers(age)
+        await send({"type": "http.response.start", "status": answer.status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+        return True
+
+    def remember(self, scope: Scope, entry: CacheEntry, headers: Headers) -> None:
+        """Keep the responses of ``entry`` (served with ``headers``) for its path."""
+        raw = scope.get("raw_path")
+        version = self._tags_version()
+        if not self.enabled or raw is None or version is None:
+            return
+        size = hot_size(entry)
+        replaced = self.by_raw_path.get(raw)
+        if replaced is not None:
+            self.bytes -= hot_size(replaced.entry)
+        if len(self.by_raw_path) >= HOT_LIMIT or self.bytes + size > HOT_BYTES:
+            # Start over rather than track recency on every hit: pages that are really
+            # hot come back at their next request.
+            self.by_raw_path.clear()
+            self.by_path.clear()
+            self.bytes = 0
+        self.bytes += size
+        common = [h for h in headers if h[0] != b"x-pyisr-cache" and h[0] != b"cache-status"]
+        skip_in_304 = (b"content-type", b"content-length")
+        answers = []
+        for status in (CacheStatus.HIT, CacheStatus.STALE):
+            full = [
+                *common,
+                (b"content-length", str(len(entry.body)).encode()),
+                (b"x-pyisr-cache", status.value.encode()),
+                (b"cache-status", cache_status(status).encode()),
+            ]
+            bare = [h for h in full if h[0] not in skip_in_304]
+            answers.append(HotAnswer(entry.status, full, entry.body))
+            answers.append(HotAnswer(304, bare, b""))
+        hot = HotResponse(entry, entry.stale_at(), version, entry.etag, tuple(answers))  # type: ignore[arg-type]
+        self.by_raw_path[raw] = hot
+        if b"%2f" not in raw.lower():
+            # RSGI hands over the decoded path; an encoded slash would make it ambiguous.
+            self.by_path[scope["path"]] = hot
