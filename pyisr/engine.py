@@ -79,7 +79,7 @@ class _Mode(StrEnum):
     PRERENDER = "prerender"  # a build filling a store nobody serves yet
 
 
-#: Modes that render whatever else runs: fencing orders their results, so no lock.
+#: Modes that render whatever else has rendered meanwhile (they never adopt another's entry).
 _FORCED = frozenset({_Mode.ON_DEMAND, _Mode.PRERENDER})
 
 
@@ -330,24 +330,28 @@ class Engine:
         previous: CacheEntry | None,
         mode: _Mode,
     ) -> CacheEntry:
-        # On-demand regeneration must render whatever else runs (fencing orders the
-        # results), so it takes no lock: that also spares the build a lock per page.
-        token = None if mode in _FORCED else await self.handler.acquire_lock(key, self.lock_ttl)
+        # A build fills a store nobody serves yet: no lock (that spares it one per page).
+        # On-demand regeneration takes the lock too, though it renders whatever else ran:
+        # holding it keeps another process's background regeneration from starting while
+        # it renders and storing a newer entry that this process's memory tier would
+        # never hear of (fencing orders results, it does not tell other tiers).
+        token = None if mode is _Mode.PRERENDER else await self.handler.acquire_lock(key, self.lock_ttl)
         if token is None and mode is _Mode.BACKGROUND:
             self.log.decision(key, "REGENERATE", "skipped: another process is regenerating it")
             if previous is None:
                 raise RuntimeError(f"{key} is being rendered by another process")
             return previous
-        if token is None and mode is _Mode.BLOCKING:
+        if token is None and mode in (_Mode.BLOCKING, _Mode.ON_DEMAND):
             deadline = time.monotonic() + self.lock_ttl
             delay = self.lock_poll
             while token is None and time.monotonic() < deadline:
                 await asyncio.sleep(delay)
                 delay = min(delay * 1.5, 0.25)
-                adopted = await self._adoptable(key, policy, previous)
-                if adopted is not None:
-                    self.log.decision(key, "ADOPT", "rendered by another process")
-                    return adopted
+                if mode is _Mode.BLOCKING:
+                    adopted = await self._adoptable(key, policy, previous)
+                    if adopted is not None:
+                        self.log.decision(key, "ADOPT", "rendered by another process")
+                        return adopted
                 token = await self.handler.acquire_lock(key, self.lock_ttl)
         try:
             if mode not in _FORCED and token is not None:

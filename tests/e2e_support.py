@@ -7,9 +7,11 @@ httpx and read its log. Every process started here is stopped by its PID.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -168,3 +170,27 @@ class DataServer:
 def counts(folder: Path, name: str) -> int:
     path = folder / (name.strip("/").replace("/", "_") or "index")
     return len(path.read_text().splitlines()) if path.exists() else 0
+
+
+# -- the example blog's pages and database (real-server and in-process tests alike) ----
+
+
+def sql(db: Path, statement: str, *args: object) -> None:
+    conn = sqlite3.connect(db, timeout=10)
+    try:
+        with conn:
+            conn.execute(statement, args)
+    finally:
+        conn.close()
+
+
+def heading(response: httpx.Response) -> str:
+    match = re.search(r"<h1>(.*?)</h1>", response.text, re.S)
+    assert match, response.text[:500]
+    return match.group(1).strip()
+
+
+def rendered_at(response: httpx.Response) -> str:
+    match = re.search(r'id="rendered-at" datetime="([^"]+)"', response.text)
+    assert match, response.text[:500]
+    return match.group(1)

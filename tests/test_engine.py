@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from typing import Any
 
 import pytest
 
@@ -695,3 +696,47 @@ async def test_S63_a_page_failing_for_long_is_served_and_explained(engine, clock
     failure = shown.last_failure
     assert failure is not None and failure.count == 10
     assert failure.exc_type == "RuntimeError" and "database down" in failure.message
+
+
+async def test_a_background_regeneration_elsewhere_never_outlives_an_on_demand_render(
+    clock, tmp_path
+) -> None:
+    """Two processes (two file-system handlers and memory tiers over one directory): while
+    process A regenerates a page on demand, process B's stale hit must not start a render
+    of its own that would store a newer entry A's tier never hears of (the two would then
+    serve different pages until the next window)."""
+    from pyisr import MemoryTier, RenderPolicy
+    from pyisr.cache.filesystem import FileSystemCache
+    from pyisr.cache.tags import implicit_tags
+
+    a = Engine(MemoryTier(FileSystemCache(tmp_path), tag_refresh=0), clock=clock)
+    b = Engine(MemoryTier(FileSystemCache(tmp_path), tag_refresh=0), clock=clock)
+    policy = RenderPolicy(revalidate=2, tags=implicit_tags("/p", None))
+    release = asyncio.Event()
+    renders: list[str] = []
+
+    def page(who: str, *, slow: bool = False) -> Any:
+        async def render() -> Rendered:
+            renders.append(who)
+            if slow:
+                await release.wait()
+            return Rendered(f"{who} {len(renders)}", revalidate=2)
+
+        return render
+
+    await a.get("/p", page("a"), policy)
+    assert (await b.get("/p", page("b"), policy)).status is CacheStatus.HIT
+    clock.advance(3)  # stale everywhere
+    on_demand = asyncio.create_task(a.revalidate_now("/p", page("a", slow=True), policy))
+    await asyncio.sleep(0.05)  # A renders, holding the page's lock
+    clock.advance(0.001)
+    stale = await b.get("/p", page("b"), policy)
+    assert stale.status is CacheStatus.STALE
+    await b.drain()
+    release.set()
+    await on_demand
+    assert renders == ["a", "a"], "B's background regeneration was skipped while A rendered"
+    served_a = await a.get("/p", page("a"), policy)
+    served_b = await b.get("/p", page("b"), policy)
+    assert served_a.entry is not None and served_b.entry is not None
+    assert served_a.entry.body == served_b.entry.body == b"a 2"

@@ -10,8 +10,10 @@ def get_static_paths():
 def get_static_props(params):
     if params["id"].startswith("slow"):
         time.sleep(0.5)  # slower than a burst of requests, so they all join one render
-    return {"props": {"id": params["id"], "stamp": _spec.stamp("blog/" + params["id"])},
-            "revalidate": _spec.REVALIDATE}
+    return {
+        "props": {"id": params["id"], "stamp": _spec.stamp("blog/" + params["id"])},
+        "revalidate": _spec.REVALIDATE,
+    }
 
 
 def page(props):
