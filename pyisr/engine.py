@@ -37,12 +37,9 @@ from pyisr.cache.entry import (
     UNSET,
     CacheEntry,
     EntryKind,
-    min_revalidate,
-    validate_revalidate,
 )
 from pyisr.cache.handler import CacheHandler, as_handler
-from pyisr.cache.shareable import storable_headers, unshareable_reason, visitor_headers
-from pyisr.cache.tags import PATH_TAG, merge_tags, tags_for_revalidate_path, validate_tags
+from pyisr.cache.tags import PATH_TAG, tags_for_revalidate_path, validate_tags
 from pyisr.log import CacheLog
 from pyisr.loop_local import LoopLocal
 from pyisr.private_keys import PRIVATE_RETRY, PrivateKeys
@@ -60,6 +57,8 @@ from pyisr.render import (
     Resolver,
     RevalidationError,
     Served,
+    make_entry,
+    private_reason,
 )
 
 
@@ -153,9 +152,6 @@ class Engine:
     def add_resolver(self, resolver: Resolver) -> None:
         """Let ``revalidate(path)`` regenerate the paths ``resolver`` knows (idempotent)."""
         self._resolvers[resolver] = None
-
-    def remove_resolver(self, resolver: Resolver) -> None:
-        self._resolvers.pop(resolver, None)
 
     @property
     def has_resolvers(self) -> bool:
@@ -387,8 +383,8 @@ class Engine:
             word = "REGENERATE" if previous is not None or mode is not _Mode.BLOCKING else "MISS"
         try:
             rendered = await self._run(render, ctx, limited=policy.kind is not EntryKind.DATA)
-            private = self._private_reason(rendered, policy)
-            entry = self._make_entry(key, rendered, policy, ctx, started_at, private=private is not None)
+            private = private_reason(rendered, policy)
+            entry = make_entry(key, rendered, policy, ctx, started_at, private=private is not None)
         except Exception as exc:
             elapsed = (time.perf_counter() - t0) * 1000
             if getattr(exc, "pyisr_expected", False):
@@ -452,44 +448,6 @@ class Engine:
         if not isinstance(result, Rendered):
             raise TypeError(f"render of {ctx.key} returned {type(result).__name__}; expected pyisr.Rendered")
         return result
-
-    @staticmethod
-    def _private_reason(rendered: Rendered, policy: RenderPolicy) -> str | None:
-        """Why this render may not be stored (DESIGN.md, "What may be stored"), or ``None``."""
-        if policy.kind is EntryKind.DATA:
-            return None  # values of cached()/fetch(): no headers, never a response
-        return rendered.private or unshareable_reason(rendered.headers)
-
-    def _make_entry(
-        self,
-        key: str,
-        rendered: Rendered,
-        policy: RenderPolicy,
-        ctx: render_context.RenderContext,
-        started_at: float,
-        *,
-        private: bool = False,
-    ) -> CacheEntry:
-        if rendered.status >= 500:
-            raise RenderFailed(f"render of {key} returned status {rendered.status}")
-        own = (
-            policy.revalidate
-            if rendered.revalidate is UNSET
-            else validate_revalidate(rendered.revalidate, where=key)
-        )
-        revalidate = min_revalidate(own, ctx.revalidate) if ctx.had_data_calls and own != 0 else own
-        body = rendered.body.encode() if isinstance(rendered.body, str) else bytes(rendered.body)
-        tags = merge_tags(validate_tags(list(rendered.tags), where=key), ctx.tags, policy.tags)
-        return CacheEntry(
-            key=key,
-            body=body,
-            created_at=started_at,
-            revalidate=revalidate,
-            kind=policy.kind,
-            status=rendered.status,
-            headers=visitor_headers(rendered.headers) if private else storable_headers(rendered.headers),
-            tags=tags,
-        )
 
     # -- on-demand ----------------------------------------------------------------------
 

@@ -14,7 +14,10 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
-from pyisr.cache.entry import UNSET, CacheEntry, EntryKind, Revalidate
+from pyisr.cache.entry import UNSET, CacheEntry, EntryKind, Revalidate, min_revalidate, validate_revalidate
+from pyisr.cache.shareable import storable_headers, unshareable_reason, visitor_headers
+from pyisr.cache.tags import merge_tags, validate_tags
+from pyisr.context import RenderContext
 
 
 class CacheStatus(StrEnum):
@@ -117,3 +120,46 @@ class NotShareable(RevalidationError):
 
 #: Finds what to render for a path: ``(key, render, policy)``, or ``None`` for no page there.
 Resolver = Callable[[str], Awaitable[tuple[str, RenderFn, RenderPolicy] | None]]
+
+
+def private_reason(rendered: Rendered, policy: RenderPolicy) -> str | None:
+    """Why this render may not be stored (DESIGN.md, "What may be stored"), or ``None``."""
+    if policy.kind is EntryKind.DATA:
+        return None  # values of cached()/fetch(): no headers, never a response
+    return rendered.private or unshareable_reason(rendered.headers)
+
+
+def make_entry(
+    key: str,
+    rendered: Rendered,
+    policy: RenderPolicy,
+    ctx: RenderContext,
+    started_at: float,
+    *,
+    private: bool = False,
+) -> CacheEntry:
+    """The entry a render makes: its own revalidate or the route's, lowered by the data it
+    read, its tags with the data's and the route's, and only the headers it may keep.
+
+    A 5xx is a failed render (:class:`RenderFailed`), never an entry.
+    """
+    if rendered.status >= 500:
+        raise RenderFailed(f"render of {key} returned status {rendered.status}")
+    own = (
+        policy.revalidate
+        if rendered.revalidate is UNSET
+        else validate_revalidate(rendered.revalidate, where=key)
+    )
+    revalidate = min_revalidate(own, ctx.revalidate) if ctx.had_data_calls and own != 0 else own
+    body = rendered.body.encode() if isinstance(rendered.body, str) else bytes(rendered.body)
+    tags = merge_tags(validate_tags(list(rendered.tags), where=key), ctx.tags, policy.tags)
+    return CacheEntry(
+        key=key,
+        body=body,
+        created_at=started_at,
+        revalidate=revalidate,
+        kind=policy.kind,
+        status=rendered.status,
+        headers=visitor_headers(rendered.headers) if private else storable_headers(rendered.headers),
+        tags=tags,
+    )
