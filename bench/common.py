@@ -270,7 +270,7 @@ class PyisrServer:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"pyisr start exited with {self.proc.returncode}:\n{self.log()[-3000:]}")
             try:
-                if httpx.get(self.url + "/_pyisr/health", timeout=1).status_code == 200:
+                if httpx.get(self.url + "/_pyisr/health", timeout=1).status_code in (200, 503):
                     took = time.monotonic() - started
                     if took > 5:
                         log(f"pyisr {self.server} x{self.workers} took {took:.1f}s to start")

@@ -257,25 +257,37 @@ def _site_engine(site: Path) -> Any:
     return Engine(handler, debug=False)
 
 
+def _cache_key(path: str) -> str:
+    """The key a command line names: a page's path, or a data key as ``cache list`` prints it."""
+    from pyisr.paths import BadPath, normalize_path
+
+    if path.startswith("data:"):
+        return path
+    try:
+        return normalize_path(path)
+    except BadPath as exc:
+        raise click.BadParameter(f"{path!r}: {exc}") from None
+
+
 @cache.command("inspect")
 @click.argument("path")
 @click.option("--site", type=click.Path(file_okay=False, path_type=Path), default=".")
 def cache_inspect(path: str, site: Path) -> None:
-    """Show what is cached for PATH: age, revalidate, tags and the last failure."""
-    from pyisr.paths import normalize_path
+    """Show what is cached for PATH (or a data key): age, revalidate, tags, last failure."""
     from pyisr.server.endpoints import describe_entry
 
     engine = _site_engine(site)
+    key = _cache_key(path)
 
     async def run() -> Any:
         try:
-            return await engine.inspect(normalize_path(path))
+            return await engine.inspect(key)
         finally:
             await engine.handler.close()
 
     entry = asyncio.run(run())
     if entry is None:
-        click.echo(json.dumps({"key": normalize_path(path), "cached": False}))
+        click.echo(json.dumps({"key": key, "cached": False}))
         sys.exit(1)
     info = describe_entry(entry, time.time())
     click.echo(json.dumps(info, indent=2))
@@ -302,18 +314,25 @@ def cache_list(site: Path, prefix: str) -> None:
 @click.argument("path")
 @click.option("--site", type=click.Path(file_okay=False, path_type=Path), default=".")
 def cache_purge(path: str, site: Path) -> None:
-    """Delete the cached entry for PATH (it is rendered again on the next request)."""
-    from pyisr.paths import normalize_path
+    """Invalidate the entry for PATH (or a data key) in every running server.
+
+    An invalidation, not a file delete: servers holding the page in memory learn of it
+    through the cache's tag manifest (within a second), and the next request for it
+    renders afresh. Purging a data key also invalidates the pages that read it.
+    """
+    from pyisr.cache.tags import key_tag
 
     engine = _site_engine(site)
+    key = _cache_key(path)
 
     async def run() -> None:
         try:
-            await engine.handler.delete(normalize_path(path))
+            await engine.revalidate_tags([key_tag(key)])
         finally:
             await engine.handler.close()
 
     asyncio.run(run())
+    click.echo(f"purged {key}: the next request renders it afresh")
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from pyisr.cache.urls import parse_size
+from pyisr.cache.urls import parse_size, redact_url
 from pyisr.origin import parse_site_url, valid_host
 
 CONFIG_FILE = "pyisr.toml"
@@ -129,8 +129,10 @@ def _apply(config: Config, values: Mapping[str, Any], source: Callable[[str], st
         try:
             setattr(config, key, parse(raw))
         except (ValueError, TypeError) as exc:
+            shown = redact_url(raw) if isinstance(raw, str) else raw  # a cache URL may hold a password
+            message = redact_url(str(exc))
             raise ConfigError(
-                f"{source(key)}: invalid value {raw!r} ({exc}); for example: {example}"
+                f"{source(key)}: invalid value {shown!r} ({message}); for example: {example}"
             ) from None
 
 

@@ -34,6 +34,11 @@ class RenderContext:
     tags: dict[str, None] = field(default_factory=dict)
     #: The smallest revalidate of the data calls so far; UNSET before the first one.
     revalidate: Any = UNSET
+    #: The engine's render slot this render holds (a ``pyisr.render_slots.RenderSlot``),
+    #: ``None`` outside the limit (data, fallback shells). Sync page code called during the
+    #: render runs on the engine's render threads and is counted on it, so a render past
+    #: its timeout frees its slot only when its thread really ends.
+    slot: Any = None
 
     def record(self, tags: Iterable[str], revalidate: Revalidate) -> None:
         for tag in tags:

@@ -13,36 +13,33 @@ and how it was obtained:
   stored; the caller answers it to its own visitor, and the key stays private for
   :data:`PRIVATE_RETRY` seconds before a shared render is tried again.
 
-It knows nothing of HTTP. Renders run under a timeout and a concurrency limit; sync
-render functions run in worker threads. A failed render never replaces a good entry:
-the old one is kept, marked with the failure and a back-off, and retried later.
+It knows nothing of HTTP. Renders run under a timeout and a concurrency limit, sync
+ones on the engine's own threads (:mod:`pyisr.render_slots`); when every render slot is
+held by a render stuck past its timeout, a page that must render fails at once
+(:class:`RenderSlotsExhausted`) while cached pages are still served. A failed render
+never replaces a good entry: the old one is kept, marked with the failure and a back-off,
+and answered STALE (``regeneration_failed``) until the next attempt. A render the store
+refuses (disk full, read-only, down) is still answered, and the failure is counted for
+:meth:`Engine.health` and logged once a minute per reason (:mod:`pyisr.incidents`).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import contextvars
-import inspect
-import os
+import math
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from enum import StrEnum
 from typing import Any
 
-from pyisr import context as render_context
-from pyisr.cache.entry import (
-    UNSET,
-    CacheEntry,
-    EntryKind,
-)
+from pyisr.cache.entry import UNSET, CacheEntry
 from pyisr.cache.handler import CacheHandler, as_handler
-from pyisr.cache.tags import PATH_TAG, tags_for_revalidate_path, validate_tags
+from pyisr.cache.tags import tags_for_revalidate_path, validate_tags
+from pyisr.incidents import Incidents
 from pyisr.log import CacheLog
 from pyisr.loop_local import LoopLocal
 from pyisr.private_keys import PRIVATE_RETRY, PrivateKeys
+from pyisr.regeneration import FORCED, Made, Mode, PrivateRender, Regenerator, past_window
 from pyisr.render import (
     DEFAULT_POLICY,
     CacheStatus,
@@ -53,50 +50,25 @@ from pyisr.render import (
     RenderFailed,
     RenderFn,
     RenderPolicy,
+    RenderSlotsExhausted,
     RenderTimeout,
     Resolver,
     RevalidationError,
     Served,
-    make_entry,
-    private_reason,
+    window_end,
 )
-
-
-class _PrivateRender(Exception):
-    """A render that may not be shared; carries it for the one caller that asked for it."""
-
-    def __init__(self, entry: CacheEntry, reason: str) -> None:
-        super().__init__(reason)
-        self.entry = entry
-        self.reason = reason
-
-
-class _Mode(StrEnum):
-    BLOCKING = "blocking"
-    BACKGROUND = "background"
-    ON_DEMAND = "on_demand"
-    PRERENDER = "prerender"  # a build filling a store nobody serves yet
-
-
-#: Modes that render whatever else has rendered meanwhile (they never adopt another's entry).
-_FORCED = frozenset({_Mode.ON_DEMAND, _Mode.PRERENDER})
+from pyisr.render_slots import RenderSlots
 
 
 @dataclass
 class _LoopState:
-    """Single-flight maps and limits belong to one event loop."""
+    """Single-flight maps belong to one event loop (render slots to the process)."""
 
-    inflight: dict[tuple[str, str], asyncio.Task[CacheEntry]] = field(default_factory=dict)
+    inflight: dict[tuple[str, str], asyncio.Task[Made]] = field(default_factory=dict)
     background: set[asyncio.Task[Any]] = field(default_factory=set)
-    renders: asyncio.Semaphore | None = None
 
 
-def _backoff(entry: CacheEntry) -> float:
-    """Next.js' back-off after a failed regeneration: ``clamp(revalidate, 3, 30)`` seconds."""
-    return float(min(max(entry.revalidate or 3, 3), 30))
-
-
-class Engine:
+class Engine(Regenerator):
     """Serves cache entries with stale-while-revalidate over a :class:`CacheHandler`.
 
     ``clock`` returns wall-clock epoch seconds; tests pass a fake one.
@@ -123,26 +95,18 @@ class Engine:
         self.lock_ttl = render_timeout + 5.0
         self.lock_poll = lock_poll
         self.log = CacheLog(debug)
-        self._executor_pid = -1
-        self._executor_pool: ThreadPoolExecutor | None = None
-        self._states: LoopLocal[_LoopState] = LoopLocal(
-            lambda: _LoopState(renders=asyncio.Semaphore(self.max_concurrent_renders))
-        )
+        #: The render limit and the render threads; a refused render is told to come back
+        #: after the render timeout, by when every render running now has ended or is stuck.
+        self.slots = RenderSlots(max_concurrent_renders, retry_after=max(1, math.ceil(render_timeout)))
+        #: Writes (and locks) the store refused, per reason: for health, logged once a minute.
+        self.store_failures = Incidents(clock, "store")
+        self._refusals = Incidents(clock, "render")
+        self._states: LoopLocal[_LoopState] = LoopLocal(_LoopState)
         #: Keys whose last shared render belonged to its visitor (see pyisr.private_keys).
         self._private = PrivateKeys(self.clock)
         #: Who can regenerate a path (``revalidate(path)``): the site and each integration
         #: using this engine add theirs; asked in the order they were added.
         self._resolvers: dict[Resolver, None] = {}
-
-    @property
-    def _executor(self) -> ThreadPoolExecutor:
-        """Render threads, created per process: a forked worker inherits no threads."""
-        if self._executor_pool is None or self._executor_pid != os.getpid():
-            self._executor_pool = ThreadPoolExecutor(
-                max_workers=self.max_concurrent_renders, thread_name_prefix="pyisr-render"
-            )
-            self._executor_pid = os.getpid()
-        return self._executor_pool
 
     def _state(self) -> _LoopState:
         return self._states.get()
@@ -168,12 +132,6 @@ class Engine:
                 return found
         return None
 
-    async def _tag_times_for(self, entry: CacheEntry, policy: RenderPolicy) -> Mapping[str, float]:
-        tags = entry.tags + policy.soft_tags if policy.soft_tags else entry.tags
-        if not tags:
-            return {}
-        return await self.handler.tag_times(tags)
-
     async def get(self, key: str, render: RenderFn, policy: RenderPolicy = DEFAULT_POLICY) -> Served:
         """Answer one request for ``key``. Raises what the render raised when nothing is cached."""
         if self._private and key in self._private:
@@ -186,10 +144,19 @@ class Engine:
             if entry.is_invalidated(times, also=policy.soft_tags):
                 if self._in_failure_backoff(entry, times, now):
                     self.log.decision(key, "STALE", "invalidated; last regeneration failed, in back-off")
-                    return Served(entry, CacheStatus.STALE)
+                    return Served(entry, CacheStatus.STALE, regeneration_failed=True)
                 self.log.decision(key, "INVALIDATED", "tag revalidated after the entry was made")
                 return await self._blocking(key, render, policy, previous=entry)
-            if entry.is_stale(now):
+            if past_window(entry, now):
+                if entry.retry_at is not None and now < entry.retry_at:
+                    # Its regeneration failed: old (STALE, and said so), but not retried yet.
+                    wait = entry.retry_at - now
+                    self.log.decision(
+                        key,
+                        "STALE",
+                        f"age={entry.age(now)}s; regeneration failed, next attempt in {wait:.1f}s",
+                    )
+                    return Served(entry, CacheStatus.STALE, regeneration_failed=True)
                 if policy.stale_blocks:
                     return await self._blocking(key, render, policy, previous=entry)
                 self.log.decision(key, "STALE", f"age={entry.age(now)}s revalidate={entry.revalidate}")
@@ -221,10 +188,10 @@ class Engine:
     async def _blocking(
         self, key: str, render: RenderFn, policy: RenderPolicy, previous: CacheEntry | None
     ) -> Served:
-        task, started = self._flight(key, render, policy, previous, _Mode.BLOCKING)
+        task, started = self._flight(key, render, policy, previous, Mode.BLOCKING)
         try:
-            entry = await asyncio.shield(task)
-        except _PrivateRender as private:
+            made = await asyncio.shield(task)
+        except PrivateRender as private:
             # Only the caller whose request started the render may see it; others that
             # joined render for their own visitor.
             return Served(private.entry if started else None, CacheStatus.PRIVATE)
@@ -233,11 +200,11 @@ class Engine:
                 # Keep serving the last good entry (the failure is logged and recorded).
                 # Not while a page regenerates: its data must not hide a failure, so the
                 # page's regeneration fails and the last good *page* stays instead.
-                return Served(previous, CacheStatus.STALE)
+                return Served(previous, CacheStatus.STALE, regeneration_failed=True)
             raise
-        if entry.revalidate == 0:
-            return Served(entry, CacheStatus.BYPASS)
-        return Served(entry, CacheStatus.MISS)
+        if made.entry.revalidate == 0:
+            return Served(made.entry, CacheStatus.BYPASS)
+        return Served(made.entry, CacheStatus.MISS, stored=made.stored)
 
     def _flight(
         self,
@@ -245,22 +212,22 @@ class Engine:
         render: RenderFn,
         policy: RenderPolicy,
         previous: CacheEntry | None,
-        mode: _Mode,
-    ) -> tuple[asyncio.Task[CacheEntry], bool]:
+        mode: Mode,
+    ) -> tuple[asyncio.Task[Made], bool]:
         """The one render of ``key`` in this loop: join it if it runs, start it if not.
 
         Also says whether this call started it.
         """
         state = self._state()
         # On-demand revalidation must not join a normal render that started earlier.
-        lane = "on_demand" if mode in _FORCED else "normal"
+        lane = "on_demand" if mode in FORCED else "normal"
         task = state.inflight.get((key, lane))
         if task is not None:
             return task, False
         task = asyncio.create_task(self._regenerate(key, render, policy, previous, mode))
         state.inflight[(key, lane)] = task
 
-        def _done(t: asyncio.Task[CacheEntry], slot: tuple[str, str] = (key, lane)) -> None:
+        def _done(t: asyncio.Task[Made], slot: tuple[str, str] = (key, lane)) -> None:
             if state.inflight.get(slot) is t:
                 del state.inflight[slot]
             if not t.cancelled():
@@ -275,7 +242,7 @@ class Engine:
         state = self._state()
         if (key, "normal") in state.inflight:
             return
-        task, _ = self._flight(key, render, policy, previous, _Mode.BACKGROUND)
+        task, _ = self._flight(key, render, policy, previous, Mode.BACKGROUND)
         state.background.add(task)
         task.add_done_callback(state.background.discard)
 
@@ -294,160 +261,41 @@ class Engine:
         while state.background:
             await asyncio.gather(*list(state.background), return_exceptions=True)
 
-    # -- regeneration -------------------------------------------------------------------
+    # -- health ---------------------------------------------------------------------------
 
-    def _usable(
-        self,
-        entry: CacheEntry | None,
-        times: Mapping[str, float],
-        policy: RenderPolicy,
-        previous: CacheEntry | None,
-        now: float,
-    ) -> bool:
-        if entry is None or entry.is_invalidated(times, also=policy.soft_tags) or entry.is_stale(now):
-            return False
-        return previous is None or entry.created_at > previous.created_at
+    def health(self) -> dict[str, Any]:
+        """What the engine knows is wrong, JSON-able: store failures per reason, stuck renders."""
+        now = time.monotonic()
+        stuck = self.slots.stuck()
+        return {
+            "store_failures": self.store_failures.report(),
+            "stuck_renders": [{"key": s.key, "running_for": round(now - s.started, 1)} for s in stuck],
+            "render_slots": {
+                "size": self.slots.size,
+                "busy": self.slots.busy(),
+                "stuck": len(stuck),
+                "refused": self.slots.refused,
+            },
+        }
 
-    async def _adoptable(
-        self, key: str, policy: RenderPolicy, previous: CacheEntry | None
-    ) -> CacheEntry | None:
-        """An entry another process stored since ``previous`` that makes our render needless."""
-        current = await self.handler.reload(key)
-        if current is None:
-            return None
-        times = await self._tag_times_for(current, policy)
-        return current if self._usable(current, times, policy, previous, self.clock()) else None
+    def degraded_reasons(self) -> list[str]:
+        """Why this engine serves worse than it should now; empty when all is well.
 
-    async def _regenerate(
-        self,
-        key: str,
-        render: RenderFn,
-        policy: RenderPolicy,
-        previous: CacheEntry | None,
-        mode: _Mode,
-    ) -> CacheEntry:
-        # A build fills a store nobody serves yet: no lock (that spares it one per page).
-        # On-demand regeneration takes the lock too, though it renders whatever else ran:
-        # holding it keeps another process's background regeneration from starting while
-        # it renders and storing a newer entry that this process's memory tier would
-        # never hear of (fencing orders results, it does not tell other tiers).
-        token = None if mode is _Mode.PRERENDER else await self.handler.acquire_lock(key, self.lock_ttl)
-        if token is None and mode is _Mode.BACKGROUND:
-            self.log.decision(key, "REGENERATE", "skipped: another process is regenerating it")
-            if previous is None:
-                raise RuntimeError(f"{key} is being rendered by another process")
-            return previous
-        if token is None and mode in (_Mode.BLOCKING, _Mode.ON_DEMAND):
-            deadline = time.monotonic() + self.lock_ttl
-            delay = self.lock_poll
-            while token is None and time.monotonic() < deadline:
-                await asyncio.sleep(delay)
-                delay = min(delay * 1.5, 0.25)
-                if mode is _Mode.BLOCKING:
-                    adopted = await self._adoptable(key, policy, previous)
-                    if adopted is not None:
-                        self.log.decision(key, "ADOPT", "rendered by another process")
-                        return adopted
-                token = await self.handler.acquire_lock(key, self.lock_ttl)
-        try:
-            if mode not in _FORCED and token is not None:
-                adopted = await self._adoptable(key, policy, previous)
-                if adopted is not None:
-                    self.log.decision(key, "ADOPT", "rendered by another process")
-                    return adopted
-            return await self._render_and_store(key, render, policy, previous, mode)
-        finally:
-            if token is not None:
-                await self.handler.release_lock(key, token)
-
-    async def _render_and_store(
-        self,
-        key: str,
-        render: RenderFn,
-        policy: RenderPolicy,
-        previous: CacheEntry | None,
-        mode: _Mode,
-    ) -> CacheEntry:
-        started_at = self.clock()
-        t0 = time.perf_counter()
-        ctx = render_context.RenderContext(
-            engine=self,
-            key=key,
-            soft_tags=policy.tags if policy.kind is not EntryKind.DATA else policy.soft_tags,
-            is_revalidating=previous is not None or mode in _FORCED,
-            page_revalidate=policy.revalidate,
-        )
-        if mode is _Mode.PRERENDER:
-            word = "PRERENDER"
-        else:
-            word = "REGENERATE" if previous is not None or mode is not _Mode.BLOCKING else "MISS"
-        try:
-            rendered = await self._run(render, ctx, limited=policy.kind is not EntryKind.DATA)
-            private = private_reason(rendered, policy)
-            entry = make_entry(key, rendered, policy, ctx, started_at, private=private is not None)
-        except Exception as exc:
-            elapsed = (time.perf_counter() - t0) * 1000
-            if getattr(exc, "pyisr_expected", False):
-                # An outcome, not an error (a fetch that answered 404): never cached either.
-                self.log.decision(key, "UNCACHED", f"{exc} after {elapsed:.0f}ms")
-            else:
-                self.log.failure(key, "FAILED", exc, f"{word.lower()} after {elapsed:.0f}ms")
-            if previous is not None:
-                failed = previous.with_failure(exc, self.clock(), _backoff(previous))
-                await self.handler.set(failed)
-            raise
-        elapsed = (time.perf_counter() - t0) * 1000
-        if private is not None:
-            self._private.mark(key, policy.route or key, private)
-            self.log.decision(key, "PRIVATE", f"{private}: not stored")
-            raise _PrivateRender(entry, private)
-        if self._private:
-            self._private.forget(key)  # a shared render again: cache it as before
-        if entry.revalidate == 0:
-            self.log.decision(key, word, f"rendered in {elapsed:.1f}ms; revalidate=0, not cached")
-            return entry
-        stored = await self.handler.set(entry)
-        if not stored:
-            self.log.decision(key, "FENCED", f"rendered in {elapsed:.1f}ms; a newer entry exists")
-        else:
-            self.log.decision(
-                key,
-                word,
-                f"rendered in {elapsed:.1f}ms status={entry.status} "
-                f"revalidate={entry.revalidate} size={len(entry.body)}",
+        Fit to show anyone (a load balancer's health check): the exception type and errno
+        name only, never a message, which may name files or hosts (:meth:`health` has them).
+        """
+        now = self.clock()
+        reasons = [
+            f"the cache store failed ({reason.split(':', 1)[0]}) {now - incident.last_at:.0f}s ago: "
+            "pages are answered but not stored"
+            for reason, incident in self.store_failures.recent().items()
+        ]
+        if self.slots.all_stuck():
+            reasons.append(
+                f"all {self.slots.size} render slots are held by renders stuck past their "
+                f"{self.render_timeout:g}s timeout: pages that must render are answered 503"
             )
-            if mode is _Mode.ON_DEMAND and PATH_TAG + key in entry.tags:
-                # Other processes' memory tiers drop their copies of this page: every entry
-                # made before this render started is invalidated, ours is not.
-                await self.handler.revalidate_tags([PATH_TAG + key], started_at - 1e-6)
-        return entry
-
-    async def _run(self, render: RenderFn, ctx: render_context.RenderContext, *, limited: bool) -> Rendered:
-        state = self._state()
-        assert state.renders is not None
-        run_ctx = contextvars.copy_context()
-        run_ctx.run(render_context.enter, ctx)
-        # Data computes run inside page renders: if they took a slot of the limit too,
-        # max_concurrent_renders pages waiting for their data would deadlock.
-        limit = state.renders if limited else contextlib.nullcontext()
-        async with limit:
-            if _is_async(render):
-                job: Awaitable[Any] = asyncio.create_task(render(), context=run_ctx)  # type: ignore[arg-type]
-            else:
-                loop = asyncio.get_running_loop()
-                job = loop.run_in_executor(self._executor, run_ctx.run, render)
-            try:
-                result = await asyncio.wait_for(job, self.render_timeout)
-            except TimeoutError as exc:
-                raise RenderTimeout(f"render of {ctx.key} took longer than {self.render_timeout:g}s") from exc
-            if inspect.isawaitable(result):
-                # A sync callable that returned a coroutine (e.g. a lambda around an async def).
-                result = await asyncio.wait_for(
-                    asyncio.create_task(_awaited(result), context=run_ctx), self.render_timeout
-                )
-        if not isinstance(result, Rendered):
-            raise TypeError(f"render of {ctx.key} returned {type(result).__name__}; expected pyisr.Rendered")
-        return result
+        return reasons
 
     # -- on-demand ----------------------------------------------------------------------
 
@@ -461,14 +309,16 @@ class Engine:
         previous entry to read and no other process holding a copy to tell.
         """
         previous = None if prerender else await self.handler.get(key)
-        mode = _Mode.PRERENDER if prerender else _Mode.ON_DEMAND
+        mode = Mode.PRERENDER if prerender else Mode.ON_DEMAND
         task, _ = self._flight(key, render, policy, previous, mode)
         try:
-            return await asyncio.shield(task)
-        except _PrivateRender as exc:
+            return (await asyncio.shield(task)).entry
+        except PrivateRender as exc:
             raise NotShareable(
                 f"Failed to revalidate {key}: {policy.route or key} {exc.reason}, so it is served uncached"
             ) from None
+        except RenderSlotsExhausted as exc:
+            raise RenderSlotsExhausted(f"Failed to revalidate {key}: {exc}", exc.retry_after) from exc
         except Exception as exc:
             raise RevalidationError(f"Failed to revalidate {key}: {exc}") from exc
 
@@ -496,20 +346,8 @@ class Engine:
         try:
             await self.drain()
         finally:
-            if self._executor_pool is not None:
-                self._executor_pool.shutdown(wait=False, cancel_futures=True)
+            self.slots.close()
             await self.handler.close()
-
-
-def _is_async(fn: Callable[..., Any]) -> bool:
-    """True for async functions, partials of them and objects with an async ``__call__``."""
-    return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(
-        getattr(fn, "__call__", None)  # noqa: B004
-    )
-
-
-async def _awaited(awaitable: Awaitable[Any]) -> Any:
-    return await awaitable
 
 
 #: The engine's vocabulary (pyisr.render) and the shared sentinel, importable from here.
@@ -525,9 +363,11 @@ __all__ = [
     "RenderFailed",
     "RenderFn",
     "RenderPolicy",
+    "RenderSlotsExhausted",
     "RenderTimeout",
     "Rendered",
     "Resolver",
     "RevalidationError",
     "Served",
+    "window_end",
 ]

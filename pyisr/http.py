@@ -18,7 +18,7 @@ from pyisr.cache.shareable import (
     WRITTEN_BY_PYISR,
     keeps_out_of_shared_caches,
 )
-from pyisr.engine import CacheStatus
+from pyisr.engine import CacheStatus, Served
 
 NOSTORE = "private, no-cache, no-store, max-age=0, must-revalidate"
 DEV_NOSTORE = "no-store, must-revalidate"
@@ -40,13 +40,20 @@ def cache_control(revalidate: int | None, expire: int = ONE_YEAR) -> str:
     return f"s-maxage={revalidate}, stale-while-revalidate={expire - revalidate}"
 
 
-def cache_status(status: CacheStatus) -> str:
-    """RFC 9211 ``Cache-Status`` for an ISR response."""
+def cache_status(status: CacheStatus, *, regeneration_failed: bool = False, stored: bool = True) -> str:
+    """RFC 9211 ``Cache-Status`` for an ISR response.
+
+    A STALE answer says why it is old: ``detail=revalidating`` while a regeneration is
+    started or under way, ``detail=regeneration-failed`` while the back-off of a failed
+    one runs (nothing is being done about it yet). A MISS the store refused (a full
+    disk) lacks ``stored``: the next request renders again.
+    """
     if status is CacheStatus.HIT:
         return "pyisr; hit"
     if status is CacheStatus.STALE:
-        return "pyisr; hit; fwd=stale; detail=revalidating"
-    return "pyisr; fwd=uri-miss; stored"
+        detail = "regeneration-failed" if regeneration_failed else "revalidating"
+        return f"pyisr; hit; fwd=stale; detail={detail}"
+    return "pyisr; fwd=uri-miss; stored" if stored else "pyisr; fwd=uri-miss"
 
 
 def etag_matches(if_none_match: str, etag: str) -> bool:
@@ -100,8 +107,14 @@ def private_headers(headers: Mapping[str, str], fallback: str = NOSTORE) -> Head
     return [*content_headers(headers, shared=False), (b"cache-control", cache_control.encode())]
 
 
-def entry_headers(entry: CacheEntry, status: CacheStatus) -> Headers:
-    """Every header of a response for ``entry`` served with ``status``, except ``Age``."""
+def entry_headers(
+    entry: CacheEntry, status: CacheStatus, *, regeneration_failed: bool = False, stored: bool = True
+) -> Headers:
+    """Every header of a response for ``entry`` served with ``status``, except ``Age``.
+
+    ``regeneration_failed`` and ``stored`` are the engine's :class:`~pyisr.engine.Served`
+    fields of the same names (see :func:`cache_status`).
+    """
     if status is CacheStatus.PRIVATE:
         return private_headers(entry.headers)
     out = content_headers(entry.headers)
@@ -112,10 +125,21 @@ def entry_headers(entry: CacheEntry, status: CacheStatus) -> Headers:
     out += [
         (b"cache-control", cache_control(entry.revalidate).encode()),
         (b"x-pyisr-cache", word.encode()),
-        (b"cache-status", cache_status(status).encode()),
+        (
+            b"cache-status",
+            cache_status(status, regeneration_failed=regeneration_failed, stored=stored).encode(),
+        ),
         (b"etag", entry.etag.encode()),
     ]
     return out
+
+
+def served_headers(served: Served) -> Headers:
+    """:func:`entry_headers` for what the engine answered (an answer with an entry)."""
+    assert served.entry is not None
+    return entry_headers(
+        served.entry, served.status, regeneration_failed=served.regeneration_failed, stored=served.stored
+    )
 
 
 def age_header(entry: CacheEntry, now: float) -> tuple[bytes, bytes]:

@@ -13,8 +13,22 @@ from urllib.parse import unquote
 _KEEP_ENCODED = {"%": "%25", "/": "%2F", "?": "%3F", "#": "%23"}
 
 
+#: The longest cache key, in UTF-8 bytes. A longer path is answered 414 before anything is
+#: rendered or written: keys become file names and Redis keys, and a crawler sending
+#: 65 kB paths must not be able to fill the cache with them.
+MAX_KEY_BYTES = 1024
+
+
 class BadPath(ValueError):
     """A request path that cannot be decoded (answered with 400)."""
+
+    status = 400
+
+
+class PathTooLong(BadPath):
+    """A path whose key would be longer than :data:`MAX_KEY_BYTES` (answered with 414)."""
+
+    status = 414
 
 
 def _decode_segment(segment: str) -> str:
@@ -54,6 +68,8 @@ def normalize_path(path: str) -> str:
     Raises ``BadPath`` for malformed percent-encoding.
     """
     path = path.split("?", 1)[0].split("#", 1)[0]
+    if len(path) > 3 * MAX_KEY_BYTES:  # refused before any decoding work: no real page has one
+        raise PathTooLong(f"path is longer than {MAX_KEY_BYTES} bytes")
     segments: list[str] = []
     for raw in path.split("/"):
         if not raw:
@@ -70,7 +86,10 @@ def normalize_path(path: str) -> str:
         # Only the root's ``/index`` is ``/`` (as in Next.js): ``/blog/index`` is the
         # ``[id]`` page for id "index", not the ``/blog`` page.
         segments = []
-    return "/" + "/".join(segments)
+    key = "/" + "/".join(segments)
+    if len(key) > MAX_KEY_BYTES // 4 and len(key.encode("utf-8", "surrogatepass")) > MAX_KEY_BYTES:
+        raise PathTooLong(f"path is longer than {MAX_KEY_BYTES} bytes")
+    return key
 
 
 def validate_revalidate_target(path: object) -> str:

@@ -87,6 +87,23 @@ RenderFn = Callable[[], Awaitable[Rendered] | Rendered]
 class Served:
     entry: CacheEntry | None
     status: CacheStatus
+    #: STALE because the regeneration of this entry failed and its back-off runs: none is
+    #: under way or started until the back-off ends (``Cache-Status: ...;
+    #: detail=regeneration-failed``), unlike a STALE that starts or joins one.
+    regeneration_failed: bool = False
+    #: ``False`` for a render the store refused (disk full, read-only, a store that is
+    #: down): answered, but the next request renders again, so nobody may keep it as cached.
+    stored: bool = True
+
+
+def window_end(entry: CacheEntry) -> float | None:
+    """When ``entry``'s revalidate window ends (``None``: only an invalidation ends it).
+
+    From then on the entry is answered STALE. Unlike :meth:`CacheEntry.stale_at` it
+    ignores the back-off of a failed regeneration: the back-off only delays the next
+    attempt, it never makes an old page fresh again.
+    """
+    return None if entry.revalidate is None else entry.created_at + entry.revalidate
 
 
 class RenderFailed(RuntimeError):
@@ -116,6 +133,23 @@ class NotShareable(RevalidationError):
     """The page rendered for ``revalidate(path)`` or a build belongs to its visitor: not stored."""
 
     status = 409
+
+
+class RenderSlotsExhausted(RevalidationError):
+    """Every render slot is held by a render past its timeout whose thread still runs.
+
+    Python cannot stop a thread, so such a slot frees itself only when its render really
+    ends, which may be never. A page that must be rendered now fails at once rather than
+    queue behind those threads; cached pages need no slot and are still served. The
+    server answers 503 with ``Retry-After: retry_after`` (seconds: the render timeout,
+    the time after which a render running now has ended or is stuck too).
+    """
+
+    status = 503
+
+    def __init__(self, message: str, retry_after: int) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 #: Finds what to render for a path: ``(key, render, policy)``, or ``None`` for no page there.

@@ -90,7 +90,8 @@ class Server:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log()}")
             try:
-                if httpx.get(self.url + "/_pyisr/health", timeout=1).status_code == 200:
+                # Up means answering: a server that starts degraded (its Redis down) says 503.
+                if httpx.get(self.url + "/_pyisr/health", timeout=1).status_code in (200, 503):
                     return self
             except httpx.HTTPError:
                 pass

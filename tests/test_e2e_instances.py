@@ -167,8 +167,10 @@ def test_redis_outage_fails_no_request_and_recovers(site: Path, redis: RedisServ
                     if s.get(path).status_code != 200:
                         failures += 1
         assert failures == 0
-        health = servers[0].get("/_pyisr/health").json()
-        assert health["status"] == "degraded"
+        health = servers[0].get("/_pyisr/health")
+        assert health.status_code == 503 and health.json()["status"] == "degraded"
+        assert health.json()["reasons"] == ["the cache store is unreachable"]
+        assert "cache" not in health.json(), "no hosts or paths without the secret"
         log = servers[0].log()
         assert log.count("Redis unreachable") == 1, log[-2000:]
 

@@ -207,15 +207,18 @@ async def test_S22_S23_failed_regeneration_keeps_old_with_backoff(engine, clock,
         await engine.drain()
     failures = [r for r in caplog.records if "FAILED" in r.getMessage()]
     assert len(failures) == 1 and "database down" in failures[0].getMessage()
-    # The failed entry is kept and given a back-off of clamp(3, 3, 30) = 3 s.
+    # The failed entry is kept and given a back-off of clamp(3, 3, 30) = 3 s: still past
+    # its window, so STALE, saying its regeneration failed (and none is started).
     clock.advance(0.7)  # t=4.2
     kept = await engine.get("/e/1", page, policy)
-    assert kept.status is CacheStatus.HIT and kept.entry.body == b"render 1"
+    assert kept.status is CacheStatus.STALE and kept.regeneration_failed and kept.entry.body == b"render 1"
+    assert not engine.regenerating("/e/1")
     assert kept.entry.last_failure.count == 1
     assert kept.entry.last_failure.exc_type == "RuntimeError"
     assert kept.entry.last_failure.message == "database down"
     clock.advance(3.5)  # t=7.7: retry
-    assert (await engine.get("/e/1", page, policy)).status is CacheStatus.STALE
+    retry = await engine.get("/e/1", page, policy)
+    assert retry.status is CacheStatus.STALE and not retry.regeneration_failed
     await engine.drain()
     assert (await engine.inspect("/e/1")).last_failure.count == 2
     assert page.calls == 3

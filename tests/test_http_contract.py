@@ -48,6 +48,8 @@ N = 2  # the spec site's revalidate window (SPEC_REVALIDATE)
 ISR2 = f"s-maxage={N}, stale-while-revalidate={31536000 - N}"
 FOREVER = "s-maxage=31536000"
 NOSTORE = "private, no-cache, no-store, max-age=0, must-revalidate"
+REVALIDATING = "pyisr; hit; fwd=stale; detail=revalidating"
+FAILED_STALE = "pyisr; hit; fwd=stale; detail=regeneration-failed"
 
 BLOG_WINDOW = 2  # BLOG_REVALIDATE: the blog's post pages' window
 BLOG_SECRET = "blog-e2e-secret"
@@ -318,16 +320,20 @@ async def test_S22_S23_failing_regeneration(spec: Served) -> None:
     assert stale.headers["x-pyisr-cache"] == "STALE" and stamp(stale) == stamp(old)
     await spec.drain()  # the background regeneration fails
     spec.clock.advance(0.7)
-    kept = await spec.get("/e/1")  # in back-off: served as fresh, no new attempt
-    assert kept.headers["x-pyisr-cache"] == "HIT" and stamp(kept) == stamp(old)
+    kept = await spec.get("/e/1")  # in back-off: old, and said so; no new attempt
+    assert kept.headers["x-pyisr-cache"] == "STALE" and stamp(kept) == stamp(old)
+    assert kept.headers["cache-status"] == FAILED_STALE and kept.headers["age"] == "4"
     assert not spec.app.engine.regenerating("/e/1")
     assert render_count(spec, "e-fail/1") == 1
     spec.clock.advance(2.2)  # 2.9 s after the failure: still in its 3 s back-off
-    assert (await spec.get("/e/1")).headers["x-pyisr-cache"] == "HIT"
+    within = await spec.get("/e/1")
+    assert within.headers["x-pyisr-cache"] == "STALE" and within.headers["cache-status"] == FAILED_STALE
+    assert within.headers["age"] == "6"
     assert render_count(spec, "e-fail/1") == 1
     spec.clock.advance(0.8)  # the back-off is over: the next request retries
     retry = await spec.get("/e/1")
     assert retry.headers["x-pyisr-cache"] == "STALE" and stamp(retry) == stamp(old)
+    assert retry.headers["cache-status"] == REVALIDATING
     await spec.drain()
     assert render_count(spec, "e-fail/1") == 2
     assert spec.log().count("/e/1 FAILED") == 2  # each failure logged once, with the exception
@@ -447,7 +453,8 @@ async def test_blog_a_failing_regeneration_keeps_the_old_page_and_is_retried(blo
     blog.clock.advance(2.9)
     within = await blog.get("/posts/5")
     assert within.status_code == 200 and within.text == old.text
-    assert within.headers["x-pyisr-cache"] == "HIT" and not blog.app.engine.regenerating("/posts/5")
+    assert within.headers["x-pyisr-cache"] == "STALE" and within.headers["cache-status"] == FAILED_STALE
+    assert not blog.app.engine.regenerating("/posts/5")
     # The next request after the back-off retries (still the old page) and succeeds.
     blog.clock.advance(0.2)
     retry = await blog.get("/posts/5")

@@ -72,7 +72,7 @@ def test_a_page_that_sets_a_cookie_is_never_served_to_another_visitor(server: Se
 
 
 def test_the_props_of_a_pages_page_that_sets_a_cookie_are_the_visitors_own(server: Server) -> None:
-    build_id = server.get("/_pyisr/health").json()["build_id"]
+    build_id = server.get("/_pyisr/health", headers={"authorization": "Bearer s3cret"}).json()["build_id"]
     server.get("/p/7")
     props = server.get(f"/_pyisr/data/{build_id}/p/7.json")
     assert props.status_code == 200 and props.json() == {"props": {"id": "7"}}

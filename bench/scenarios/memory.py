@@ -17,6 +17,9 @@ import httpx
 from bench import loadgen, sites, tools
 from bench.common import Context, PyisrServer, Report, log, run_build
 
+#: The revalidation secret of the bench's server: the health endpoint's details need it.
+BENCH_SECRET = "bench-memory-secret"
+
 
 def settings(ctx: Context) -> dict[str, Any]:
     return {
@@ -47,7 +50,8 @@ def run(ctx: Context) -> Report:
     run_build(site)
     paths = [f"/m/{i}" for i in range(1, cfg["pages"] + 1)]
     every = max(1000, cfg["pages"] // 10)
-    with PyisrServer(site, server=cfg["server"], workers=cfg["workers"], log_dir=work) as srv:
+    env = {"PYISR_REVALIDATE_SECRET": BENCH_SECRET}  # /_pyisr/health shows the tier with it
+    with PyisrServer(site, server=cfg["server"], workers=cfg["workers"], log_dir=work, env=env) as srv:
         httpx.get(srv.url + "/m/0")
         started = time.monotonic()
 
@@ -107,7 +111,9 @@ def run(ctx: Context) -> Report:
 
 def _tier(url: str) -> dict[str, Any]:
     try:
-        info = httpx.get(url + "/_pyisr/health", timeout=5).json().get("cache", {}).get("memory_tier") or {}
+        secret = {"authorization": f"Bearer {BENCH_SECRET}"}
+        health = httpx.get(url + "/_pyisr/health", headers=secret, timeout=5).json()
+        info = health.get("cache", {}).get("memory_tier") or {}
     except (httpx.HTTPError, ValueError):
         return {}
     return {

@@ -117,8 +117,9 @@ class FailureRecord:
 class CacheEntry:
     """One cached response (a page, a route handler's output) or one data-cache value.
 
-    ``retry_at`` is the back-off after a failed regeneration: the entry is served as
-    fresh until then (Next.js re-sets the old entry for ``clamp(N, 3, 30)`` seconds).
+    ``retry_at`` is the back-off after a failed regeneration: no new attempt starts
+    before it (Next.js re-sets the old entry for ``clamp(N, 3, 30)`` seconds), though
+    the entry is answered STALE from the end of its window on (``pyisr.render.window_end``).
     """
 
     key: str
@@ -140,7 +141,8 @@ class CacheEntry:
     # -- the freshness rule -------------------------------------------------------------
 
     def stale_at(self) -> float | None:
-        """When the entry turns stale, or ``None`` if only an invalidation can end it."""
+        """When the next regeneration is due (the window's end, or the back-off's if later),
+        or ``None`` if only an invalidation can end the entry."""
         if self.revalidate is None:
             return None
         due = self.created_at + self.revalidate

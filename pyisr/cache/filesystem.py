@@ -32,10 +32,10 @@ import logging
 import os
 import secrets
 import time
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from pyisr.cache.entry import CacheEntry, make_etag
 from pyisr.cache.files import (
@@ -59,8 +59,14 @@ from pyisr.cache.handler import CacheHandler
 
 logger = logging.getLogger("pyisr.cache.filesystem")
 
+T = TypeVar("T")
+
 #: Bodies at least this large are read in a thread rather than on the event loop.
 THREADED_READ_BYTES = 256 * 1024
+#: Threads of one cache's file I/O (writes with their fsyncs, big reads, listings). Its
+#: own, never the event loop's default executor nor the render threads: hung page
+#: functions must not make the cache wait, and the cache must not take a render's thread.
+IO_THREADS = 8
 
 
 # -- does a pair of files form an entry ---------------------------------------------------
@@ -150,6 +156,8 @@ class FileSystemCache(CacheHandler):
         #: no temporary files. Cuts a prerendered page's write from ~9 system calls to ~4.
         self.staging = staging
         self._staging_writer: ThreadPoolExecutor | None = None
+        self._io_pool: ThreadPoolExecutor | None = None
+        self._io_pid = -1
         self._tag_log = TagLog(self.root, fsync=fsync, compact_bytes=tag_log_compact_bytes)
         #: Regeneration locks held by this object: key -> (the held flock, token, monotonic expiry).
         self._held: dict[str, tuple[contextlib.ExitStack, str, float]] = {}
@@ -172,6 +180,14 @@ class FileSystemCache(CacheHandler):
                 str(self.root),
             ) from exc
 
+    def _io(self, fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
+        """Run blocking file I/O on this cache's own threads (made per process: a forked
+        worker inherits none)."""
+        if self._io_pool is None or self._io_pid != os.getpid():
+            self._io_pool = ThreadPoolExecutor(IO_THREADS, thread_name_prefix="pyisr-cache-io")
+            self._io_pid = os.getpid()
+        return asyncio.get_running_loop().run_in_executor(self._io_pool, fn, *args)
+
     # -- entries ------------------------------------------------------------------------
 
     def slot(self, key: str) -> EntryFiles:
@@ -187,13 +203,13 @@ class FileSystemCache(CacheHandler):
                 return None
             size = meta.get("size")
             if isinstance(size, int) and size >= THREADED_READ_BYTES:
-                body = await asyncio.to_thread(read_file, slot.body)
+                body = await self._io(read_file, slot.body)
             else:
                 body = read_file(slot.body)
             return _build(key, meta, body)
         except _Torn:
             # Raced a writer, or a writer died between its renames: wait for the key's lock.
-            return await asyncio.to_thread(self._get_locked, key, slot)
+            return await self._io(self._get_locked, key, slot)
 
     def _get_locked(self, key: str, slot: EntryFiles) -> CacheEntry | None:
         with self._write_lock(key):
@@ -252,7 +268,7 @@ class FileSystemCache(CacheHandler):
                 self._staging_writer = ThreadPoolExecutor(1, thread_name_prefix="pyisr-build-writer")
             loop = asyncio.get_running_loop()
             return await loop.run_in_executor(self._staging_writer, self._set_sync, entry)
-        return await asyncio.to_thread(self._set_sync, entry)
+        return await self._io(self._set_sync, entry)
 
     def _set_sync(self, entry: CacheEntry) -> bool:
         slot = self.slot(entry.key)
@@ -322,7 +338,7 @@ class FileSystemCache(CacheHandler):
 
     async def delete(self, key: str) -> None:
         """Remove both files, metadata first so the entry vanishes in one step."""
-        await asyncio.to_thread(self._delete_sync, key)
+        await self._io(self._delete_sync, key)
 
     def _delete_sync(self, key: str) -> None:
         slot = self.slot(key)
@@ -338,7 +354,7 @@ class FileSystemCache(CacheHandler):
 
     async def keys(self, prefix: str = "") -> AsyncIterator[str]:
         """Every stored key starting with ``prefix``, read from the metadata files."""
-        for key in await asyncio.to_thread(self._keys_sync, prefix):
+        for key in await self._io(self._keys_sync, prefix):
             yield key
 
     def _keys_sync(self, prefix: str) -> list[str]:
@@ -361,7 +377,7 @@ class FileSystemCache(CacheHandler):
         into place instead of removed. Files younger than ``older_than`` seconds may
         belong to a live writer and are left alone.
         """
-        return await asyncio.to_thread(self._sweep_sync, older_than)
+        return await self._io(self._sweep_sync, older_than)
 
     def _sweep_sync(self, older_than: float) -> int:
         cutoff = time.time() - older_than
@@ -405,7 +421,7 @@ class FileSystemCache(CacheHandler):
         tags = [str(t) for t in tags]
         if not tags:
             return
-        await asyncio.to_thread(self._tag_log.append, tags, at)
+        await self._io(self._tag_log.append, tags, at)
         self._tag_log.mirror.record(tags, at)
 
     def compact_tag_log(self) -> bool:
@@ -462,6 +478,9 @@ class FileSystemCache(CacheHandler):
         writer, self._staging_writer = self._staging_writer, None
         if writer is not None:
             writer.shutdown(wait=True)
+        pool, self._io_pool = self._io_pool, None
+        if pool is not None and self._io_pid == os.getpid():
+            pool.shutdown(wait=False)  # nothing is waiting on it once the engine has drained
 
     def signing_key_home(self) -> Path | Literal["process"] | None:
         """A key file beside the cache directory, not in it.

@@ -47,7 +47,6 @@ from pyisr.cache.redis_connection import (
     describe_client,
     new_client,
     node_url,
-    redact,
     seconds,
     split_url,
     subscriber_client,
@@ -55,6 +54,7 @@ from pyisr.cache.redis_connection import (
 from pyisr.cache.redis_outage import OUTAGE_ERRORS, Outage
 from pyisr.cache.redis_scripts import Scripts
 from pyisr.cache.redis_tags import MirrorSync, TagMirror, as_time
+from pyisr.cache.urls import redact_url
 from pyisr.loop_local import LoopLocal
 
 logger = logging.getLogger("pyisr.cache")
@@ -161,7 +161,7 @@ class RedisCache(CacheHandler):
             seq_check_interval=seq_check_interval,
         )
         self._outage = Outage(
-            redact(self._url), retry_interval=self.retry_interval, on_recovery=self._sync.request_resync
+            redact_url(self._url), retry_interval=self.retry_interval, on_recovery=self._sync.request_resync
         )
 
     @classmethod
@@ -250,7 +250,7 @@ class RedisCache(CacheHandler):
         """Handler, URL (no password), namespace and health, for logs and ``/_pyisr/health``."""
         return {
             "handler": self.name,
-            "url": redact(self._url),
+            "url": redact_url(self._url),
             "cluster": self.cluster,
             "prefix": self.prefix,
             "build_id": self.build_id,
@@ -331,7 +331,7 @@ class RedisCache(CacheHandler):
             raise self._unavailable(exc) from exc
 
     def _unavailable(self, reason: object) -> RedisUnavailableError:
-        return RedisUnavailableError(f"Redis unreachable at {redact(self._url)}: {reason}")
+        return RedisUnavailableError(f"Redis unreachable at {redact_url(self._url)}: {reason}")
 
     async def _scan_per_key(self, state: _LoopState, suffix: str) -> AsyncIterator[str]:
         """The Redis keys of this namespace's entries and locks (``{ns:h}:e``, ``{ns:h}:l``)

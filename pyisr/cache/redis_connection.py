@@ -6,7 +6,7 @@ own options (:data:`URL_OPTIONS`); they are taken out before redis-py sees the U
 
 Clients give up after one timeout: a slow Redis must switch the handler to degraded
 mode (see :mod:`pyisr.cache.redis`) rather than make every request wait through
-retries. Passwords never reach a log line or the health endpoint (:func:`redact`).
+retries. Passwords never reach a log line or the health endpoint (:func:`pyisr.cache.urls.redact_url`).
 """
 
 from __future__ import annotations
@@ -23,19 +23,10 @@ from redis.asyncio.connection import parse_url
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
+from pyisr.cache.urls import redact_url
+
 #: Query parameters of a cache URL that configure pyisr, not redis-py.
 URL_OPTIONS = ("prefix", "build_id", "socket_timeout", "retry_interval", "resync_interval", "entry_ttl")
-
-
-def redact(url: str) -> str:
-    """The URL without its password, for logs and the health endpoint."""
-    parsed = urlparse(url)
-    if parsed.password is None:
-        return url
-    user = parsed.username or ""
-    host = parsed.hostname or ""
-    netloc = f"{user}:***@{host}" + (f":{parsed.port}" if parsed.port else "")
-    return urlunparse(parsed._replace(netloc=netloc))
 
 
 def split_url(url: str) -> tuple[str, bool, dict[str, str]]:
@@ -50,7 +41,7 @@ def split_url(url: str) -> tuple[str, bool, dict[str, str]]:
         scheme = scheme[: -len("+cluster")]
     if scheme not in ("redis", "rediss", "unix"):
         raise ValueError(
-            f"Unsupported Redis URL {redact(url)!r}: use redis://HOST:PORT/DB, rediss://... "
+            f"Unsupported Redis URL {redact_url(url)!r}: use redis://HOST:PORT/DB, rediss://... "
             "or redis+cluster://HOST:PORT"
         )
     ours: dict[str, str] = {}

@@ -124,6 +124,15 @@ def implicit_tags(path: str, route_pattern: str | None = None) -> tuple[str, ...
     )
 
 
+def key_tag(key: str) -> str:
+    """The tag every entry carries for its own key: a page's path tag, a data entry's key.
+
+    Revalidating it invalidates that one entry in every process (and, for a data entry,
+    the pages that read it, which inherit its tags): what ``pyisr cache purge`` does.
+    """
+    return PATH_TAG + key
+
+
 def is_dynamic_pattern(path: str) -> bool:
     return "[" in path and "]" in path
 

@@ -3,12 +3,27 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from urllib.parse import parse_qs, urlparse
 
 from pyisr.cache.handler import CacheHandler, as_handler
 from pyisr.cache.memory import DEFAULT_MEMORY_BYTES, MemoryCache
 from pyisr.cache.tier import MemoryTier
+
+_USERINFO = re.compile(
+    r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<user>[^:@/?#\s'\"]*):(?P<password>[^@/?#\s'\"]*)@"
+)
+
+
+def redact_url(text: str) -> str:
+    """``text`` with the password of every URL in it replaced by ``***``.
+
+    What logs, errors and health may show. Textual, so it works on URLs too malformed to
+    parse (a bad port, an unknown scheme) and on messages quoting one: those are exactly
+    the ones an error repeats.
+    """
+    return _USERINFO.sub(lambda m: f"{m['scheme']}{m['user']}:***@", text)
 
 
 def parse_size(value: str | int) -> int:
@@ -47,11 +62,12 @@ def handler_from_url(url: str, *, base_dir: str | os.PathLike[str] = ".") -> Cac
             from pyisr.cache.redis import RedisCache
         except ImportError as exc:
             raise ValueError(
-                f"cache URL {url!r} needs the Redis handler: pip install 'pyisr[redis]'"
+                f"cache URL {redact_url(url)!r} needs the Redis handler: pip install 'pyisr[redis]'"
             ) from exc
         return RedisCache.from_url(url)
     raise ValueError(
-        f"Unknown cache URL scheme {scheme!r} in {url!r}: use file://PATH, memory:// or redis://HOST:PORT/DB"
+        f"Unknown cache URL scheme {scheme!r} in {redact_url(url)!r}: use file://PATH, memory:// "
+        "or redis://HOST:PORT/DB"
     )
 
 

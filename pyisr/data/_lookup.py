@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from pyisr.cache.entry import CacheEntry, EntryKind, Revalidate
+from pyisr.cache.tags import key_tag
 from pyisr.context import current_render
 from pyisr.data.serializer import UnreadableEntry
 from pyisr.engine import CacheStatus, Engine, RenderFn, RenderPolicy, RevalidationError
@@ -59,12 +60,14 @@ class DataRequest:
         return cls(ctx.soft_tags, ctx.is_revalidating, ctx.engine)
 
 
-def data_policy(revalidate: Revalidate, tags: tuple[str, ...], request: DataRequest) -> RenderPolicy:
+def data_policy(
+    key: str, revalidate: Revalidate, tags: tuple[str, ...], request: DataRequest
+) -> RenderPolicy:
     """The policy of a data entry: the same for a normal read and for replacing a bad entry."""
     return RenderPolicy(
         kind=EntryKind.DATA,
         revalidate=revalidate,
-        tags=tags,
+        tags=(*tags, key_tag(key)),
         soft_tags=request.soft_tags,
         stale_blocks=request.stale_blocks,
     )
@@ -108,7 +111,7 @@ async def read_through(
     is then dropped and computed again on the engine's on-demand path, which renders
     whatever else is cached and is not fenced by the dropped entry's time stamp.
     """
-    policy = data_policy(revalidate, tags, request)
+    policy = data_policy(key, revalidate, tags, request)
     engine = request.engine if request.engine is not None else get_engine()
     served = await engine.get(key, compute, policy)
     assert served.entry is not None

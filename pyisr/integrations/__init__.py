@@ -26,9 +26,9 @@ from urllib.parse import quote, unquote
 
 from pyisr.cache.entry import EntryKind, Revalidate, validate_revalidate
 from pyisr.cache.tags import implicit_tags, validate_tags
-from pyisr.engine import CacheStatus, Engine, RenderFn, RenderPolicy
-from pyisr.http import NOSTORE, age_header, entry_headers, not_modified
-from pyisr.paths import normalize_path
+from pyisr.engine import CacheStatus, Engine, RenderFn, RenderPolicy, RenderSlotsExhausted
+from pyisr.http import NOSTORE, age_header, not_modified, served_headers
+from pyisr.paths import MAX_KEY_BYTES, normalize_path
 from pyisr.runtime import bridge
 
 T = TypeVar("T")
@@ -58,6 +58,17 @@ def key_for_decoded_path(path: str) -> str:
     by :func:`normalize_path`; the result is the key the server would use for the URL.
     """
     return normalize_path(quote(path, safe=_PATH_SAFE))
+
+
+def cacheable(method: str, path: str) -> bool:
+    """Whether a request may be answered from the cache at all.
+
+    Only GET and HEAD; and only a path that can be a key (``paths.MAX_KEY_BYTES``): a
+    longer one is left to the app, uncached, so it can never fill the cache.
+    """
+    if method != "GET" and method != "HEAD":
+        return False
+    return len(path) <= MAX_KEY_BYTES // 4 or len(path.encode("utf-8", "surrogatepass")) <= MAX_KEY_BYTES
 
 
 def allow_list(headers: Iterable[str]) -> frozenset[str]:
@@ -163,6 +174,11 @@ async def serve_page(
     """
     try:
         served = await engine.get(key, render, policy)
+    except RenderSlotsExhausted as exc:
+        # Every render slot is held by a hung render: say so at once, as the server does.
+        busy = b"Service Unavailable: every render slot is busy"
+        retry = [(b"retry-after", str(exc.retry_after).encode()), (b"cache-control", NOSTORE.encode())]
+        return PageAnswer(503, [*retry, _length(busy)], b"" if head else busy)
     except Exception:
         if failed.response is None:
             raise
@@ -173,7 +189,7 @@ async def serve_page(
         return None
     entry = served.entry
     assert entry is not None, "integrations render unknown paths, so an entry always exists"
-    out = entry_headers(entry, served.status)
+    out = served_headers(served)
     if served.status is not CacheStatus.BYPASS:
         out.append(age_header(entry, engine.clock()))
         if not_modified(entry, if_none_match):
@@ -238,6 +254,7 @@ __all__ = [
     "SESSION_REASON",
     "ISRMiddleware",
     "allow_list",
+    "cacheable",
     "check_options",
     "key_for_decoded_path",
     "on_bridge",

@@ -366,7 +366,7 @@ class ISRMiddleware:
             return
         try:
             key = key_for_decoded_path(scope["path"])
-        except BadPath:  # pragma: no cover - re-encoded paths always decode
+        except BadPath:  # a path too long to be a key: the app answers it, nothing is cached
             await self.app(scope, receive, send)
             return
         found = self.match(key)

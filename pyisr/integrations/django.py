@@ -42,6 +42,7 @@ from pyisr.integrations import (
     FailedResponse,
     PageAnswer,
     allow_list,
+    cacheable,
     check_options,
     key_for_decoded_path,
     on_bridge,
@@ -188,7 +189,7 @@ def _sync_wrapper(options: _Options) -> View:
 
     @functools.wraps(view)
     def wrapper(request: Any, *args: Any, **kwargs: Any) -> Any:
-        if request.method not in ("GET", "HEAD"):
+        if not cacheable(request.method, request.path):
             return view(request, *args, **kwargs)
         eng, key, policy, fresh, failed = _prepare(request, options)
         render = _sync_render(options, fresh, args, kwargs, failed)
@@ -206,7 +207,7 @@ def _async_wrapper(options: _Options) -> View:
 
     @functools.wraps(view)
     async def wrapper(request: Any, *args: Any, **kwargs: Any) -> Any:
-        if request.method not in ("GET", "HEAD"):
+        if not cacheable(request.method, request.path):
             return await view(request, *args, **kwargs)
         eng, key, policy, fresh, failed = _prepare(request, options)
         render = _async_render(options, fresh, args, kwargs, failed)

@@ -44,6 +44,7 @@ from pyisr.integrations import (
     SESSION_REASON,
     FailedResponse,
     allow_list,
+    cacheable,
     check_options,
     key_for_decoded_path,
     page_policy,
@@ -106,7 +107,7 @@ def isr(
         def wrapper(*args: Any, **kwargs: Any) -> Any:
             app: Any = flask.current_app._get_current_object()  # type: ignore[attr-defined]
             request = flask.request
-            if _rendering.get() or request.method not in ("GET", "HEAD"):
+            if _rendering.get() or not cacheable(request.method, request.script_root + request.path):
                 return app.ensure_sync(view)(*args, **kwargs)
             _remember_site(app, request.environ)
             eng = engine if engine is not None else get_engine()

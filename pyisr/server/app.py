@@ -24,15 +24,23 @@ from starlette.types import Receive, Scope, Send
 
 from pyisr.cache.shareable import visitor_headers
 from pyisr.config import Config, load_config
-from pyisr.engine import CacheStatus, Engine, OnMissing, RenderFn, RenderPolicy, Served
+from pyisr.engine import (
+    CacheStatus,
+    Engine,
+    OnMissing,
+    RenderFn,
+    RenderPolicy,
+    RenderSlotsExhausted,
+    Served,
+)
 from pyisr.http import (
     DEV_NOSTORE,
     HTML,
     NOSTORE,
     age_header,
-    entry_headers,
     not_modified,
     private_headers,
+    served_headers,
 )
 from pyisr.log import configure_fetch_logging, enable_debug_logging
 from pyisr.origin import LOCALHOST, CanonicalOrigin, Origin
@@ -244,12 +252,16 @@ class App:
             path = rewritten
         try:
             key = normalize_path(path)
-        except BadPath:
-            await send_response(send, 400, [(b"cache-control", NOSTORE.encode())], b"Bad Request", method)
+        except BadPath as exc:  # 400, or 414 for a path too long to be a key
+            phrase = b"URI Too Long" if exc.status == 414 else b"Bad Request"
+            await send_response(send, exc.status, [(b"cache-control", NOSTORE.encode())], phrase, method)
             return
         found = self.site.match(key)
         if found is None:
             if self.static is not None and key in self.public_files or self.dev and self.static is not None:
+                if method not in ("GET", "HEAD"):
+                    await self._method_not_allowed(send, method)
+                    return
                 await self._static(scope, receive, send)
                 return
             await send_not_found(send, method)
@@ -260,18 +272,18 @@ class App:
                 await self._handler(route, scope, receive, send)
                 return
         if method not in ("GET", "HEAD"):
-            await send_response(
-                send,
-                405,
-                [(b"allow", b"GET, HEAD"), (b"content-type", b"text/plain; charset=utf-8")],
-                b"Method Not Allowed",
-                method,
-            )
+            await self._method_not_allowed(send, method)
             return
         if not route.is_isr or self.dev:
             await self._dynamic(route, key, params, send, method)
             return
         await self._isr(route, key, params, scope, send, method)
+
+    @staticmethod
+    async def _method_not_allowed(send: Send, method: str) -> None:
+        """405 for a page or a public file asked with anything but GET or HEAD."""
+        headers = [(b"allow", b"GET, HEAD"), (b"content-type", b"text/plain; charset=utf-8")]
+        await send_response(send, 405, headers, b"Method Not Allowed", method)
 
     async def _run_middleware(self, scope: Scope, receive: Receive, send: Send) -> str | None:
         """Run ``SITE/middleware.py``: it may answer, rewrite the path, or let the request on.
@@ -313,6 +325,16 @@ class App:
         render = route.renderer(key, params, origin=self._origin_for(scope) if handler else LOCALHOST)
         try:
             served = await self.engine.get(key, render, policy)
+        except RenderSlotsExhausted as exc:
+            # Every render slot is stuck (the engine logs it once a minute): come back once
+            # the renders running now have ended or are stuck too (the render timeout).
+            unavailable = [
+                (b"retry-after", str(exc.retry_after).encode()),
+                (b"cache-control", NOSTORE.encode()),
+                (b"content-type", b"text/plain; charset=utf-8"),
+            ]
+            await send_response(send, 503, unavailable, b"Service Unavailable: no free render slot", method)
+            return
         except Exception as exc:  # noqa: BLE001 - a failing page is a 500, never a crash
             logger.error("%s render failed: %s: %s", key, type(exc).__name__, exc, exc_info=exc)
             await send_server_error(send, method)
@@ -362,11 +384,12 @@ class App:
         entry = served.entry
         assert entry is not None
         now = self.engine.clock()
-        out = entry_headers(entry, served.status)
+        out = served_headers(served)
         if served.status is CacheStatus.BYPASS or served.status is CacheStatus.PRIVATE:
             await send_response(send, entry.status, out, entry.body, method)
             return
-        if served.status is not CacheStatus.STALE:
+        if served.status is not CacheStatus.STALE and served.stored:
+            # (A render the store refused is rendered again by the next request: not hot.)
             self.fast.remember(scope, entry, out)
         out.append(age_header(entry, now))
         if not_modified(entry, request_headers.get("if-none-match")):

@@ -28,12 +28,15 @@ from pyisr.config import Config
 from pyisr.engine import CacheStatus, Engine, RevalidationError
 from pyisr.http import NOSTORE, PROPS_HEADER, cache_control
 from pyisr.paths import BadPath, normalize_path
+from pyisr.render import window_end
 from pyisr.revalidation import revalidate
 from pyisr.server.responses import send_response
 from pyisr.site.route import RouteKind
 from pyisr.site.site import Site
 
 PREFIX = "/_pyisr/"
+#: The largest body the revalidate endpoint reads (a path or a tag needs far less).
+MAX_REVALIDATE_BODY = 64 * 1024
 _JSON = (b"content-type", b"application/json; charset=utf-8")
 _NOT_FOUND = b'{"not_found": true}'
 
@@ -54,7 +57,7 @@ class Endpoints:
         if path == PREFIX + "revalidate":
             response = await self._revalidate(request)
         elif path == PREFIX + "health":
-            response = self._health()
+            response = self._health(request)
         elif path == PREFIX + "cache":
             response = await self._inspect(request)
         else:
@@ -79,18 +82,33 @@ class Endpoints:
         if not self._authorized(request):
             return JSONResponse({"error": "invalid or missing secret"}, status_code=401)
         params: dict[str, Any] = dict(request.query_params)
-        body = await request.body()
+        body = await _read_limited(request, MAX_REVALIDATE_BODY)
+        if body is None:
+            return JSONResponse({"error": f"body over {MAX_REVALIDATE_BODY} bytes"}, status_code=413)
         if body:
             try:
                 if request.headers.get("content-type", "").startswith("application/json"):
-                    params.update(json.loads(body))
+                    parsed = json.loads(body)
+                    if not isinstance(parsed, dict):
+                        raise ValueError("not an object")
+                    params.update(parsed)
                 else:
                     params.update({k: v[-1] for k, v in parse_qs(body.decode()).items()})
             except ValueError:
-                return JSONResponse({"error": "body must be JSON or form data"}, status_code=400)
+                return JSONResponse(
+                    {"error": 'body must be a JSON object ({"path": "/blog/1"}) or form data'},
+                    status_code=400,
+                )
         path, tag, kind = params.get("path"), params.get("tag"), params.get("type")
         if not path and not tag:
             return JSONResponse({"error": "give a path or a tag to revalidate"}, status_code=400)
+        if not all(isinstance(v, str) for v in (path or "", tag or "", kind or "")):
+            return JSONResponse({"error": "path, tag and type must be strings"}, status_code=400)
+        if path and not kind and "[" in path:
+            return JSONResponse(
+                {"error": f"{path} is a route pattern: add type=page (its pages) or type=layout (all below)"},
+                status_code=400,
+            )
         try:
             if tag:
                 await self.engine.revalidate_tags(validate_tags([tag], where="tag"))
@@ -104,13 +122,22 @@ class Endpoints:
             return JSONResponse({"revalidated": False, "error": str(exc)}, status_code=exc.status)
         return JSONResponse({"revalidated": True, "now": int(time.time() * 1000)})
 
-    def _health(self) -> Response:
+    def _health(self, request: Request) -> Response:
+        """``ok`` (200) or ``degraded`` (503, with the reasons), for load balancers.
+
+        Paths, hosts, the build id and the engine's details are shown only with the
+        secret: they tell a stranger where things are.
+        """
         info = self.engine.handler.describe()
-        degraded = bool(info.get("degraded"))
-        return JSONResponse(
-            {"status": "degraded" if degraded else "ok", "build_id": self.site.build_id, "cache": info},
-            headers={"cache-control": NOSTORE},
-        )
+        reasons = list(self.engine.degraded_reasons())
+        if info.get("degraded"):
+            reasons.insert(0, "the cache store is unreachable")
+        body: dict[str, Any] = {"status": "degraded" if reasons else "ok"}
+        if reasons:
+            body["reasons"] = reasons
+        if self._authorized(request):
+            body.update(build_id=self.site.build_id, cache=info, engine=self.engine.health())
+        return JSONResponse(body, status_code=503 if reasons else 200, headers={"cache-control": NOSTORE})
 
     async def _inspect(self, request: Request) -> Response:
         if not self._authorized(request):
@@ -170,6 +197,21 @@ class Endpoints:
         await send_response(send, 404 if entry.status == 404 else 200, headers, body, method)
 
 
+async def _read_limited(request: Request, limit: int) -> bytes | None:
+    """The request body, or ``None`` as soon as it passes ``limit`` bytes (never read whole)."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        return None
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            return None
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 def describe_entry(entry: CacheEntry, now: float) -> dict[str, Any]:
     """What ``pyisr cache inspect`` and the inspection endpoint show about one entry."""
     return {
@@ -182,8 +224,9 @@ def describe_entry(entry: CacheEntry, now: float) -> dict[str, Any]:
         "created_at": entry.created_at,
         "age": entry.age(now),
         "revalidate": entry.revalidate,
-        "stale": entry.is_stale(now),
-        "stale_at": entry.stale_at(),
+        "stale": (window := window_end(entry)) is not None and now >= window,
+        "stale_at": window,
+        "next_regeneration_at": entry.stale_at(),
         "tags": list(entry.tags),
         "retry_at": entry.retry_at,
         "last_failure": entry.last_failure.to_json() if entry.last_failure else None,

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from starlette.types import Scope, Send
 
 from pyisr.cache.entry import CacheEntry
-from pyisr.engine import CacheStatus, Engine
+from pyisr.engine import CacheStatus, Engine, window_end
 from pyisr.http import Headers, cache_status, etag_matches
 
 #: Bounds of the index: bodies plus ~1 KB of ready headers each, outside the tier's budget.
@@ -71,6 +71,8 @@ class HotResponse:
     """
 
     entry: CacheEntry
+    #: When the entry's window ends (:func:`~pyisr.engine.window_end`), never the end of a
+    #: failed regeneration's back-off: past it the answer is STALE, whatever the back-off.
     stale_at: float | None
     tags_version: int
     etag: str
@@ -103,10 +105,11 @@ class FastPath:
         """The ready answer to a request for a hot entry, its body and its Age, or ``None``.
 
         Valid while the handler's tag state is the one the entry was checked against, and
-        while the entry is fresh or this process is regenerating it (the engine would say
-        STALE and start nothing). Anything else (stale with no regeneration under way, a
-        tag revalidated anywhere, a method other than GET/HEAD) goes the full way, which
-        re-validates.
+        while the entry is within its window or this process is regenerating it (the
+        engine would say STALE, revalidating, and start nothing). Anything else (past the
+        window with no regeneration under way, which includes the back-off of a failed
+        one; a tag revalidated anywhere; a method other than GET/HEAD) goes the full way,
+        which re-validates and says why the page is old.
         """
         now = self._clock()
         stale = hot.stale_at is not None and now >= hot.stale_at
@@ -169,7 +172,7 @@ class FastPath:
             bare = [h for h in full if h[0] not in skip_in_304]
             answers.append(HotAnswer(entry.status, full, entry.body))
             answers.append(HotAnswer(304, bare, b""))
-        hot = HotResponse(entry, entry.stale_at(), version, entry.etag, tuple(answers))  # type: ignore[arg-type]
+        hot = HotResponse(entry, window_end(entry), version, entry.etag, tuple(answers))  # type: ignore[arg-type]
         self.by_raw_path[raw] = hot
         if b"%2f" not in raw.lower():
             # RSGI hands over the decoded path; an encoded slash would make it ambiguous.

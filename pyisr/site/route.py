@@ -14,8 +14,6 @@ its module and answers the questions below in its own way. The server branches o
 
 from __future__ import annotations
 
-import asyncio
-import contextvars
 import inspect
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Mapping
@@ -33,6 +31,7 @@ from pyisr.cache.tags import implicit_tags
 from pyisr.engine import UNSET, OnMissing, Rendered, RenderPolicy
 from pyisr.http import HTML
 from pyisr.origin import LOCALHOST, Origin
+from pyisr.render_slots import call_in_thread
 from pyisr.site import templates
 from pyisr.site.loader import ExportCheck, SiteError
 from pyisr.site.router import Params, PatternRoute, path_for
@@ -52,11 +51,16 @@ Fallback = bool | str  # False, True or "blocking"
 
 
 async def call_maybe_async(fn: Callable[..., Any], *args: Any) -> Any:
-    """Call a user function that may be sync or async; sync ones run in a thread."""
+    """Call a user function that may be sync or async; sync ones run in a thread.
+
+    Inside a render, the rendering engine's render threads, counted on its render slot
+    (so a hung page function holds its slot, not the threads storage reads with);
+    elsewhere (API routes, middleware, pages rendered per request) a bounded pool of
+    their own (see pyisr.render_slots).
+    """
     if inspect.iscoroutinefunction(fn):
         return await fn(*args)
-    ctx = contextvars.copy_context()
-    result = await asyncio.get_running_loop().run_in_executor(None, lambda: ctx.run(fn, *args))
+    result = await call_in_thread(fn, *args)
     if inspect.isawaitable(result):
         result = await result
     return result
