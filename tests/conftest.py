@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import pytest
 
 from pyisr import Engine, MemoryCache, Rendered, set_engine
+from pyisr.runtime import run_sync
 
 
 class FakeClock:
@@ -35,6 +36,16 @@ async def engine(clock: FakeClock) -> AsyncIterator[Engine]:
     set_engine(eng)
     yield eng
     await eng.drain()
+    set_engine(None)
+
+
+@pytest.fixture
+def sync_engine(clock: FakeClock) -> Iterator[Engine]:
+    """The process engine for tests with no event loop of their own (scripts, sync views)."""
+    eng = Engine(MemoryCache(), clock=clock, render_timeout=5.0)
+    set_engine(eng)
+    yield eng
+    run_sync(eng.drain())
     set_engine(None)
 
 

@@ -9,7 +9,7 @@ import sys
 import textwrap
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -62,16 +62,6 @@ async def engine(clock) -> AsyncIterator[Engine]:
     set_engine(eng)
     yield eng
     await eng.drain()
-    set_engine(None)
-
-
-@pytest.fixture
-def sync_engine(clock) -> Iterator[Engine]:
-    """An engine for tests with no event loop of their own (scripts, workers)."""
-    eng = Engine(MemoryCache(), clock=clock)
-    set_engine(eng)
-    yield eng
-    run_sync(eng.drain())
     set_engine(None)
 
 

@@ -26,7 +26,6 @@ from pyisr import (
     set_engine,
 )
 from pyisr.cache.tags import implicit_tags
-from pyisr.runtime import run_sync
 
 
 class Origin:
@@ -120,15 +119,6 @@ async def engine(clock) -> AsyncIterator[Engine]:
     set_engine(eng)
     yield eng
     await eng.drain()
-    set_engine(None)
-
-
-@pytest.fixture
-def sync_engine(clock) -> Iterator[Engine]:
-    eng = Engine(MemoryCache(), clock=clock)
-    set_engine(eng)
-    yield eng
-    run_sync(eng.drain())
     set_engine(None)
 
 

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 import pyisr
-from pyisr import CacheStatus, Engine, MemoryCache, NotShareable, Rendered, set_engine
+from pyisr import CacheStatus, Engine, NotShareable, Rendered
 from pyisr.cache.shareable import unshareable_reason
 from pyisr.engine import PRIVATE_RETRY, RenderPolicy
 from pyisr.http import NOSTORE
@@ -159,15 +159,6 @@ def test_nothing_configured_means_localhost_and_one_warning(
     assert sum("need site_url" in r.getMessage() for r in caplog.records) == 1
     monkeypatch.setenv("PYISR_SITE_URL", "https://env.example.com")
     assert CanonicalOrigin().default() == Origin("https", "env.example.com")
-
-
-@pytest.fixture
-def sync_engine(clock: Any) -> Iterator[Engine]:
-    eng = Engine(MemoryCache(), clock=clock, render_timeout=5.0)
-    set_engine(eng)
-    yield eng
-    run_sync(eng.drain())
-    set_engine(None)
 
 
 # -- Starlette: SessionMiddleware + ISRMiddleware -----------------------------------------------

@@ -18,7 +18,7 @@ import httpx
 import pytest
 
 import pyisr
-from pyisr import Engine, MemoryCache, set_engine
+from pyisr import Engine, MemoryCache
 from pyisr.http import NOSTORE
 from pyisr.integrations import key_for_decoded_path, pattern_from_rule
 from pyisr.integrations.asgi import ISRMiddleware, compile_route
@@ -342,15 +342,6 @@ class FlaskHarness(Harness):
 
 
 # -- fixtures ----------------------------------------------------------------------------
-
-
-@pytest.fixture
-def sync_engine(clock: Any) -> Iterator[Engine]:
-    eng = Engine(MemoryCache(), clock=clock, render_timeout=5.0)
-    set_engine(eng)
-    yield eng
-    run_sync(eng.drain())
-    set_engine(None)
 
 
 @pytest.fixture(autouse=True)
