@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
@@ -47,6 +48,24 @@ def sync_engine(clock: FakeClock) -> Iterator[Engine]:
     yield eng
     run_sync(eng.drain())
     set_engine(None)
+
+
+class Counter:
+    """A data source: each call returns the next number."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.lock = threading.Lock()
+
+    def next(self) -> int:
+        with self.lock:
+            self.calls += 1
+            return self.calls
+
+
+@pytest.fixture
+def counter() -> Counter:
+    return Counter()
 
 
 class Page:

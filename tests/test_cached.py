@@ -33,24 +33,6 @@ from pyisr.cache.tags import implicit_tags
 from pyisr.runtime import run_sync
 
 
-class Counter:
-    """A data source: each call returns the next number (and records its arguments)."""
-
-    def __init__(self) -> None:
-        self.calls = 0
-        self.lock = threading.Lock()
-
-    def next(self) -> int:
-        with self.lock:
-            self.calls += 1
-            return self.calls
-
-
-@pytest.fixture
-def counter() -> Counter:
-    return Counter()
-
-
 @pytest.fixture
 async def engine(clock) -> AsyncIterator[Engine]:
     """conftest's ``engine``, with the default render timeout.

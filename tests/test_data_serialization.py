@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import Counter
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from redis_support import redis_py, redis_url, unique_prefix  # noqa: F401
@@ -108,22 +109,6 @@ def plant_files(handler: FileSystemCache, entry: CacheEntry) -> None:
     slot.dir.mkdir(parents=True, exist_ok=True)
     slot.body.write_bytes(entry.body)
     slot.meta.write_bytes(entry.meta_bytes())
-
-
-class Counter:
-    def __init__(self) -> None:
-        self.calls = 0
-        self.lock = threading.Lock()
-
-    def next(self) -> int:
-        with self.lock:
-            self.calls += 1
-            return self.calls
-
-
-@pytest.fixture
-def counter() -> Counter:
-    return Counter()
 
 
 @pytest.fixture(autouse=True)
