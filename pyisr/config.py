@@ -9,11 +9,13 @@ from __future__ import annotations
 import os
 import tomllib
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from pyisr.cache.entry import ONE_YEAR
 from pyisr.cache.urls import parse_size, redact_url
+from pyisr.lifetimes import Lifetime, parse_profiles, validate_expire
 from pyisr.origin import parse_site_url, valid_host
 
 CONFIG_FILE = "pyisr.toml"
@@ -44,6 +46,13 @@ class Config:
     site_url: str | None = None
     #: Hosts whose requests may lend their Host to a shared render when site_url is unset.
     allowed_hosts: tuple[str, ...] = ()
+    #: Seconds after which an entry that names no ``expire`` is never served (pyisr.lifetimes).
+    expire: int = ONE_YEAR
+    #: Named lifetimes (``[profiles.hourly] revalidate = 3600, expire = 86400``).
+    profiles: dict[str, Lifetime] = field(default_factory=dict)
+    #: Bytes the cache may hold in its store; ``None``: the handler's default (1 GiB for
+    #: the file-system cache; Redis is bounded by its own ``maxmemory``).
+    cache_max_bytes: int | None = None
 
 
 def _as_bool(value: Any) -> bool:
@@ -97,6 +106,28 @@ def _as_hosts(value: Any) -> tuple[str, ...]:
     return hosts
 
 
+def _as_expire(value: Any) -> int:
+    seconds = validate_expire(int(value) if isinstance(value, str) else value, where="expire")
+    if seconds is None:
+        raise ValueError("expected a whole number of seconds > 0")
+    return seconds
+
+
+def _as_profiles(value: Any) -> dict[str, Lifetime]:
+    if isinstance(value, str):  # PYISR_PROFILES: the same tables, as JSON
+        import json
+
+        value = json.loads(value)
+    return parse_profiles(value)
+
+
+def _as_max_bytes(value: Any) -> int:
+    size = _as_size(value)
+    if size < 1024 * 1024:
+        raise ValueError("expected a size of at least 1MB, such as 1GB")
+    return size
+
+
 def _as_str(value: Any) -> str:
     if not isinstance(value, str) or not value:
         raise ValueError("expected a non-empty string")
@@ -115,6 +146,9 @@ PARSERS: dict[str, tuple[Callable[[Any], Any], str]] = {
     "trailing_slash": (_as_bool, "trailing_slash = false"),
     "site_url": (_as_site_url, 'site_url = "https://www.example.com"'),
     "allowed_hosts": (_as_hosts, 'allowed_hosts = ["www.example.com", ".example.com"]'),
+    "expire": (_as_expire, "expire = 31536000"),
+    "profiles": (_as_profiles, "[profiles.hourly] revalidate = 3600, expire = 86400"),
+    "cache_max_bytes": (_as_max_bytes, 'cache_max_bytes = "1GB"'),
 }
 
 

@@ -133,6 +133,9 @@ class CacheEntry:
     etag: str = ""
     retry_at: float | None = None
     last_failure: FailureRecord | None = None
+    #: Seconds after ``created_at`` from which the entry is never served (treated as
+    #: missing: the next request renders, blocking); ``None``: it never expires.
+    expire: int | None = None
 
     def __post_init__(self) -> None:
         if not self.etag:
@@ -153,6 +156,13 @@ class CacheEntry:
     def is_stale(self, now: float) -> bool:
         due = self.stale_at()
         return due is not None and now >= due
+
+    def expires_at(self) -> float | None:
+        """When the entry stops being servable at all, or ``None`` if never."""
+        return None if self.expire is None else self.created_at + self.expire
+
+    def is_expired(self, now: float) -> bool:
+        return self.expire is not None and now >= self.created_at + self.expire
 
     def is_invalidated(self, tag_times: Mapping[str, float], also: Iterable[str] = ()) -> bool:
         """True when any tag was revalidated at or after the render that made this entry.
@@ -206,6 +216,8 @@ class CacheEntry:
             "etag": self.etag,
             "size": len(self.body),
         }
+        if self.expire is not None:
+            data["expire"] = self.expire
         if self.retry_at is not None:
             data["retry_at"] = self.retry_at
         if self.last_failure is not None:
@@ -236,4 +248,5 @@ class CacheEntry:
             etag=str(meta.get("etag") or ""),
             retry_at=meta.get("retry_at"),
             last_failure=FailureRecord.from_json(failure) if failure else None,
+            expire=meta.get("expire"),
         )
