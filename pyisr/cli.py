@@ -218,9 +218,16 @@ def dev(site: Path, host: str, port: int, **settings: Any) -> None:
 @click.option(
     "--type", "kind", type=click.Choice(["page", "layout"]), help="With --path: mark a route or subtree."
 )
+@click.option(
+    "--stale",
+    is_flag=True,
+    help="Mark stale instead: pages are answered at once while they regenerate in the background.",
+)
 @click.option("--url", default="http://127.0.0.1:3000", show_default=True, help="The running server.")
 @click.option("--secret", envvar="PYISR_REVALIDATE_SECRET", help="Defaults to $PYISR_REVALIDATE_SECRET.")
-def revalidate(path: str | None, tag: str | None, kind: str | None, url: str, secret: str | None) -> None:
+def revalidate(
+    path: str | None, tag: str | None, kind: str | None, stale: bool, url: str, secret: str | None
+) -> None:
     """Ask a running server to revalidate a path or a tag."""
     import httpx
 
@@ -228,7 +235,8 @@ def revalidate(path: str | None, tag: str | None, kind: str | None, url: str, se
         raise click.UsageError("give --path or --tag")
     if not secret:
         raise click.UsageError("no secret: set PYISR_REVALIDATE_SECRET or pass --secret")
-    params = {k: v for k, v in {"path": path, "tag": tag, "type": kind}.items() if v}
+    fields = {"path": path, "tag": tag, "type": kind, "stale": "true" if stale else None}
+    params = {k: v for k, v in fields.items() if v}
     try:
         response = httpx.post(
             url.rstrip("/") + "/_pyisr/revalidate",

@@ -34,15 +34,19 @@ class RenderContext:
     tags: dict[str, None] = field(default_factory=dict)
     #: The smallest revalidate of the data calls so far; UNSET before the first one.
     revalidate: Any = UNSET
+    #: The shortest expire of the data calls so far (``None``: none named one).
+    expire: int | None = None
     #: The engine's render slot this render holds (a ``pyisr.render_slots.RenderSlot``),
     #: ``None`` outside the limit (data, fallback shells). Sync page code called during the
     #: render runs on the engine's render threads and is counted on it, so a render past
     #: its timeout frees its slot only when its thread really ends.
     slot: Any = None
 
-    def record(self, tags: Iterable[str], revalidate: Revalidate) -> None:
+    def record(self, tags: Iterable[str], revalidate: Revalidate, expire: int | None = None) -> None:
         for tag in tags:
             self.tags[tag] = None
+        if expire is not None:
+            self.expire = expire if self.expire is None else min(self.expire, expire)
         if self.revalidate is UNSET:
             self.revalidate = revalidate
         else:

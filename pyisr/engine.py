@@ -4,7 +4,9 @@ Given a key, a render callable and a policy, :meth:`Engine.get` answers with an 
 and how it was obtained:
 
 - fresh → HIT;
-- stale → the stale entry now (STALE) and one background regeneration;
+- stale (past its window, or one of its tags marked stale) → the stale entry now
+  (STALE) and one background regeneration;
+- past its ``expire`` → treated as missing: never served;
 - missing or tag-invalidated → render now, concurrent callers share that render (MISS);
 - missing and not allowed → NOT_ALLOWED (the server answers 404);
 - missing with ``fallback: True`` → FALLBACK and a background render;
@@ -34,7 +36,7 @@ from typing import Any
 
 from pyisr.cache.entry import UNSET, CacheEntry
 from pyisr.cache.handler import CacheHandler, as_handler
-from pyisr.cache.tags import tags_for_revalidate_path, validate_tags
+from pyisr.cache.tags import stale_tag, tags_for_revalidate_path, validate_tags
 from pyisr.incidents import Incidents
 from pyisr.log import CacheLog
 from pyisr.loop_local import LoopLocal
@@ -139,6 +141,10 @@ class Engine(Regenerator):
             return Served(None, CacheStatus.PRIVATE)
         entry = await self.handler.get(key)
         now = self.clock()
+        if entry is not None and entry.is_expired(now):
+            # Past ``expire``: never served, whatever else holds (SPEC S-67).
+            self.log.decision(key, "EXPIRED", f"age={entry.age(now)}s expire={entry.expire}")
+            entry = None
         if entry is not None:
             times = await self._tag_times_for(entry, policy)
             if entry.is_invalidated(times, also=policy.soft_tags):
@@ -147,7 +153,8 @@ class Engine(Regenerator):
                     return Served(entry, CacheStatus.STALE, regeneration_failed=True)
                 self.log.decision(key, "INVALIDATED", "tag revalidated after the entry was made")
                 return await self._blocking(key, render, policy, previous=entry)
-            if past_window(entry, now):
+            marked = entry.is_marked_stale(times, also=policy.soft_tags)
+            if marked or past_window(entry, now):
                 if entry.retry_at is not None and now < entry.retry_at:
                     # Its regeneration failed: old (STALE, and said so), but not retried yet.
                     wait = entry.retry_at - now
@@ -159,7 +166,8 @@ class Engine(Regenerator):
                     return Served(entry, CacheStatus.STALE, regeneration_failed=True)
                 if policy.stale_blocks:
                     return await self._blocking(key, render, policy, previous=entry)
-                self.log.decision(key, "STALE", f"age={entry.age(now)}s revalidate={entry.revalidate}")
+                why = "a tag was marked stale" if marked else f"revalidate={entry.revalidate}"
+                self.log.decision(key, "STALE", f"age={entry.age(now)}s {why}")
                 self._start_background(key, render, policy, entry)
                 return Served(entry, CacheStatus.STALE)
             self.log.decision(key, "HIT", f"age={entry.age(now)}s")
@@ -322,18 +330,25 @@ class Engine(Regenerator):
         except Exception as exc:
             raise RevalidationError(f"Failed to revalidate {key}: {exc}") from exc
 
-    async def revalidate_tags(self, tags: Iterable[str]) -> None:
-        """Mark every entry carrying any of ``tags`` as invalidated: one manifest write."""
+    async def revalidate_tags(self, tags: Iterable[str], *, stale: bool = False) -> None:
+        """Mark every entry carrying any of ``tags``: one manifest write however many.
+
+        By default they are invalidated: the next request of each waits for a fresh render
+        (Next.js 15's ``revalidateTag``, 16's ``updateTag``). ``stale=True`` marks them
+        stale instead (Next.js 16's ``revalidateTag(tag, "max")``): each is still answered
+        at once, STALE, while one background render refreshes it at its next visit.
+        """
         tags = list(tags)
         if not tags:
             return
-        await self.handler.revalidate_tags(tags, self.clock())
+        recorded = [stale_tag(t) for t in tags] if stale else tags
+        await self.handler.revalidate_tags(recorded, self.clock())
         for tag in tags:
-            self.log.decision(tag, "INVALIDATE", "tag revalidated")
+            self.log.decision(tag, "MARK_STALE" if stale else "INVALIDATE", "tag revalidated")
 
-    async def revalidate_tag(self, tag: str) -> None:
+    async def revalidate_tag(self, tag: str, *, stale: bool = False) -> None:
         """``revalidate_tag`` on this engine (what :func:`pyisr.arevalidate_tag` calls)."""
-        await self.revalidate_tags(validate_tags([tag], where="revalidate_tag()"))
+        await self.revalidate_tags(validate_tags([tag], where="revalidate_tag()"), stale=stale)
 
     async def revalidate_path(self, path: str, type: str | None = None) -> None:  # noqa: A002
         """``revalidate_path`` on this engine: a path, a route's pages, or a subtree."""

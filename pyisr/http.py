@@ -29,12 +29,18 @@ PROPS_HEADER = "x-pyisr-props"
 Headers = list[tuple[bytes, bytes]]
 
 
-def cache_control(revalidate: int | None, expire: int = ONE_YEAR) -> str:
-    """``s-maxage=N, stale-while-revalidate=E-N`` (Next.js 15), or the long form for never."""
+def cache_control(revalidate: int | None, expire: int | None = None) -> str:
+    """``s-maxage=N, stale-while-revalidate=E-N`` (Next.js 15, 16's ``cacheLife``), or
+    ``s-maxage=E`` for an entry only an invalidation or its expiry ends.
+
+    ``expire`` is the entry's (``None``, for entries stored before it existed: one year).
+    """
     if revalidate == 0:
         return NOSTORE
+    if expire is None:
+        expire = ONE_YEAR
     if revalidate is None:
-        return f"s-maxage={ONE_YEAR}"
+        return f"s-maxage={expire}"
     if revalidate >= expire:
         return f"s-maxage={revalidate}"
     return f"s-maxage={revalidate}, stale-while-revalidate={expire - revalidate}"
@@ -123,7 +129,7 @@ def entry_headers(
         return out
     word = "MISS" if status is CacheStatus.MISS else status.value
     out += [
-        (b"cache-control", cache_control(entry.revalidate).encode()),
+        (b"cache-control", cache_control(entry.revalidate, entry.expire).encode()),
         (b"x-pyisr-cache", word.encode()),
         (
             b"cache-status",

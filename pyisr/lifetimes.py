@@ -11,9 +11,10 @@ site's own from ``pyisr.toml``::
     expire = 86400
 
 ``revalidate = "hourly"`` then sets both. An explicit ``expire`` next to a profile wins
-over the profile's. When nothing says otherwise an entry expires after the site's
-``expire`` setting (one year by default, which is what the ``stale-while-revalidate``
-of today's headers has always said).
+over the profile's. When nothing says otherwise an entry that revalidates in time
+expires after the site's ``expire`` setting (one year by default, which is what the
+``stale-while-revalidate`` of today's headers has always said); one that only an
+invalidation ends (``revalidate = False``) never expires unless it names an expire.
 
 The profiles in use are the process's: a site's server, build and ``configure(site=)``
 install the site's (:func:`use_config`); every process has the built-in ones.
@@ -23,7 +24,7 @@ from __future__ import annotations
 
 import math
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -103,8 +104,19 @@ def validate_expire(value: object, *, where: str = "expire") -> int | None:
     return int(value)
 
 
+def _check_name(name: str, where: str) -> None:
+    """A number in quotes is a mistake, not a profile: say so at once, with the fix."""
+    text = name.strip()
+    if not text or text.lstrip("+-").replace(".", "", 1).isdigit():
+        raise ValueError(
+            f"Invalid revalidate value {name!r} for {where}: must be a number of seconds "
+            f"(e.g. revalidate = 60, without quotes), False or a profile name"
+        )
+
+
 def profile(name: str, *, where: str = "revalidate") -> Lifetime:
     """The lifetime a profile name stands for; :class:`UnknownProfile` names the known ones."""
+    _check_name(name, where)
     found = _settings.profiles.get(name)
     if found is None:
         known = ", ".join(sorted(_settings.profiles))
@@ -137,6 +149,17 @@ def parse(revalidate: object, expire: object = None, *, where: str = "revalidate
     return Lifetime(seconds, chosen)
 
 
+def deferred(revalidate: object, expire: object = None, *, where: str) -> Callable[[], Lifetime]:
+    """A lifetime for a decorator: numbers are checked now, a profile name is looked up at
+    each use, since a site's profiles may be installed after the decorated module loads."""
+    if isinstance(revalidate, str):
+        _check_name(revalidate, where)
+        validate_expire(expire, where=where)
+        return lambda: parse(revalidate, expire, where=where)
+    fixed = parse(revalidate, expire, where=where)
+    return lambda: fixed
+
+
 def min_expire(a: int | None, b: int | None) -> int | None:
     """The shorter of two ``expire`` values (``None`` = not given is the loosest)."""
     if a is None:
@@ -147,11 +170,13 @@ def min_expire(a: int | None, b: int | None) -> int | None:
 
 
 def entry_expire(revalidate: Revalidate, expire: int | None) -> int | None:
-    """The ``expire`` an entry is stored with: its own, else the site's default.
+    """The ``expire`` an entry is stored with: its own, else the site's default for an
+    entry that revalidates in time.
 
-    ``None`` only for entries never stored (``revalidate = 0``).
+    ``None`` (never expires) for an entry only an invalidation ends (``revalidate =
+    False``, SPEC S-20 "FOREVER") unless it names an expire, and for one never stored.
     """
-    if revalidate == 0:
+    if revalidate == 0 or (revalidate is None and expire is None):
         return None
     return expire if expire is not None else default_expire()
 

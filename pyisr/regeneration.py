@@ -21,7 +21,7 @@ from typing import NamedTuple
 from pyisr import context as render_context
 from pyisr.cache.entry import CacheEntry, EntryKind
 from pyisr.cache.handler import CacheHandler
-from pyisr.cache.tags import PATH_TAG
+from pyisr.cache.tags import PATH_TAG, with_stale_tags
 from pyisr.incidents import Incidents
 from pyisr.log import CacheLog
 from pyisr.private_keys import PrivateKeys
@@ -79,6 +79,17 @@ def past_window(entry: CacheEntry, now: float) -> bool:
     return due is not None and now >= due
 
 
+def answers_fresh(entry: CacheEntry, times: Mapping[str, float], policy: RenderPolicy, now: float) -> bool:
+    """Whether ``entry`` would be answered HIT now: not expired, invalidated, marked stale
+    by a tag or past its window."""
+    return not (
+        entry.is_expired(now)
+        or entry.is_invalidated(times, also=policy.soft_tags)
+        or entry.is_marked_stale(times, also=policy.soft_tags)
+        or past_window(entry, now)
+    )
+
+
 class Regenerator:
     """The regeneration half of :class:`~pyisr.engine.Engine` (which sets these attributes)."""
 
@@ -97,7 +108,7 @@ class Regenerator:
         tags = entry.tags + policy.soft_tags if policy.soft_tags else entry.tags
         if not tags:
             return {}
-        return await self.handler.tag_times(tags)
+        return await self.handler.tag_times(with_stale_tags(tags))
 
     def _usable(
         self,
@@ -107,7 +118,7 @@ class Regenerator:
         previous: CacheEntry | None,
         now: float,
     ) -> bool:
-        if entry is None or entry.is_invalidated(times, also=policy.soft_tags) or past_window(entry, now):
+        if entry is None or not answers_fresh(entry, times, policy, now):
             return False
         return previous is None or entry.created_at > previous.created_at
 

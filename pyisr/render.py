@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
-from pyisr.cache.entry import UNSET, CacheEntry, EntryKind, Revalidate, min_revalidate, validate_revalidate
+from pyisr import lifetimes
+from pyisr.cache.entry import UNSET, CacheEntry, EntryKind, Revalidate, min_revalidate
 from pyisr.cache.shareable import storable_headers, unshareable_reason, visitor_headers
 from pyisr.cache.tags import merge_tags, validate_tags
 from pyisr.context import RenderContext
@@ -48,7 +49,8 @@ class Rendered:
     """What a render callable returns.
 
     ``revalidate`` left UNSET means "the route's default"; a value given here (a Pages
-    page's ``get_static_props`` result) replaces that default for this entry.
+    page's ``get_static_props`` result: seconds, ``False`` or a profile name) replaces
+    that default for this entry, as ``expire`` (seconds) replaces the route's expire.
     """
 
     body: bytes | str
@@ -56,6 +58,7 @@ class Rendered:
     #: A mapping, or name/value pairs when a name repeats (``Set-Cookie``).
     headers: Mapping[str, str] | Sequence[tuple[str, str]] = field(default_factory=dict)
     revalidate: Any = UNSET
+    expire: Any = None
     tags: Iterable[str] = ()
     #: Why this render may not be shared, found by the framework that made it (it read
     #: the session, used a CSRF token...); header reasons are found by the engine.
@@ -67,6 +70,8 @@ class RenderPolicy:
     kind: EntryKind = EntryKind.PAGE
     #: The route's revalidate: seconds, ``None`` (never), or ``0`` (never cached).
     revalidate: Revalidate = None
+    #: The route's expire in seconds; ``None``: the site's default (pyisr.lifetimes).
+    expire: int | None = None
     #: Tags stored with the entry (explicit and implicit).
     tags: tuple[str, ...] = ()
     #: Tags checked against but not stored (a page's tags, for data read while it renders).
@@ -172,19 +177,14 @@ def make_entry(
     *,
     private: bool = False,
 ) -> CacheEntry:
-    """The entry a render makes: its own revalidate or the route's, lowered by the data it
+    """The entry a render makes: its own lifetime or the route's, lowered by the data it
     read, its tags with the data's and the route's, and only the headers it may keep.
 
     A 5xx is a failed render (:class:`RenderFailed`), never an entry.
     """
     if rendered.status >= 500:
         raise RenderFailed(f"render of {key} returned status {rendered.status}")
-    own = (
-        policy.revalidate
-        if rendered.revalidate is UNSET
-        else validate_revalidate(rendered.revalidate, where=key)
-    )
-    revalidate = min_revalidate(own, ctx.revalidate) if ctx.had_data_calls and own != 0 else own
+    revalidate, expire = _lifetime(key, rendered, policy, ctx)
     body = rendered.body.encode() if isinstance(rendered.body, str) else bytes(rendered.body)
     tags = merge_tags(validate_tags(list(rendered.tags), where=key), ctx.tags, policy.tags)
     return CacheEntry(
@@ -192,8 +192,31 @@ def make_entry(
         body=body,
         created_at=started_at,
         revalidate=revalidate,
+        expire=expire,
         kind=policy.kind,
         status=rendered.status,
         headers=visitor_headers(rendered.headers) if private else storable_headers(rendered.headers),
         tags=tags,
     )
+
+
+def _lifetime(
+    key: str, rendered: Rendered, policy: RenderPolicy, ctx: RenderContext
+) -> tuple[Revalidate, int | None]:
+    """The entry's revalidate and expire: the render's own (a ``get_static_props`` result)
+    or the route's, each lowered by the data read during the render (the shortest wins,
+    as with Next.js' ``cacheLife``); expire never below revalidate, and the site's
+    default expire when nothing named one."""
+    if rendered.revalidate is UNSET and rendered.expire is None:
+        revalidate, expire = policy.revalidate, policy.expire
+    else:
+        given = policy.revalidate if rendered.revalidate is UNSET else rendered.revalidate
+        own = lifetimes.parse(given, rendered.expire, where=key)
+        revalidate, expire = own.revalidate, own.expire if own.expire is not None else policy.expire
+    if ctx.had_data_calls and revalidate != 0:
+        revalidate = min_revalidate(revalidate, ctx.revalidate)
+        expire = lifetimes.min_expire(expire, ctx.expire)
+    expire = lifetimes.entry_expire(revalidate, expire)
+    if expire is not None and revalidate is not None and revalidate > expire:
+        revalidate = expire  # data that expires sooner than the page revalidates shortens both
+    return revalidate, expire

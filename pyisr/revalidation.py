@@ -2,7 +2,8 @@
 
 ``revalidate_tag`` and ``revalidate_path`` *mark* entries (the App Router's
 functions): one tag-manifest write, and the next request for any marked page waits
-for a fresh render. ``revalidate`` *regenerates* one path now and returns when it is
+for a fresh render (or, with ``revalidate_tag(tag, stale=True)``, is answered stale
+while it regenerates in the background). ``revalidate`` *regenerates* one path now and returns when it is
 stored (the Pages Router's ``res.revalidate``). Each has a sync and an async form.
 """
 
@@ -13,9 +14,16 @@ from pyisr.paths import validate_revalidate_target
 from pyisr.runtime import get_engine, run_sync
 
 
-async def arevalidate_tag(tag: str) -> None:
-    """Invalidate every entry tagged ``tag`` (pages and data)."""
-    await get_engine().revalidate_tag(tag)
+async def arevalidate_tag(tag: str, *, stale: bool = False) -> None:
+    """Invalidate every entry tagged ``tag`` (pages and data): the next request of each
+    waits for a fresh render.
+
+    ``stale=True`` (Next.js 16's ``revalidateTag(tag, "max")``) marks them stale instead:
+    each is still answered at once while one background render refreshes it, at its
+    next visit. Right for content where a few seconds of the old version hurt nobody and
+    a slow first request would.
+    """
+    await get_engine().revalidate_tag(tag, stale=stale)
 
 
 async def arevalidate_path(path: str, type: str | None = None) -> None:  # noqa: A002
@@ -27,9 +35,9 @@ async def arevalidate_path(path: str, type: str | None = None) -> None:  # noqa:
     await get_engine().revalidate_path(path, type)
 
 
-def revalidate_tag(tag: str) -> None:
+def revalidate_tag(tag: str, *, stale: bool = False) -> None:
     """Sync form of :func:`arevalidate_tag` (in async code, prefer the async form)."""
-    run_sync(get_engine().revalidate_tag(tag))
+    run_sync(get_engine().revalidate_tag(tag, stale=stale))
 
 
 def revalidate_path(path: str, type: str | None = None) -> None:  # noqa: A002

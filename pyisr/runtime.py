@@ -17,6 +17,7 @@ from collections.abc import Coroutine
 from concurrent.futures import Future
 from typing import Any, TypeVar
 
+from pyisr import lifetimes
 from pyisr.cache.urls import build_handler, parse_size
 from pyisr.engine import Engine
 
@@ -33,6 +34,7 @@ def site_engine(site: str | os.PathLike[str], **options: Any) -> Engine:
     from pyisr.site_store import open_site_cache
 
     config = load_config(site)
+    lifetimes.use_config(config)  # the site's cache profiles, for this script's data calls
     configure_fetch_logging(config.log_fetches, config.log_fetches_full_url)
     tier = options.pop("memory_tier_bytes", None)
     handler = open_site_cache(site, config, memory_tier_bytes=tier)

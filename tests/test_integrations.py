@@ -556,12 +556,12 @@ def test_compile_route_patterns() -> None:
     blog = compile_route("/blog/{id}", 60, ["posts"])
     assert blog.match("/blog/1") == {"id": "1"} and blog.match("/blog/1/2") is None
     assert blog.match("/blog") is None
-    assert blog.isr_pattern == "/blog/[id]" and blog.revalidate == 60 and blog.tags == ("posts",)
+    assert blog.isr_pattern == "/blog/[id]" and blog.lifetime.revalidate == 60 and blog.tags == ("posts",)
     assert compile_route("/n/{n:int}", 1, None).match("/n/12") == {"n": "12"}
     assert compile_route("/n/{n:int}", 1, None).match("/n/x") is None
     slash = compile_route("/docs/{slug}/", False, None)
     values = slash.match("/docs/intro")
-    assert values and slash.render_path(values) == "/docs/intro/" and slash.revalidate is None
+    assert values and slash.render_path(values) == "/docs/intro/" and slash.lifetime.revalidate is None
     files = compile_route("/files/{rest:path}", 5, None)
     assert files.isr_pattern == "/files/[[...rest]]"
     values = files.match("/files")

@@ -29,6 +29,20 @@ IMPLICIT_PREFIX = "_pyisr:"
 PATH_TAG = IMPLICIT_PREFIX + "path:"
 PAGE_TAG = IMPLICIT_PREFIX + "page:"
 LAYOUT_TAG = IMPLICIT_PREFIX + "layout:"
+#: Where ``revalidate_tag(tag, stale=True)`` records its time: under a name of its own, so
+#: every handler (memory, tag log, Redis and its pub/sub) stores and mirrors it like any
+#: tag time, and the entry rule tells "stale from then on" from "invalidated".
+STALE_TAG = IMPLICIT_PREFIX + "stale:"
+
+
+def stale_tag(tag: str) -> str:
+    """The name under which ``tag`` was marked stale (``revalidate_tag(tag, stale=True)``)."""
+    return STALE_TAG + tag
+
+
+def with_stale_tags(tags: tuple[str, ...]) -> tuple[str, ...]:
+    """``tags`` and the names of their stale marks: every tag time an entry's rule reads."""
+    return tags + tuple(STALE_TAG + t for t in tags)
 
 
 def validate_tags(tags: Iterable[object] | None, *, where: str = "tags") -> tuple[str, ...]:

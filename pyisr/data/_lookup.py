@@ -22,11 +22,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from pyisr.cache.entry import CacheEntry, EntryKind, Revalidate
+from pyisr.cache.entry import CacheEntry, EntryKind
 from pyisr.cache.tags import key_tag
 from pyisr.context import current_render
 from pyisr.data.serializer import UnreadableEntry
 from pyisr.engine import CacheStatus, Engine, RenderFn, RenderPolicy, RevalidationError
+from pyisr.lifetimes import Lifetime
 from pyisr.runtime import get_engine, run_sync
 
 logger = logging.getLogger("pyisr.data")
@@ -60,13 +61,12 @@ class DataRequest:
         return cls(ctx.soft_tags, ctx.is_revalidating, ctx.engine)
 
 
-def data_policy(
-    key: str, revalidate: Revalidate, tags: tuple[str, ...], request: DataRequest
-) -> RenderPolicy:
+def data_policy(key: str, lifetime: Lifetime, tags: tuple[str, ...], request: DataRequest) -> RenderPolicy:
     """The policy of a data entry: the same for a normal read and for replacing a bad entry."""
     return RenderPolicy(
         kind=EntryKind.DATA,
-        revalidate=revalidate,
+        revalidate=lifetime.revalidate,
+        expire=lifetime.expire,
         tags=(*tags, key_tag(key)),
         soft_tags=request.soft_tags,
         stale_blocks=request.stale_blocks,
@@ -99,7 +99,7 @@ def _warn_unreadable(key: str, what: str, exc: UnreadableEntry) -> None:
 async def read_through(
     key: str,
     compute: RenderFn,
-    revalidate: Revalidate,
+    lifetime: Lifetime,
     tags: tuple[str, ...],
     request: DataRequest,
     decode: Callable[[bytes], T],
@@ -111,7 +111,7 @@ async def read_through(
     is then dropped and computed again on the engine's on-demand path, which renders
     whatever else is cached and is not fenced by the dropped entry's time stamp.
     """
-    policy = data_policy(key, revalidate, tags, request)
+    policy = data_policy(key, lifetime, tags, request)
     engine = request.engine if request.engine is not None else get_engine()
     served = await engine.get(key, compute, policy)
     assert served.entry is not None
@@ -134,21 +134,23 @@ async def read_through(
     raise failure
 
 
-def record_in_render(entry: CacheEntry) -> None:
-    """Let the page being rendered inherit this data's tags and revalidate."""
+def record_in_render(entry: CacheEntry, lifetime: Lifetime) -> None:
+    """Let the page being rendered inherit this data's tags, revalidate and the expire the
+    call asked for (not the site's default its entry got: that would shorten a page with
+    a longer ``expire`` of its own)."""
     ctx = current_render()
     if ctx is not None:
-        ctx.record(entry.tags, entry.revalidate)
+        ctx.record(entry.tags, entry.revalidate, lifetime.expire)
 
 
 def read_through_sync(
     key: str,
     compute: RenderFn,
-    revalidate: Revalidate,
+    lifetime: Lifetime,
     tags: tuple[str, ...],
     request: DataRequest,
     decode: Callable[[bytes], T],
     what: str,
 ) -> tuple[T, CacheEntry, CacheStatus]:
     """:func:`read_through` for sync callers (``request`` read on their thread)."""
-    return run_sync(read_through(key, compute, revalidate, tags, request, decode, what))
+    return run_sync(read_through(key, compute, lifetime, tags, request, decode, what))

@@ -23,7 +23,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar, overload
 
-from pyisr.cache.entry import validate_revalidate
+from pyisr import lifetimes
 from pyisr.cache.tags import validate_tags
 from pyisr.data import serializer as codec
 from pyisr.data._lookup import DataRequest, data_key, read_through, read_through_sync, record_in_render
@@ -97,9 +97,10 @@ def cached(
     fn: F,
     key_parts: Iterable[str] | None = None,
     *,
-    revalidate: int | bool | None = None,
+    revalidate: int | bool | str | None = None,
     tags: Iterable[str] | None = None,
     serializer: SerializerName = "json",
+    expire: int | None = None,
 ) -> F: ...
 
 
@@ -108,9 +109,10 @@ def cached(
     fn: None = None,
     key_parts: Iterable[str] | None = None,
     *,
-    revalidate: int | bool | None = None,
+    revalidate: int | bool | str | None = None,
     tags: Iterable[str] | None = None,
     serializer: SerializerName = "json",
+    expire: int | None = None,
 ) -> Callable[[F], F]: ...
 
 
@@ -118,14 +120,17 @@ def cached(
     fn: Callable[..., Any] | None = None,
     key_parts: Iterable[str] | None = None,
     *,
-    revalidate: int | bool | None = None,
+    revalidate: int | bool | str | None = None,
     tags: Iterable[str] | None = None,
     serializer: SerializerName = "json",
+    expire: int | None = None,
 ) -> Any:
     """Cache ``fn``'s results with stale-while-revalidate.
 
-    ``revalidate``: seconds, or ``None``/``False`` to keep until a tag is revalidated
-    (``0`` is refused: a value that is never cached needs no ``cached``). ``tags``:
+    ``revalidate``: seconds, ``None``/``False`` to keep until a tag is revalidated, or a
+    profile name (``"hours"``, or one of ``pyisr.toml``'s); ``0`` is refused: a value
+    that is never cached needs no ``cached``. ``expire``: seconds after which a value
+    is never served (else the profile's, or the site's one year). ``tags``:
     names for ``revalidate_tag``. ``serializer``: ``"json"`` (the default; a result
     JSON cannot bring back as the same type is refused with a ``TypeError``) or
     ``"pickle"`` (any picklable result, signed; needs ``PYISR_SIGNING_KEY`` with a
@@ -134,11 +139,14 @@ def cached(
     with an async twin at ``.aio``; an async function an async wrapper.
     """
     if fn is None:
-        return lambda f: cached(f, key_parts, revalidate=revalidate, tags=tags, serializer=serializer)
+        return lambda f: cached(
+            f, key_parts, revalidate=revalidate, tags=tags, serializer=serializer, expire=expire
+        )
     if not callable(fn):
         raise TypeError(f"cached() needs a function, not {type(fn).__name__}")
     name = getattr(fn, "__name__", fn)
-    seconds = validate_revalidate(revalidate, where=f"cached({name!r})")
+    lifetime = lifetimes.deferred(revalidate, expire, where=f"cached({name!r})")
+    seconds = None if isinstance(revalidate, str) else lifetime().revalidate
     if seconds == 0:
         raise ValueError(
             f"cached({name!r}) got revalidate=0, which would never "
@@ -197,11 +205,12 @@ def cached(
         request = DataRequest.from_context()
         key, signing = key_for(args, kwargs), secret(request)
         compute = compute_for(key, signing, args, kwargs)
-        return key, compute, seconds, tag_tuple, request, decoder(key, signing), what
+        return key, compute, lifetime(), tag_tuple, request, decoder(key, signing), what
 
     async def call_async(*args: Any, **kwargs: Any) -> Any:
-        value, entry, _ = await read_through(*read_args(args, kwargs))
-        record_in_render(entry)
+        found = read_args(args, kwargs)
+        value, entry, _ = await read_through(*found)
+        record_in_render(entry, found[2])
         return value
 
     if is_async:
@@ -210,12 +219,13 @@ def cached(
 
         @functools.wraps(fn)
         def wrapper(*args: Any, **kwargs: Any) -> Any:
-            value, entry, _ = read_through_sync(*read_args(args, kwargs))
-            record_in_render(entry)
+            found = read_args(args, kwargs)
+            value, entry, _ = read_through_sync(*found)
+            record_in_render(entry, found[2])
             return value
 
         wrapper.aio = call_async  # type: ignore[attr-defined]
     wrapper.cache_tags = tag_tuple  # type: ignore[attr-defined]
-    wrapper.cache_revalidate = seconds  # type: ignore[attr-defined]
+    wrapper.cache_revalidate = revalidate if isinstance(revalidate, str) else seconds  # type: ignore[attr-defined]
     wrapper.cache_serializer = serializer  # type: ignore[attr-defined]
     return wrapper

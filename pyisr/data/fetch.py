@@ -26,12 +26,14 @@ from typing import Any
 
 import httpx
 
+from pyisr import lifetimes
 from pyisr.cache.entry import UNSET, Revalidate, validate_revalidate
 from pyisr.cache.tags import validate_tags
 from pyisr.context import current_render
 from pyisr.data._lookup import DataRequest, data_key, read_through, record_in_render
 from pyisr.data.serializer import UnreadableEntry
 from pyisr.engine import CacheStatus, Rendered
+from pyisr.lifetimes import Lifetime
 from pyisr.log import enable_debug_logging, fetch_logger, fetch_logging
 from pyisr.loop_local import LoopLocal
 from pyisr.runtime import run_sync
@@ -51,6 +53,18 @@ class UncacheableResponse(Exception):
         self.response = response
 
 
+def _resolve_lifetime(
+    url: str, revalidate: Any, expire: Any, cache: str | None, tags: tuple[str, ...]
+) -> Lifetime:
+    """The revalidate (seconds, ``None`` forever, ``0`` no-store) and expire of this fetch."""
+    seconds = _resolve_revalidate(url, revalidate, cache, tags)
+    if isinstance(revalidate, str) or expire is not None:
+        return lifetimes.parse(
+            revalidate if isinstance(revalidate, str) else seconds, expire, where=f"fetch({url!r})"
+        )
+    return Lifetime(seconds)
+
+
 def _resolve_revalidate(
     url: str, revalidate: Any, cache: str | None, tags: tuple[str, ...]
 ) -> Revalidate | None:
@@ -60,7 +74,10 @@ def _resolve_revalidate(
             f"fetch({url!r}): cache={cache!r} is not one of 'force-cache', 'no-store', 'no-cache'"
         )
     if revalidate is not UNSET:
-        seconds = validate_revalidate(revalidate, where=f"fetch({url!r})")
+        if isinstance(revalidate, str):
+            seconds = lifetimes.profile(revalidate, where=f"fetch({url!r})").revalidate
+        else:
+            seconds = validate_revalidate(revalidate, where=f"fetch({url!r})")
         if cache is not None:
             conflicting = (cache == "force-cache" and seconds == 0) or (
                 cache in ("no-store", "no-cache") and seconds != 0
@@ -192,10 +209,11 @@ async def fetch(
     params: Mapping[str, Any] | None = None,
     content: bytes | str | None = None,
     json: Any = None,
-    revalidate: int | bool | None = UNSET,
+    revalidate: int | bool | str | None = UNSET,
     tags: Iterable[str] | None = None,
     cache: str | None = None,
     timeout: float = 30.0,
+    expire: int | None = None,
 ) -> httpx.Response:
     """Fetch ``url``, cached like Next.js' patched ``fetch`` (see the module docstring)."""
     request = httpx.Request(method, url, params=params, headers=headers, content=content, json=json)
@@ -203,7 +221,8 @@ async def fetch(
     body = request.read() if request.stream is not None else b""
     send_headers = {k: v for k, v in request.headers.items() if k.lower() != "content-length"}
     tag_tuple = validate_tags(tags, where=f"fetch({full_url!r}) tags")
-    seconds = _resolve_revalidate(full_url, revalidate, cache, tag_tuple)
+    lifetime = _resolve_lifetime(full_url, revalidate, expire, cache, tag_tuple)
+    seconds = lifetime.revalidate
     ctx = current_render()
     started = time.perf_counter()
     if seconds == 0:
@@ -228,7 +247,7 @@ async def fetch(
         response, entry, status = await read_through(
             key,
             compute,
-            seconds,
+            lifetime,
             tag_tuple,
             DataRequest.from_context(),
             _decode,
@@ -237,7 +256,7 @@ async def fetch(
     except UncacheableResponse as exc:
         _log_fetch(method, full_url, exc.response.status_code, (time.perf_counter() - started) * 1000, "miss")
         return exc.response
-    record_in_render(entry)
+    record_in_render(entry, lifetime)
     outcome = "hit" if status in (CacheStatus.HIT, CacheStatus.STALE) else "miss"
     _log_fetch(method, full_url, response.status_code, (time.perf_counter() - started) * 1000, outcome)
     return response

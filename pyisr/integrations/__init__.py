@@ -24,10 +24,12 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 from urllib.parse import quote, unquote
 
-from pyisr.cache.entry import EntryKind, Revalidate, validate_revalidate
+from pyisr import lifetimes
+from pyisr.cache.entry import EntryKind
 from pyisr.cache.tags import implicit_tags, validate_tags
 from pyisr.engine import CacheStatus, Engine, RenderFn, RenderPolicy, RenderSlotsExhausted
 from pyisr.http import NOSTORE, age_header, not_modified, served_headers
+from pyisr.lifetimes import Lifetime
 from pyisr.paths import MAX_KEY_BYTES, normalize_path
 from pyisr.runtime import bridge
 
@@ -105,9 +107,9 @@ def pattern_from_rule(rule: str) -> str | None:
 
 
 def page_policy(
-    key: str, pattern: str | None, revalidate: Revalidate, tags: tuple[str, ...], *, route: str | None = None
+    key: str, pattern: str | None, lifetime: Lifetime, tags: tuple[str, ...], *, route: str | None = None
 ) -> RenderPolicy:
-    """The policy of one page: the view's revalidate and tags plus the implicit path tags.
+    """The policy of one page: the view's lifetime and tags plus the implicit path tags.
 
     ``route`` names the view in warnings (its URL rule); the pattern or key by default.
     """
@@ -115,15 +117,20 @@ def page_policy(
     if pattern is not None and pattern == key:
         pattern = None
     return RenderPolicy(
-        kind=EntryKind.PAGE, revalidate=revalidate, tags=tags + implicit_tags(key, pattern), route=name
+        kind=EntryKind.PAGE,
+        revalidate=lifetime.revalidate,
+        expire=lifetime.expire,
+        tags=tags + implicit_tags(key, pattern),
+        route=name,
     )
 
 
 def check_options(
-    revalidate: object, tags: Iterable[str] | None, where: str
-) -> tuple[Revalidate, tuple[str, ...]]:
-    """Validate a view's ``revalidate`` and ``tags`` once, at decoration time."""
-    return validate_revalidate(revalidate, where=where), validate_tags(tags, where=f"{where} tags")
+    revalidate: object, tags: Iterable[str] | None, where: str, expire: object = None
+) -> tuple[Lifetime, tuple[str, ...]]:
+    """Validate a view's lifetime (``revalidate`` seconds, ``False`` or a profile name, and
+    ``expire``) and ``tags`` once, at decoration time."""
+    return lifetimes.parse(revalidate, expire, where=where), validate_tags(tags, where=f"{where} tags")
 
 
 @dataclass(frozen=True, slots=True)

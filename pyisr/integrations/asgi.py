@@ -28,7 +28,6 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote, unquote
 
-from pyisr.cache.entry import Revalidate
 from pyisr.engine import Engine, Rendered, RenderFn, RenderPolicy
 from pyisr.http import private_cache_control
 from pyisr.integrations import (
@@ -41,6 +40,7 @@ from pyisr.integrations import (
     page_policy,
     serve_page,
 )
+from pyisr.lifetimes import Lifetime
 from pyisr.origin import CanonicalOrigin, Origin
 from pyisr.paths import BadPath, normalize_path
 from pyisr.runtime import get_engine
@@ -64,7 +64,7 @@ class ISRRoute:
     path_format: str
     #: The pattern in pyisr's spelling (``/blog/[id]``), for the implicit page tag.
     isr_pattern: str
-    revalidate: Revalidate
+    lifetime: Lifetime
     tags: tuple[str, ...]
 
     def match(self, key: str) -> dict[str, str] | None:
@@ -85,7 +85,7 @@ class ISRRoute:
         return self.path_format.format_map(values)
 
     def policy(self, key: str) -> RenderPolicy:
-        return page_policy(key, self.isr_pattern, self.revalidate, self.tags, route=self.pattern)
+        return page_policy(key, self.isr_pattern, self.lifetime, self.tags, route=self.pattern)
 
 
 def compile_route(pattern: str, revalidate: object, tags: Iterable[str] | None) -> ISRRoute:
@@ -101,7 +101,7 @@ def compile_route(pattern: str, revalidate: object, tags: Iterable[str] | None) 
     if not pattern.startswith("/"):
         raise ValueError(f"route pattern {pattern!r} must start with '/'")
     where = f"ISRMiddleware route {pattern!r}"
-    seconds, tag_tuple = check_options(revalidate, tags, where)
+    lifetime, tag_tuple = check_options(revalidate, tags, where)
     try:
         regex, path_format, convertors = compile_path(pattern)
     except AssertionError as exc:  # Starlette asserts on unknown convertors and repeated names
@@ -122,7 +122,7 @@ def compile_route(pattern: str, revalidate: object, tags: Iterable[str] | None) 
         regex=regex,
         path_format=path_format,
         isr_pattern=normalize_path(isr),
-        revalidate=seconds,
+        lifetime=lifetime,
         tags=tag_tuple,
     )
 

@@ -33,7 +33,6 @@ except ImportError as exc:  # pragma: no cover - exercised only without Django
         "pyisr.integrations.django needs Django: pip install 'pyisr[django]' (or 'django>=4.2')"
     ) from exc
 
-from pyisr.cache.entry import Revalidate
 from pyisr.engine import Engine, Rendered, RenderPolicy
 from pyisr.http import private_cache_control
 from pyisr.integrations import (
@@ -51,6 +50,7 @@ from pyisr.integrations import (
     pattern_from_rule,
     serve_page,
 )
+from pyisr.lifetimes import Lifetime
 from pyisr.origin import CanonicalOrigin, Origin
 from pyisr.paths import normalize_path
 from pyisr.runtime import get_engine, run_sync
@@ -61,6 +61,7 @@ View = Callable[..., Any]
 def isr(
     revalidate: object = False,
     *,
+    expire: int | None = None,
     tags: Iterable[str] | None = None,
     engine: Engine | None = None,
     allow_headers: Iterable[str] = DEFAULT_ALLOW_HEADERS,
@@ -68,8 +69,10 @@ def isr(
 ) -> Callable[[View], View]:
     """Cache a Django function view's GET/HEAD responses with ISR.
 
-    ``revalidate``: seconds, ``False``/``None`` (until invalidated) or ``0`` (never
-    cached). ``tags``: explicit tags for ``revalidate_tag``. Each page also carries its
+    ``revalidate``: seconds, ``False``/``None`` (until invalidated), a profile name
+    (``"hours"``, or one of ``pyisr.toml``'s) or ``0`` (never cached). ``expire``: seconds
+    after which a page is never served (else the profile's, or one year). ``tags``:
+    explicit tags for ``revalidate_tag``. Each page also carries its
     path's implicit tags and, for ``path()`` routes, its route pattern's
     (``revalidate_path("/blog/[id]", "page")``).
 
@@ -85,9 +88,9 @@ def isr(
     views) or on its bridge loop (async views), outside the request's transaction; a 5xx
     or an exception is a failed render and never cached.
     """
-    seconds, tag_tuple = check_options(revalidate, tags, "@isr")
+    lifetime, tag_tuple = check_options(revalidate, tags, "@isr", expire)
     options = dict(
-        seconds=seconds,
+        lifetime=lifetime,
         tags=tag_tuple,
         engine=engine,
         allowed=allow_list(allow_headers),
@@ -108,7 +111,7 @@ class _Options:
     """What ``@isr`` was given, kept on the wrapper so ``revalidate(path)`` can render it."""
 
     view: View
-    seconds: Revalidate
+    lifetime: Lifetime
     tags: tuple[str, ...]
     engine: Engine | None
     allowed: frozenset[str]
@@ -176,7 +179,7 @@ def _prepare(request: Any, options: _Options) -> tuple[Engine, str, RenderPolicy
     _remember_script(request)
     eng = options.engine if options.engine is not None else get_engine()
     eng.add_resolver(_resolve)
-    key, policy = _key_and_policy(request, options.seconds, options.tags)
+    key, policy = _key_and_policy(request, options.lifetime, options.tags)
     return eng, key, policy, _shared_request(request, options), FailedResponse()
 
 
@@ -306,12 +309,12 @@ async def _resolve(key: str) -> tuple[str, Any, RenderPolicy] | None:
         return None  # not an @isr view, or one caching in an engine of its own
     fresh = _fresh_request(path, script, options.origin_for(None), {})
     fresh.resolver_match = match
-    resolved, policy = _key_and_policy(fresh, options.seconds, options.tags)
+    resolved, policy = _key_and_policy(fresh, options.lifetime, options.tags)
     make = _async_render if inspect.iscoroutinefunction(options.view) else _sync_render
     return resolved, make(options, fresh, match.args, match.kwargs, FailedResponse()), policy
 
 
-def _key_and_policy(request: Any, seconds: Revalidate, tags: tuple[str, ...]) -> tuple[str, RenderPolicy]:
+def _key_and_policy(request: Any, lifetime: Lifetime, tags: tuple[str, ...]) -> tuple[str, RenderPolicy]:
     key = key_for_decoded_path(request.path)
     pattern = None
     match = getattr(request, "resolver_match", None)
@@ -322,7 +325,7 @@ def _key_and_policy(request: Any, seconds: Revalidate, tags: tuple[str, ...]) ->
             # ``route`` is relative to the script prefix (SCRIPT_NAME); the key is not.
             prefix = request.path[: len(request.path) - len(request.path_info)]
             pattern = normalize_path(key_for_decoded_path(prefix).rstrip("/") + found)
-    return key, page_policy(key, pattern, seconds, tags)
+    return key, page_policy(key, pattern, lifetime, tags)
 
 
 def _needs_render(response: Any) -> bool:

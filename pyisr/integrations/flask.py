@@ -36,7 +36,6 @@ except ImportError as exc:  # pragma: no cover - exercised only without Flask
         "pyisr.integrations.flask needs Flask: pip install 'pyisr[flask]' (or 'flask>=3')"
     ) from exc
 
-from pyisr.cache.entry import Revalidate
 from pyisr.engine import Engine, Rendered, RenderPolicy
 from pyisr.http import private_cache_control
 from pyisr.integrations import (
@@ -52,6 +51,7 @@ from pyisr.integrations import (
     pattern_from_rule,
     serve_page,
 )
+from pyisr.lifetimes import Lifetime
 from pyisr.origin import CanonicalOrigin, Origin
 from pyisr.paths import normalize_path
 from pyisr.runtime import get_engine, run_sync
@@ -65,6 +65,7 @@ _rendering: ContextVar[bool] = ContextVar("pyisr_flask_rendering", default=False
 def isr(
     revalidate: object = False,
     *,
+    expire: int | None = None,
     tags: Iterable[str] | None = None,
     engine: Engine | None = None,
     allow_headers: Iterable[str] = DEFAULT_ALLOW_HEADERS,
@@ -73,8 +74,10 @@ def isr(
 ) -> Callable[[View], View]:
     """Cache a Flask view's GET/HEAD responses with ISR.
 
-    ``revalidate``: seconds, ``False``/``None`` (until invalidated) or ``0`` (never
-    cached). ``tags``: explicit tags for ``revalidate_tag``. Each page also carries its
+    ``revalidate``: seconds, ``False``/``None`` (until invalidated), a profile name
+    (``"hours"``, or one of ``pyisr.toml``'s) or ``0`` (never cached). ``expire``: seconds
+    after which a page is never served (else the profile's, or one year). ``tags``:
+    explicit tags for ``revalidate_tag``. Each page also carries its
     path's implicit tags and its URL rule's (``revalidate_path("/blog/[id]", "page")``).
 
     One render is served to every visitor, so the render is a request context built
@@ -90,9 +93,9 @@ def isr(
     minute later. Async views work as Flask runs them (``ensure_sync``). A 5xx or an
     exception is a failed render, never cached.
     """
-    seconds, tag_tuple = check_options(revalidate, tags, "@isr")
+    lifetime, tag_tuple = check_options(revalidate, tags, "@isr", expire)
     options = _Options(
-        seconds,
+        lifetime,
         tag_tuple,
         engine,
         allow_list(allow_headers),
@@ -112,7 +115,7 @@ def isr(
             _remember_site(app, request.environ)
             eng = engine if engine is not None else get_engine()
             eng.add_resolver(_resolve)
-            key, policy = _key_and_policy(request, seconds, tag_tuple)
+            key, policy = _key_and_policy(request, lifetime, tag_tuple)
             failed = FailedResponse()
             origin = options.origin_for(app, request.scheme, request.host)
             environ = _shared_environ(request.path, request.script_root, origin, request.environ, options)
@@ -144,7 +147,7 @@ def isr(
 class _Options:
     """What ``@isr`` was given, kept on the wrapper so ``revalidate(path)`` can render it."""
 
-    seconds: Revalidate
+    lifetime: Lifetime
     tags: tuple[str, ...]
     engine: Engine | None
     allowed: frozenset[str]
@@ -245,7 +248,7 @@ async def _resolve(key: str) -> tuple[str, Any, RenderPolicy] | None:
         return None
     environ = _shared_environ(path, script, options.origin_for(app, None, None), {}, options)
     with app.request_context(environ):
-        resolved, policy = _key_and_policy(flask.request, options.seconds, options.tags)
+        resolved, policy = _key_and_policy(flask.request, options.lifetime, options.tags)
     return resolved, _render(app, environ, FailedResponse()), policy
 
 
@@ -264,7 +267,7 @@ def _view_options(app: Any, path: str, script: str) -> _Options | None:
     return options
 
 
-def _key_and_policy(request: Any, seconds: Revalidate, tags: tuple[str, ...]) -> tuple[str, RenderPolicy]:
+def _key_and_policy(request: Any, lifetime: Lifetime, tags: tuple[str, ...]) -> tuple[str, RenderPolicy]:
     key = key_for_decoded_path(request.script_root + request.path)
     pattern = None
     rule = getattr(request.url_rule, "rule", None)
@@ -273,7 +276,7 @@ def _key_and_policy(request: Any, seconds: Revalidate, tags: tuple[str, ...]) ->
         if found is not None:
             root = key_for_decoded_path(request.script_root).rstrip("/")
             pattern = normalize_path(root + found)
-    return key, page_policy(key, pattern, seconds, tags)
+    return key, page_policy(key, pattern, lifetime, tags)
 
 
 def _rendered(response: Any, failed: FailedResponse, private: str | None) -> Rendered:

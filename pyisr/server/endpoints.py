@@ -1,6 +1,6 @@
 """The server's own endpoints under ``/_pyisr/``.
 
-- ``POST /_pyisr/revalidate?path=|tag=|type=``: on-demand revalidation (secret);
+- ``POST /_pyisr/revalidate?path=|tag=|type=|stale=``: on-demand revalidation (secret);
 - ``GET /_pyisr/health``: for load balancers (``"degraded"`` while a shared store is down);
 - ``GET /_pyisr/cache?path=``: one entry's state (secret);
 - ``GET /_pyisr/data/<build id>/<path>.json``: a Pages page's props (SPEC S-51).
@@ -109,11 +109,15 @@ class Endpoints:
                 {"error": f"{path} is a route pattern: add type=page (its pages) or type=layout (all below)"},
                 status_code=400,
             )
+        stale = _as_flag(params.get("stale"))
+        if stale is None:
+            return JSONResponse({"error": "stale must be true or false"}, status_code=400)
         try:
             if tag:
-                await self.engine.revalidate_tags(validate_tags([tag], where="tag"))
-            if path and kind:
-                await self.engine.revalidate_tags(tags_for_revalidate_path(path, kind))
+                await self.engine.revalidate_tags(validate_tags([tag], where="tag"), stale=stale)
+            if path and (kind or stale):
+                # A route, a subtree, or (stale) one path: marked, each page renders at its next visit.
+                await self.engine.revalidate_tags(tags_for_revalidate_path(path, kind), stale=stale)
             elif path:
                 await revalidate(path, engine=self.engine)
         except ValueError as exc:
@@ -189,12 +193,25 @@ class Endpoints:
             return
         headers = [
             _JSON,
-            (b"cache-control", cache_control(entry.revalidate).encode()),
+            (b"cache-control", cache_control(entry.revalidate, entry.expire).encode()),
             (b"x-pyisr-cache", served.status.value.encode()),
             (b"age", str(entry.age(self.engine.clock())).encode()),
         ]
         body = entry.headers.get(PROPS_HEADER, '{"props": {}}').encode()
         await send_response(send, 404 if entry.status == 404 else 200, headers, body, method)
+
+
+def _as_flag(value: object) -> bool | None:
+    """``stale`` as JSON, a query or form field: true/false, 1/0, yes/no, ``max`` (Next.js
+    16's profile for it); ``None`` when it is none of these."""
+    if value is None or value is False or value is True:
+        return bool(value)
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on", "max"):
+        return True
+    if text in ("0", "false", "no", "off", ""):
+        return False
+    return None
 
 
 async def _read_limited(request: Request, limit: int) -> bytes | None:
@@ -224,6 +241,9 @@ def describe_entry(entry: CacheEntry, now: float) -> dict[str, Any]:
         "created_at": entry.created_at,
         "age": entry.age(now),
         "revalidate": entry.revalidate,
+        "expire": entry.expire,
+        "expires_at": entry.expires_at(),
+        "expired": entry.is_expired(now),
         "stale": (window := window_end(entry)) is not None and now >= window,
         "stale_at": window,
         "next_regeneration_at": entry.stale_at(),

@@ -15,6 +15,7 @@ cleared whole when it is full rather than tracking recency on every hit.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from starlette.types import Scope, Send
 
@@ -74,9 +75,19 @@ class HotResponse:
     #: When the entry's window ends (:func:`~pyisr.engine.window_end`), never the end of a
     #: failed regeneration's back-off: past it the answer is STALE, whatever the back-off.
     stale_at: float | None
+    #: When the entry may no longer be served at all (its ``expire``): the full way then
+    #: renders it, blocking.
+    expires_at: float | None
     tags_version: int
     etag: str
     answers: tuple[HotAnswer, HotAnswer, HotAnswer, HotAnswer]
+
+
+def _stale_from(entry: CacheEntry) -> float | None:
+    """When a hot answer stops being a plain HIT: the window's end, or for an entry only an
+    invalidation ends, its expiry (checked only once past this, so a HIT pays nothing)."""
+    end = window_end(entry)
+    return end if end is not None else entry.expires_at()
 
 
 def hot_size(entry: CacheEntry) -> int:
@@ -113,7 +124,10 @@ class FastPath:
         """
         now = self._clock()
         stale = hot.stale_at is not None and now >= hot.stale_at
-        if stale and not self.engine.regenerating(hot.entry.key):
+        if stale and (
+            not self.engine.regenerating(hot.entry.key)
+            or (hot.expires_at is not None and now >= hot.expires_at)
+        ):
             return None
         if self._tags_version() != hot.tags_version:
             return None
@@ -172,7 +186,8 @@ class FastPath:
             bare = [h for h in full if h[0] not in skip_in_304]
             answers.append(HotAnswer(entry.status, full, entry.body))
             answers.append(HotAnswer(304, bare, b""))
-        hot = HotResponse(entry, window_end(entry), version, entry.etag, tuple(answers))  # type: ignore[arg-type]
+        ready: Any = tuple(answers)  # four answers, by construction
+        hot = HotResponse(entry, _stale_from(entry), entry.expires_at(), version, entry.etag, ready)
         self.by_raw_path[raw] = hot
         if b"%2f" not in raw.lower():
             # RSGI hands over the decoded path; an encoded slash would make it ambiguous.

@@ -27,12 +27,12 @@ from pyisr.site.signals import NotFoundSignal, RedirectSignal
 
 class AppPage(Route):
     kind = RouteKind.APP_PAGE
-    exports = ("revalidate", "dynamic_params", "tags", "generate_static_params", "page")
+    exports = ("revalidate", "expire", "dynamic_params", "tags", "generate_static_params", "page")
     is_page = True
 
     @classmethod
     def from_exports(cls, pattern: str, check: ExportCheck) -> Self:
-        revalidate = check.revalidate(pattern)
+        lifetime = check.lifetime(pattern)
         dynamic_params = check.dynamic_params()
         tags = check.tags()
         check.need_callable("page")
@@ -44,7 +44,13 @@ class AppPage(Route):
                 "dynamic_params",
             )
         return cls(
-            pattern, check.path, check.module, revalidate=revalidate, dynamic_params=dynamic_params, tags=tags
+            pattern,
+            check.path,
+            check.module,
+            revalidate=lifetime.revalidate,
+            expire=lifetime.expire,
+            dynamic_params=dynamic_params,
+            tags=tags,
         )
 
     def on_unknown_path(self, *, bot: bool) -> OnMissing:

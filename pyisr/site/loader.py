@@ -18,8 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 
-from pyisr.cache.entry import Revalidate, validate_revalidate
+from pyisr import lifetimes
 from pyisr.cache.tags import validate_tags
+from pyisr.lifetimes import Lifetime
 
 
 @dataclass
@@ -154,23 +155,30 @@ class ExportCheck:
         elif not callable(fn):
             self.error(f"{name} must be a function, not {type(fn).__name__}", name)
 
-    def revalidate(self, pattern: str) -> Revalidate:
-        """The module's ``revalidate`` in seconds (None: never), or None after recording why not."""
-        if not hasattr(self.module, "revalidate"):
-            return None
-        value = self.module.revalidate
-        if isinstance(value, bool) and value:
+    def lifetime(self, pattern: str) -> Lifetime:
+        """The module's ``revalidate`` (seconds, ``False`` or a profile name) and ``expire``;
+        the default (never revalidated, the site's expire) after recording what is wrong."""
+        module = self.module
+        revalidate = getattr(module, "revalidate", None)
+        expire = getattr(module, "expire", None)
+        if isinstance(revalidate, bool) and revalidate:
             self.error("revalidate = True is not allowed: use seconds (e.g. 60) or False", "revalidate")
-            return None
+            return Lifetime(None)
         try:
-            return validate_revalidate(value, where=f"{pattern}")
-        except ValueError:
-            self.error(
-                f"Invalid revalidate value {value!r} on {pattern!r}, must be a non-negative number "
-                "of seconds or False (e.g. revalidate = 60)",
-                "revalidate",
-            )
-            return None
+            return lifetimes.parse(revalidate, expire, where=pattern)
+        except lifetimes.UnknownProfile as exc:
+            self.error(str(exc), "revalidate")
+        except ValueError as exc:
+            name = "expire" if "expire" in str(exc) and hasattr(module, "expire") else "revalidate"
+            if name == "revalidate":
+                self.error(
+                    f"Invalid revalidate value {revalidate!r} on {pattern!r}, must be a non-negative "
+                    "number of seconds, False or a profile name (e.g. revalidate = 60)",
+                    "revalidate",
+                )
+            else:
+                self.error(str(exc), "expire")
+        return Lifetime(None)
 
     def dynamic_params(self) -> bool:
         """The module's ``dynamic_params``; True (render unknown paths) when absent or wrong."""

@@ -12,6 +12,7 @@ import json
 import math
 from typing import Any, Self
 
+from pyisr import lifetimes
 from pyisr.cache.entry import Revalidate
 from pyisr.engine import OnMissing, Rendered
 from pyisr.http import PROPS_HEADER
@@ -33,7 +34,10 @@ from pyisr.site.templates import render_template
 
 
 def validate_props_revalidate(value: Any, key: str) -> Revalidate:
-    """Check ``get_static_props``' ``revalidate`` the way Next.js does (SPEC S-25)."""
+    """Check ``get_static_props``' ``revalidate`` the way Next.js does (SPEC S-25); a
+    profile name (``"hourly"``) stands for its seconds (its expire: :func:`props_expire`)."""
+    if isinstance(value, str):
+        return lifetimes.profile(value, where=f"get_static_props() of {key}").revalidate
     if value is None or value is False:
         return None
     if value is True:
@@ -54,6 +58,17 @@ def validate_props_revalidate(value: Any, key: str) -> Revalidate:
         f"A page's revalidate option must be seconds expressed as a natural number. Mixed numbers "
         f"and strings cannot be used. Received {value!r} for {key}."
     )
+
+
+def props_expire(result: dict[str, Any], revalidate: Revalidate, key: str) -> int | None:
+    """``get_static_props``' ``expire`` (or its revalidate profile's), checked against its revalidate."""
+    named = result.get("revalidate")
+    given = result.get("expire")
+    if given is None and not isinstance(named, str):
+        return None
+    where = f"get_static_props() of {key}"
+    lifetime = lifetimes.parse(named if isinstance(named, str) else revalidate, given, where=where)
+    return lifetime.expire
 
 
 class PagesPage(Route):
@@ -143,13 +158,21 @@ class PagesPage(Route):
             raise TypeError(
                 f"{self.file}: get_static_props() must return a dict, not {type(result).__name__}"
             )
-        extra = set(result) - {"props", "revalidate", "not_found", "redirect"}
+        extra = set(result) - {"props", "revalidate", "expire", "not_found", "redirect"}
         if extra:
             raise ValueError(
                 f"{self.file}: get_static_props() returned unknown keys {sorted(extra)}; allowed: "
-                "props, revalidate, not_found, redirect"
+                "props, revalidate, expire, not_found, redirect"
             )
         revalidate = validate_props_revalidate(result.get("revalidate"), key)
+        expire = props_expire(result, revalidate, key)
+        rendered = await self._render_result(result, revalidate, params, key)
+        rendered.expire = expire
+        return rendered
+
+    async def _render_result(
+        self, result: dict[str, Any], revalidate: Revalidate, params: Params, key: str
+    ) -> Rendered:
         if result.get("not_found") and result.get("redirect"):
             raise ValueError(f"{self.file}: get_static_props() cannot return both not_found and redirect")
         if result.get("not_found"):

@@ -164,6 +164,8 @@ class Route(ABC):
     file: Path
     module: ModuleType
     revalidate: Revalidate = None
+    #: The module's ``expire`` (or its profile's); ``None``: the site's default.
+    expire: int | None = None
     dynamic_params: bool = True
     fallback: Fallback = "blocking"
     tags: tuple[str, ...] = ()
@@ -218,6 +220,7 @@ class Route(ABC):
         return RenderPolicy(
             kind=self.entry_kind,
             revalidate=self.revalidate,
+            expire=self.expire,
             tags=self.tags + implicit_tags(key, self.pattern),
             on_missing=self.on_missing(key, bot=bot),
             route=self.pattern,

@@ -31,7 +31,7 @@ from pyisr.site.router import Params
 @dataclass
 class RouteHandler(Route):
     kind = RouteKind.ROUTE_HANDLER
-    exports = ("revalidate", "tags", *HTTP_METHODS)
+    exports = ("revalidate", "expire", "tags", *HTTP_METHODS)
     entry_kind = EntryKind.ROUTE
 
     #: The HTTP methods the module defines a function for.
@@ -40,7 +40,8 @@ class RouteHandler(Route):
     @classmethod
     def from_exports(cls, pattern: str, check: ExportCheck) -> Self:
         module = check.module
-        revalidate = check.revalidate(pattern)
+        lifetime = check.lifetime(pattern)
+        revalidate = lifetime.revalidate
         dynamic_params = check.dynamic_params()
         tags = check.tags()
         methods = tuple(m for m in HTTP_METHODS if callable(getattr(module, m, None)))
@@ -55,6 +56,7 @@ class RouteHandler(Route):
             check.path,
             module,
             revalidate=revalidate,
+            expire=lifetime.expire,
             dynamic_params=dynamic_params,
             tags=tags,
             methods=methods,
