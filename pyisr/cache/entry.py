@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from typing import Any
 
-from pyisr.cache.tags import STALE_TAG
+from pyisr.cache.tags import stale_names
 
 #: Seconds a ``revalidate = False`` entry advertises to CDNs (Next.js' ``CACHE_ONE_YEAR``).
 ONE_YEAR = 31_536_000
@@ -182,9 +182,11 @@ class CacheEntry:
     def is_marked_stale(self, tag_times: Mapping[str, float], also: Iterable[str] = ()) -> bool:
         """True when any tag was marked stale (``revalidate_tag(tag, stale=True)``) at or
         after the render that made this entry: it is served STALE while it regenerates."""
+        if not tag_times:
+            return False
         for tags in (self.tags, also):
-            for tag in tags:
-                marked_at = tag_times.get(STALE_TAG + tag)
+            for name in stale_names(tuple(tags)):
+                marked_at = tag_times.get(name)
                 if marked_at is not None and marked_at >= self.created_at:
                     return True
         return False
