@@ -11,6 +11,7 @@ from pyisr.cache.tier import MemoryTier
 from pyisr.context import is_fallback
 from pyisr.data.cached import cached
 from pyisr.data.fetch import fetch, fetch_sync
+from pyisr.draft import disable_draft_mode, enable_draft_mode, is_draft_request
 from pyisr.engine import (
     CacheStatus,
     Engine,
@@ -60,6 +61,9 @@ __all__ = [
     "arevalidate_tag",
     "cached",
     "configure",
+    "disable_draft_mode",
+    "enable_draft_mode",
+    "is_draft_request",
     "fetch",
     "fetch_sync",
     "get_engine",

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import Coroutine, Iterable
+from collections.abc import Callable, Coroutine, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 from urllib.parse import quote, unquote
@@ -27,6 +27,7 @@ from urllib.parse import quote, unquote
 from pyisr import lifetimes
 from pyisr.cache.entry import EntryKind
 from pyisr.cache.tags import implicit_tags, validate_tags
+from pyisr.draft import is_draft_request
 from pyisr.engine import CacheStatus, Engine, RenderFn, RenderPolicy, RenderSlotsExhausted
 from pyisr.http import NOSTORE, age_header, not_modified, served_headers
 from pyisr.lifetimes import Lifetime
@@ -204,6 +205,21 @@ async def serve_page(
     return PageAnswer(entry.status, [*out, _length(entry.body)], b"" if head else entry.body)
 
 
+#: Decides, per request, that the visitor gets a fresh render of their own, never stored
+#: (``bypass=`` of ``@isr`` and the middleware; Django's default: logged-in users).
+Bypass = Callable[[Any], bool]
+
+#: The headers of a bypassed answer, added to the app's own response.
+BYPASS_HEADERS: tuple[tuple[str, str], ...] = (("cache-control", NOSTORE), ("x-pyisr-cache", "BYPASS"))
+
+
+def is_bypassed(request: Any, bypass: Bypass | None, cookies: Mapping[str, str] | str | None) -> bool:
+    """Whether ``request`` skips the cache: in draft mode (``pyisr.draft``: a valid signed
+    cookie, in every framework), or ``bypass(request)`` says so. The app then answers the
+    visitor's real request itself, with :data:`BYPASS_HEADERS`."""
+    return is_draft_request(cookies) or (bypass is not None and bool(bypass(request)))
+
+
 def _length(body: bytes) -> tuple[bytes, bytes]:
     return (b"content-length", str(len(body)).encode())
 
@@ -257,7 +273,10 @@ def __getattr__(name: str) -> object:
 
 
 __all__ = [
+    "BYPASS_HEADERS",
     "DEFAULT_ALLOW_HEADERS",
+    "Bypass",
+    "is_bypassed",
     "SESSION_REASON",
     "ISRMiddleware",
     "allow_list",
