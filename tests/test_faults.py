@@ -27,7 +27,7 @@ from test_fetch import Lines
 from test_filesystem_cache import _deny_under as deny_under
 from test_site import write
 
-from pyisr import CacheEntry, MemoryCache, Rendered, RenderPolicy
+from pyisr import CacheEntry, MemoryCache, MemoryTier, Rendered, RenderPolicy
 from pyisr.cache.filesystem import FileSystemCache
 from pyisr.cache.tags import implicit_tags
 from pyisr.config import Config
@@ -137,6 +137,33 @@ async def test_a_full_disk_answers_every_miss_and_logs_once_a_minute(
     clock.advance(61)  # a minute with no failure: healthy again (the record stays)
     assert engine.degraded_reasons() == []
     assert engine.health()["store_failures"]["OSError[ENOSPC]"]["count"] == 4
+    await engine.close()
+
+
+async def test_with_a_memory_tier_a_page_the_full_disk_refused_renders_once(
+    tmpfs: Path, clock: FakeClock, errors: Errors
+) -> None:
+    """The tier keeps the render the store refused: later requests are HITs from memory, not
+    a render each, while the failure is still counted and logged."""
+    renders = 0
+
+    def counted() -> Rendered:
+        nonlocal renders
+        renders += 1
+        return Rendered("<p>kept</p>")
+
+    engine = Engine(MemoryTier(FileSystemCache(tmpfs / "cache"), 1 << 20), clock=clock)
+    fill(tmpfs)
+    first = await engine.get("/kept", counted, policy("/kept"))
+    assert first.status is CacheStatus.MISS and not first.stored
+    for _ in range(3):
+        again = await engine.get("/kept", counted, policy("/kept"))
+        assert (
+            again.status is CacheStatus.HIT and again.entry is not None and again.entry.body == b"<p>kept</p>"
+        )
+    assert renders == 1
+    assert errors.count("STORE FAILED OSError[ENOSPC]") == 1
+    assert any("ENOSPC" in reason for reason in engine.degraded_reasons())
     await engine.close()
 
 

@@ -115,20 +115,34 @@ class MemoryTier(CacheHandler):
         return entry
 
     async def set(self, entry: CacheEntry) -> bool:
-        stored = await self.backing.set(entry)
+        try:
+            stored = await self.backing.set(entry)
+        except Exception:
+            # The store refused the write (disk full, read-only, down): this process keeps
+            # the render and serves it from memory rather than render the page again for
+            # every request meanwhile. The failure still reaches the engine, which answers
+            # this request MISS (not stored), counts it for health and logs it.
+            self._keep_newest(entry)
+            raise
         if stored:
             self._entries.put(entry.key, entry)
         elif self._backing_down():
             # The backing store is unreachable: this instance serves the new entry from
             # memory, so for the engine it is stored (not fenced) unless ours is newer.
-            current = self._entries.peek(entry.key)
-            if current is None or current.created_at <= entry.created_at:
-                self._entries.put(entry.key, entry)
+            if self._keep_newest(entry):
                 return True
         else:
             # A newer entry exists in the backing store; drop our copy so it is re-read.
             self._entries.pop(entry.key)
         return stored
+
+    def _keep_newest(self, entry: CacheEntry) -> bool:
+        """Keep ``entry`` in memory unless a newer one is there; whether it was kept."""
+        current = self._entries.peek(entry.key)
+        if current is not None and current.created_at > entry.created_at:
+            return False
+        self._entries.put(entry.key, entry)
+        return True
 
     async def delete(self, key: str) -> None:
         self._entries.pop(key)
