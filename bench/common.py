@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "results"
 PYISR = [sys.executable, "-m", "pyisr.cli"]
 #: Order of the scenarios in ``all`` and in summary.md.
-SCENARIOS = ("hit", "stale", "herd", "build", "memory", "invalidate", "redis")
+SCENARIOS = ("hit", "stale", "herd", "build", "memory", "invalidate", "redis", "abuse")
 
 
 class Skip(Exception):
@@ -231,10 +231,12 @@ class PyisrServer:
         workers: int = 1,
         env: Mapping[str, str] | None = None,
         log_dir: Path | None = None,
+        extra_args: Sequence[str] = (),
     ) -> None:
         self.site = site
         self.server = server
         self.workers = workers
+        self.extra_args = list(extra_args)
         self.env = clean_env(env)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -259,6 +261,7 @@ class PyisrServer:
             str(self.workers),
             "--server",
             self.server,
+            *self.extra_args,
         ]
         self.proc = subprocess.Popen(
             PYISR + args, env=self.env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True

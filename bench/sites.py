@@ -251,3 +251,44 @@ def invalidate_site(root: Path, pages: int) -> Path:
             """,
         },
     )
+
+
+def abuse_site(root: Path, known: int = 100) -> Path:
+    """``/hot``: prerendered, revalidate 3600 (the page whose HIT latency is watched);
+    ``/items/<id>``: ids 1..``known`` prerendered, any other id rendered on request and
+    answered with the site's 404 page (``not_found()``, cached like any page: a crawler
+    asking for unknown ids fills the cache with 404 entries, ~3 KB each)."""
+    return _write(
+        root,
+        {
+            "app/hot/page.py": """
+            import _bench
+
+            revalidate = 3600
+
+
+            def page(params):
+                return _bench.html("Hot page")
+            """,
+            "app/items/[id]/page.py": f"""
+            import _bench
+            from pyisr import not_found
+
+            revalidate = 3600
+            KNOWN = {{str(i) for i in range(1, {known + 1})}}
+
+
+            def generate_static_params():
+                return [{{"id": i}} for i in sorted(KNOWN)]
+
+
+            def page(params):
+                if params["id"] not in KNOWN:
+                    not_found()
+                return _bench.html(f"Item {{params['id']}}")
+            """,
+            "templates/404.html": "<!DOCTYPE html><html><body><h1>Not found</h1>"
+            + FILLER * 2
+            + "</body></html>\n",
+        },
+    )

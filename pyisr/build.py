@@ -4,13 +4,15 @@ Every route is loaded and checked first; then static params are collected and al
 known pages render concurrently (bounded by the render concurrency). A page that
 raises fails the build with its path and the error. The build writes a new build id
 and a manifest of routes, their kinds, revalidate times and prerendered paths.
+
+A build fills a cache namespace of its own and becomes current only once it succeeded
+(``pyisr.deploys``): servers running meanwhile keep serving their own build, untouched.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
 import secrets
 import shutil
@@ -20,13 +22,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pyisr.cache.files import atomic_write, exclusive_lock
+from pyisr.cache.files import exclusive_lock
 from pyisr.config import Config
+from pyisr.deploys import (
+    STAGING_PREFIX,
+    make_current,
+    publish_pages,
+    read_manifest,
+    record_build,
+    registry_lock,
+    remove_stale_staging,
+    remove_unused_builds,
+)
 from pyisr.engine import Engine, NotShareable, RevalidationError
 from pyisr.origin import CanonicalOrigin
 from pyisr.site.route import Route
-from pyisr.site.site import BUILD_ID, MANIFEST, Site
-from pyisr.site_store import is_shared_cache, open_site_cache
+from pyisr.site.site import Site
+from pyisr.site_store import is_shared_cache, is_valid_build_id, local_cache_root, open_site_cache
 
 
 @dataclass
@@ -57,11 +69,16 @@ async def build_site(
 ) -> BuildResult:
     """Prerender the site; returns the result (errors listed, not raised)."""
     started = time.perf_counter()
+    build_id = build_id or secrets.token_hex(8)
+    if not is_valid_build_id(build_id):
+        raise ValueError(f"invalid build id {build_id!r}: letters, digits, '_' and '-' only")
+    if read_manifest(site_dir, build_id) is not None:
+        raise ValueError(f"build {build_id} exists already: a build id names one build")
     site = Site.load(site_dir)
     dot = site.dot_dir
     dot.mkdir(parents=True, exist_ok=True)
     with _exclusive_build(dot):
-        return await _build_locked(site, config, progress, build_id or secrets.token_hex(8), started)
+        return await _build_locked(site, config, progress, build_id, started)
 
 
 class BuildInProgress(RuntimeError):
@@ -86,7 +103,6 @@ def _exclusive_build(dot: Path) -> Iterator[None]:
 async def _build_locked(
     site: Site, config: Config, progress: ProgressFn | None, build_id: str, started: float
 ) -> BuildResult:
-    dot = site.dot_dir
     handler, staging, fresh_store = _open_build_store(site, config, build_id)
     engine = Engine(
         handler,
@@ -105,34 +121,32 @@ async def _build_locked(
         await handler.close()
         if staging is not None and not complete:
             shutil.rmtree(staging, ignore_errors=True)  # failed or interrupted: never published
-    if staging is not None and not errors:
-        os.sync()
-        _publish(staging, dot / "cache")
     result = BuildResult(build_id, reports, errors, time.perf_counter() - started)
     if not errors:
-        _write_manifest(site, result)
+        _publish(site, config, result, staging)
     return result
 
 
 def _open_build_store(site: Site, config: Config, build_id: str) -> tuple[Any, Path | None, bool]:
     """The store the build fills, its staging directory if any, and whether nobody serves it yet.
 
-    The default cache lives inside .pyisr/. The new pages go to a private directory that
-    replaces the old cache only once the build succeeded: a server still running on the
-    old build keeps its pages meanwhile, and a failed build loses nothing. As nobody
-    reads that directory yet, pages are written straight into place, unfsynced (that was
-    most of the build's time); one sync before it is published. A shared store gets a
-    namespace of its own for this build, which nobody serves yet either. Only an explicit
-    local cache is a store being served, with on-demand semantics.
+    Every build fills a namespace of its own, which nobody serves before the build is
+    published, so no server ever sees half a build. A local cache (the default
+    ``.pyisr/cache``, or a ``file:`` one) is written into a private staging directory
+    beside the namespaces, straight into place and unfsynced (that was most of the
+    build's time), then renamed into ``<root>/<build id>`` once the whole build
+    succeeded; a failed or killed build publishes nothing. A shared store (Redis) gets
+    the build id in its keys.
     """
-    if not config.cache:
+    root = local_cache_root(site.root, config)
+    if root is not None:
         from pyisr.cache.filesystem import FileSystemCache
 
-        _remove_stale_staging(site.dot_dir)
-        staging = site.dot_dir / f"{_STAGING_PREFIX}{build_id}"
+        remove_stale_staging(site.root, config)
+        staging = root / f"{STAGING_PREFIX}{build_id}"
         return FileSystemCache(staging, fsync=False, staging=True), staging, True
     handler = open_site_cache(site.root, config, build_id=build_id, memory_tier_bytes=0)
-    return handler, None, is_shared_cache(config.cache)
+    return handler, None, is_shared_cache(config.cache or "")
 
 
 async def _plan(site: Site) -> tuple[list[RouteReport], list[tuple[RouteReport, str]], list[tuple[str, str]]]:
@@ -208,39 +222,26 @@ async def _prerender_all(
     await asyncio.gather(*(prerender(r, k) for r, k in jobs))
 
 
-_STAGING_PREFIX = "cache.building-"
-_RETIRED_PREFIX = "cache.old-"
+def _publish(site: Site, config: Config, result: BuildResult, staging: Path | None) -> None:
+    """Make a successful build the current one, then remove builds nobody uses any more.
 
-
-def _remove_stale_staging(dot: Path) -> None:
-    """Directories a killed build or an interrupted publish left behind."""
-    for path in dot.glob("cache.*-*"):
-        if path.name.startswith((_STAGING_PREFIX, _RETIRED_PREFIX)) and path.is_dir():
-            shutil.rmtree(path, ignore_errors=True)
-
-
-def _publish(staging: Path, target: Path) -> None:
-    """Swap the freshly built cache in for the old one (two renames, then a cleanup).
-
-    Between the renames ``target`` is briefly absent; a server reading it then finds no
-    entry and renders the page, as after a cache purge. A server may even recreate a
-    subdirectory of ``target`` in that instant, so the swap is retried.
+    In this order, each step atomic: the manifest is kept (``builds/<id>/``), the staged
+    pages are renamed into their namespace, and ``BUILD_ID`` is written last. A build
+    killed before that last write leaves the current build current; what it left is
+    removed by a later build. Servers running keep the build they started with.
     """
-    retired = target.with_name(f"{_RETIRED_PREFIX}{staging.name.removeprefix(_STAGING_PREFIX)}")
-    for attempt in range(5):
-        if target.exists():
-            os.rename(target, retired if attempt == 0 else retired.with_name(f"{retired.name}-{attempt}"))
-        try:
-            os.rename(staging, target)
-            break
-        except OSError:
-            if attempt == 4:
-                raise
-    _remove_stale_staging(target.parent)
+    if staging is not None:
+        os.sync()  # the pages were written unfsynced: durable before anybody reads them
+    with registry_lock(site.root):
+        record_build(site.root, result.build_id, _manifest(site, result))
+        if staging is not None:
+            publish_pages(staging, staging.with_name(result.build_id))
+        make_current(site.root, result.build_id)
+    remove_unused_builds(site.root, config)
 
 
-def _write_manifest(site: Site, result: BuildResult) -> None:
-    manifest = {
+def _manifest(site: Site, result: BuildResult) -> dict[str, Any]:
+    return {
         "build_id": result.build_id,
         "created_at": time.time(),
         "routes": [
@@ -258,6 +259,3 @@ def _write_manifest(site: Site, result: BuildResult) -> None:
             for r in result.reports
         ],
     }
-    dot = site.dot_dir
-    atomic_write(dot / MANIFEST, json.dumps(manifest, indent=2).encode())
-    atomic_write(dot / BUILD_ID, result.build_id.encode())

@@ -40,6 +40,7 @@ def settings_options(command: Callable[..., Any]) -> Callable[..., Any]:
     options = [
         click.option("--cache", help="Cache handler URL (file://, memory://, redis://...)."),
         click.option("--memory-tier", help="Memory tier in front of the cache, e.g. 50MB; 0 turns it off."),
+        click.option("--cache-max-bytes", help="Disk the file-system cache may use, e.g. 5GB (default 1GB)."),
         click.option("--debug-cache", is_flag=True, default=None, help="Log every cache decision."),
         click.option("--render-timeout", type=float, help="Seconds a render may take."),
         click.option("--render-concurrency", type=int, help="Renders at once in one process."),
@@ -80,12 +81,18 @@ def main() -> None:
 
 @main.command()
 @click.argument("site", type=click.Path(file_okay=False, path_type=Path), default=".")
+@click.option(
+    "--rollback", is_flag=True, help="Make the previous build current again instead (twice: forward again)."
+)
 @settings_options
-def build(site: Path, **settings: Any) -> None:
+def build(site: Path, rollback: bool, **settings: Any) -> None:
     """Prerender every known page of SITE into its cache."""
     from pyisr.build import BuildInProgress, build_site
 
     config = _config(site, **settings)
+    if rollback:
+        _rollback(site)
+        return
     with Progress(
         TextColumn("Prerendering"),
         BarColumn(),
@@ -127,30 +134,39 @@ def build(site: Path, **settings: Any) -> None:
     console.print(f"Built {result.pages} pages in {result.seconds:.2f}s ({rate:.0f} pages/s).")
 
 
-def _serve(site: Path, host: str, port: int, workers: int, dev: bool, server: str) -> None:
+def _rollback(site: Path) -> None:
+    """``pyisr build --rollback``: the previous build (kept on disk) becomes current."""
+    from pyisr.deploys import NoPreviousBuild, rollback
+
+    try:
+        left, current = rollback(site)
+    except NoPreviousBuild as exc:
+        console.print(f"[red]Cannot roll back:[/red] {escape(str(exc))}")
+        sys.exit(1)
+    console.print(
+        f"Build {current} is current again (was {left}). Running servers keep their build: "
+        "`kill -HUP <pid of pyisr start>` starts workers on it, or restart."
+    )
+
+
+def _serve(
+    site: Path,
+    host: str,
+    port: int,
+    workers: int,
+    dev: bool,
+    server: str,
+    limits: Any = None,
+    graceful_timeout: float = 30.0,
+) -> None:
+    """Run the server: ``pyisr dev`` under uvicorn's reloader, ``pyisr start`` under pyisr's
+    supervisor (one shared socket, workers replaced on SIGHUP without losing a request;
+    see pyisr/server/supervisor.py)."""
     os.environ["PYISR_SITE"] = str(site.resolve())
     os.environ["PYISR_DEV"] = "1" if dev else "0"
-    if server == "granian":
-        try:
-            from granian import Granian
-            from granian.constants import Interfaces
-        except ImportError:
-            console.print("[red]granian is not installed:[/red] pip install 'pyisr[granian]'")
-            sys.exit(2)
-        Granian(
-            "pyisr.server.entry:create_app",
-            address=host,
-            port=port,
-            # RSGI: a cached page is answered in one call (see pyisr/server/rsgi.py).
-            interface=Interfaces.RSGI,
-            workers=workers,
-            factory=True,
-            websockets=False,
-        ).serve()
-        return
-    import uvicorn
-
     if dev:
+        import uvicorn
+
         uvicorn.run(
             "pyisr.server.entry:create_app",
             factory=True,
@@ -162,16 +178,47 @@ def _serve(site: Path, host: str, port: int, workers: int, dev: bool, server: st
             log_level="info",
         )
         return
-    uvicorn.run(
-        "pyisr.server.entry:create_app",
-        factory=True,
-        host=host,
-        port=port,
-        workers=workers,
-        access_log=False,
-        log_level="warning",
-        lifespan="on",
+    import dataclasses
+    import threading
+
+    from pyisr.server.limits import HTTPLimits
+    from pyisr.server.supervisor import bind, exec_supervisor
+    from pyisr.server.worker import WorkerSpec, fork_workers
+
+    if server == "granian":
+        try:
+            import granian  # noqa: F401 - a dependency; checked here for a clear message
+        except ImportError:
+            console.print("[red]granian is not installed:[/red] pip install granian, or --server uvicorn")
+            sys.exit(2)
+    spec = WorkerSpec(
+        server=server,
+        listen_fd=-1,
+        ready_fd=-1,
+        limits=limits or HTTPLimits(),
+        graceful_timeout=graceful_timeout,
     )
+    try:
+        sock = bind(host, port, spec.backlog)
+    except OSError as exc:  # the address is taken, or not ours to bind
+        console.print(f"[red]Cannot listen on {host}:{port}:[/red] {escape(str(exc))}")
+        sys.exit(1)
+    spec = dataclasses.replace(spec, listen_fd=sock.fileno())
+    # The first workers start from what this process loaded (a fork, when it is safe);
+    # then it becomes the supervisor (same PID: the one to `kill -HUP`), a fresh
+    # interpreter that holds none of it.
+    started = fork_workers(spec, workers) if threading.active_count() == 1 else None
+    exec_supervisor(host, port, workers, spec.to_dict(), sock=sock, started=started)
+
+
+def _size(ctx: click.Context, param: click.Parameter, value: str) -> int:
+    """A size flag (``32KB``, ``65536``) in bytes."""
+    from pyisr.cache.urls import parse_size
+
+    try:
+        return parse_size(value)
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a size such as 32KB") from None
 
 
 @main.command()
@@ -179,15 +226,71 @@ def _serve(site: Path, host: str, port: int, workers: int, dev: bool, server: st
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=3000, show_default=True, type=int)
 @click.option("--workers", default=1, show_default=True, type=click.IntRange(min=1))
-@click.option("--server", type=click.Choice(["uvicorn", "granian"]), default="uvicorn", show_default=True)
+@click.option(
+    "--server",
+    type=click.Choice(["granian", "uvicorn"]),
+    default="granian",
+    show_default=True,
+    help="granian (RSGI) is the faster (README, Performance); uvicorn runs pyisr over ASGI.",
+)
+@click.option(
+    "--max-header-bytes",
+    default="32KB",
+    show_default=True,
+    callback=_size,
+    help="Longest request head (request line and headers); longer is answered 431.",
+)
+@click.option(
+    "--header-timeout",
+    default=10.0,
+    show_default=True,
+    type=click.FloatRange(min=0, min_open=True),
+    help="Seconds a request's head may take, from the connection's opening or last response.",
+)
+@click.option(
+    "--keep-alive-timeout",
+    default=5.0,
+    show_default=True,
+    type=click.FloatRange(min=0, min_open=True),
+    help="Seconds an idle connection is kept open.",
+)
+@click.option(
+    "--max-connections",
+    default=1024,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Connections one worker holds at once.",
+)
+@click.option(
+    "--graceful-timeout",
+    default=30.0,
+    show_default=True,
+    type=click.FloatRange(min=0, min_open=True),
+    help="Seconds stopping or replaced workers get to finish their requests.",
+)
 @settings_options
-def start(site: Path, host: str, port: int, workers: int, server: str, **settings: Any) -> None:
+def start(
+    site: Path,
+    host: str,
+    port: int,
+    workers: int,
+    server: str,
+    max_header_bytes: int,
+    header_timeout: float,
+    keep_alive_timeout: float,
+    max_connections: int,
+    graceful_timeout: float,
+    **settings: Any,
+) -> None:
     """Serve the build of SITE with stale-while-revalidate."""
     _config(site, **settings)
     _export(settings)
-    if not (site / ".pyisr" / "manifest.json").is_file():
+    from pyisr.deploys import START_PID_ENV, current_manifest_path
+
+    if current_manifest_path(site) is None:  # BUILD_ID and that build's own manifest
         console.print(f"[red]No build found in {site / '.pyisr'}.[/red] Run `pyisr build {site}` first.")
         sys.exit(1)
+    os.environ[START_PID_ENV] = str(os.getpid())  # whom a worker tells to `kill -HUP` for a new build
     try:
         from pyisr.site.site import Site
 
@@ -195,8 +298,19 @@ def start(site: Path, host: str, port: int, workers: int, server: str, **setting
     except SiteLoadError as exc:
         console.print(f"[red]Cannot start:[/red] {escape(str(exc))}")
         sys.exit(1)
+    from pyisr.server.limits import HTTPLimits
+
+    try:
+        limits = HTTPLimits(
+            max_header_bytes=max_header_bytes,
+            header_timeout=header_timeout,
+            keep_alive_timeout=keep_alive_timeout,
+            max_connections=max_connections,
+        )
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
     console.print(f"pyisr serving {site} on http://{host}:{port} ({workers} worker(s), {server})")
-    _serve(site, host, port, workers, dev=False, server=server)
+    _serve(site, host, port, workers, False, server, limits=limits, graceful_timeout=graceful_timeout)
 
 
 @main.command()
@@ -267,12 +381,11 @@ def _site_engine(site: Path) -> Any:
 
 def _cache_key(path: str) -> str:
     """The key a command line names: a page's path, or a data key as ``cache list`` prints it."""
-    from pyisr.paths import BadPath, normalize_path
+    from pyisr.cache_tools import cache_key
+    from pyisr.paths import BadPath
 
-    if path.startswith("data:"):
-        return path
     try:
-        return normalize_path(path)
+        return cache_key(path)
     except BadPath as exc:
         raise click.BadParameter(f"{path!r}: {exc}") from None
 
@@ -282,22 +395,21 @@ def _cache_key(path: str) -> str:
 @click.option("--site", type=click.Path(file_okay=False, path_type=Path), default=".")
 def cache_inspect(path: str, site: Path) -> None:
     """Show what is cached for PATH (or a data key): age, revalidate, tags, last failure."""
-    from pyisr.server.endpoints import describe_entry
+    from pyisr import cache_tools
 
     engine = _site_engine(site)
     key = _cache_key(path)
 
     async def run() -> Any:
         try:
-            return await engine.inspect(key)
+            return await cache_tools.inspect(engine, key, time.time())
         finally:
             await engine.handler.close()
 
-    entry = asyncio.run(run())
-    if entry is None:
+    info = asyncio.run(run())
+    if info is None:
         click.echo(json.dumps({"key": key, "cached": False}))
         sys.exit(1)
-    info = describe_entry(entry, time.time())
     click.echo(json.dumps(info, indent=2))
 
 
@@ -306,11 +418,13 @@ def cache_inspect(path: str, site: Path) -> None:
 @click.option("--prefix", default="")
 def cache_list(site: Path, prefix: str) -> None:
     """List cached keys."""
+    from pyisr import cache_tools
+
     engine = _site_engine(site)
 
     async def run() -> None:
         try:
-            async for key in engine.handler.keys(prefix):
+            async for key in cache_tools.keys(engine, prefix):
                 click.echo(key)
         finally:
             await engine.handler.close()
@@ -328,14 +442,14 @@ def cache_purge(path: str, site: Path) -> None:
     through the cache's tag manifest (within a second), and the next request for it
     renders afresh. Purging a data key also invalidates the pages that read it.
     """
-    from pyisr.cache.tags import key_tag
+    from pyisr import cache_tools
 
     engine = _site_engine(site)
     key = _cache_key(path)
 
     async def run() -> None:
         try:
-            await engine.revalidate_tags([key_tag(key)])
+            await cache_tools.purge(engine, key)
         finally:
             await engine.handler.close()
 

@@ -40,3 +40,28 @@ def test_bench_herd_quick_writes_json(tmp_path: Path) -> None:
     summary = (tmp_path / "summary.md").read_text()
     assert "herd" in summary and "| target |" in summary
     assert "herd" in done.stdout  # the table is printed too
+
+
+@pytest.mark.slow
+def test_bench_abuse_quick_writes_json(tmp_path: Path) -> None:
+    """The abuse scenario runs under both servers and reports what its targets need."""
+    done = subprocess.run(
+        [sys.executable, "-m", "bench", "abuse", "--quick", "--no-install", "--out", str(tmp_path)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    data = json.loads((tmp_path / "abuse.json").read_text())
+    assert data["scenario"] == "abuse" and data["skipped"] is None
+    cases = [row for row in data["rows"] if row["table"] == "abuse"]
+    assert {row["case"] for row in cases} == {"pyisr granian", "pyisr uvicorn"}
+    for row in cases:
+        assert row["hit_answers"] > 0 and row["hit_p99_ms"] is not None
+        assert row["rss_max_mb"] > 0 and row["cache_max_mb"] > 0
+    samples = [row for row in data["rows"] if row["table"] == "samples"]
+    assert len(samples) >= 4
+    assert {t["target"].split(":")[0] for t in data["targets"]} == {"abuse granian", "abuse uvicorn"}
+    assert all(t["met"] in (True, False) for t in data["targets"])
+    assert "abuse" in (tmp_path / "summary.md").read_text()

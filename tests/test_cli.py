@@ -42,7 +42,8 @@ def test_build_prints_a_summary_table(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert "/p/[id]" in result.stdout and "ISR 60s" in result.stdout and "static" in result.stdout
     assert "Built 6 pages" in result.stderr
-    assert (site / ".pyisr" / "cache" / "entries" / "p" / "3.html").is_file()
+    build_id = (site / ".pyisr" / "BUILD_ID").read_text()
+    assert (site / ".pyisr" / "cache" / build_id / "entries" / "p" / "3.html").is_file()
 
 
 def test_a_page_that_raises_fails_the_build(tmp_path: Path) -> None:
@@ -85,18 +86,27 @@ def test_a_failed_rebuild_keeps_the_previous_build_whole(tmp_path: Path) -> None
     dot = site / ".pyisr"
     first_id = (dot / "BUILD_ID").read_text()
     # A build killed midway leaves its private directory behind; the next build removes it.
-    (dot / "cache.building-deadbeef" / "entries").mkdir(parents=True)
+    (dot / "cache" / ".staging-deadbeef" / "entries").mkdir(parents=True)
 
     failed = run_cli(["build", str(site)], {"BUILD_NO": "2", "BREAK": "1"})
     assert failed.returncode == 1
     assert (dot / "BUILD_ID").read_text() == first_id
     for n in ("1", "2"):
-        assert "build=1" in (dot / "cache" / "entries" / "p" / f"{n}.html").read_text()
+        assert "build=1" in (dot / "cache" / first_id / "entries" / "p" / f"{n}.html").read_text()
 
     assert run_cli(["build", str(site)], {"BUILD_NO": "3"}).returncode == 0
-    assert (dot / "BUILD_ID").read_text() != first_id
-    assert "build=3" in (dot / "cache" / "entries" / "p" / "2.html").read_text()
-    assert sorted(p.name for p in dot.iterdir()) == ["BUILD_ID", "build.lock", "cache", "manifest.json"]
+    third_id = (dot / "BUILD_ID").read_text()
+    assert third_id != first_id
+    assert "build=3" in (dot / "cache" / third_id / "entries" / "p" / "2.html").read_text()
+    assert sorted(p.name for p in dot.iterdir()) == [
+        "BUILD_ID",
+        "PREVIOUS_BUILD_ID",
+        "build.lock",
+        "builds",
+        "cache",
+        "manifest.json",
+    ]
+    assert sorted(p.name for p in (dot / "cache").iterdir()) == sorted([first_id, third_id])
 
     # A second build while one runs would remove its staging directory: it is refused.
     import fcntl
@@ -109,7 +119,7 @@ def test_a_failed_rebuild_keeps_the_previous_build_whole(tmp_path: Path) -> None
     finally:
         os.close(fd)
     assert busy.returncode == 1 and "another `pyisr build` of this site is running" in busy.stderr
-    assert "build=3" in (dot / "cache" / "entries" / "p" / "2.html").read_text()
+    assert "build=3" in (dot / "cache" / third_id / "entries" / "p" / "2.html").read_text()
 
 
 def test_S25_invalid_revalidate_fails_the_build(tmp_path: Path) -> None:

@@ -2,10 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import httpx
 import pytest
 
+from pyisr.cache.memory import MemoryCache
+from pyisr.config import load_config
 from pyisr.draft import COOKIE, cookie_from_header, draft_cookie_value, is_draft_request, is_valid
+from pyisr.engine import Engine
 from pyisr.integrations import BYPASS_HEADERS, is_bypassed
+from pyisr.runtime import set_engine
+from pyisr.server.app import App
 
 
 def test_a_cookie_made_with_the_secret_is_valid_until_it_expires() -> None:
@@ -42,3 +52,81 @@ def test_requests_carry_it_as_a_header_or_a_mapping(monkeypatch: pytest.MonkeyPa
     assert not is_bypassed(object(), None, "theme=dark")
     assert is_bypassed(object(), lambda request: True, None)
     assert dict(BYPASS_HEADERS)["x-pyisr-cache"] == "BYPASS"
+
+
+# -- the site server: /_pyisr/draft and pages in draft mode --------------------------------
+
+
+SITE_PAGE = """
+import itertools
+_renders = itertools.count(1)
+revalidate = 60
+
+def page(params):
+    return f"<p>render {next(_renders)}</p>"
+"""
+
+
+def _site(tmp_path: Path, secret: str | None) -> Path:
+    site = tmp_path / "site"
+    (site / "app" / "post").mkdir(parents=True)
+    (site / "app" / "post" / "page.py").write_text(SITE_PAGE)
+    if secret:
+        (site / "pyisr.toml").write_text(f'revalidate_secret = "{secret}"\n')
+    return site
+
+
+@contextlib.asynccontextmanager
+async def _client(site: Path) -> AsyncIterator[httpx.AsyncClient]:
+    app = App(site, config=load_config(site), engine=Engine(MemoryCache()))
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
+        await app.startup()
+        try:
+            yield client
+        finally:
+            await app.shutdown()
+            await app.engine.close()
+            set_engine(None)
+
+
+async def test_a_draft_visitor_sees_fresh_renders_that_are_never_stored(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("PYISR_DRAFT_SECRET", raising=False)
+    async with _client(_site(tmp_path, "s3cret")) as client:
+        cached = await client.get("/post")
+        assert (await client.get("/post")).headers["x-pyisr-cache"] == "HIT"  # the fast path holds it now
+
+        refused = await client.get("/_pyisr/draft", params={"secret": "wrong", "path": "/post"})
+        assert refused.status_code == 401 and COOKIE not in refused.headers.get("set-cookie", "")
+        for target in ("//evil.example/x", "https://evil.example/", "/\\evil.example"):
+            bad = await client.get("/_pyisr/draft", params={"secret": "s3cret", "path": target})
+            assert bad.status_code == 400, target
+
+        on = await client.get("/_pyisr/draft", params={"secret": "s3cret", "path": "/post"})
+        assert on.status_code == 307 and on.headers["location"] == "/post"
+        cookie = on.headers["set-cookie"]
+        assert cookie.startswith(f"{COOKIE}=") and "HttpOnly" in cookie and "samesite=lax" in cookie.lower()
+        value = cookie.split(";", 1)[0].split("=", 1)[1]
+        client.cookies.clear()  # each request below says which cookie it carries
+
+        drafts = [await client.get("/post", headers={"cookie": f"{COOKIE}={value}"}) for _ in range(2)]
+        assert [d.headers["x-pyisr-cache"] for d in drafts] == ["BYPASS", "BYPASS"]
+        assert drafts[0].text != drafts[1].text != cached.text, "each draft request renders afresh"
+        assert drafts[0].headers["cache-control"].startswith("private, no-cache, no-store")
+        anonymous = await client.get("/post")
+        assert anonymous.headers["x-pyisr-cache"] == "HIT" and anonymous.text == cached.text
+
+        forged = await client.get("/post", headers={"cookie": f"{COOKIE}=9999999999.00"})
+        assert forged.headers["x-pyisr-cache"] == "HIT" and forged.text == cached.text
+
+        off = await client.get("/_pyisr/draft", params={"secret": "s3cret", "path": "/post", "disable": "1"})
+        assert off.status_code == 307 and "Max-Age=0" in off.headers["set-cookie"]
+
+
+async def test_draft_mode_is_off_without_a_secret(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("PYISR_DRAFT_SECRET", raising=False)
+    monkeypatch.delenv("PYISR_REVALIDATE_SECRET", raising=False)
+    async with _client(_site(tmp_path, None)) as client:
+        assert (await client.get("/_pyisr/draft", params={"secret": "", "path": "/post"})).status_code == 404

@@ -114,7 +114,7 @@ def test_build_prints_a_summary_and_writes_the_build_id(server: Server) -> None:
     assert routes["/blog/[id]"]["prerendered"] == ["/blog/1"]
     assert routes["/blogf/[id]"]["fallback"] is False
     # Prerendered pages are browsable files.
-    assert (server.site / ".pyisr" / "cache" / "entries" / "blog" / "1.html").is_file()
+    assert (server.site / ".pyisr" / "cache" / build_id / "entries" / "blog" / "1.html").is_file()
 
 
 def test_S01_S07_S09_S10_S28_S02_prerendered_page(server: Server, counts_dir: Path) -> None:

@@ -214,6 +214,19 @@ def test_describe_does_not_walk(root: Path) -> None:
     assert info["handler"] == "filesystem" and info["root"] == str(root)
 
 
+async def test_describe_reports_the_cap_and_the_bytes_held(root: Path) -> None:
+    cache = FileSystemCache(root, fsync=False, max_bytes=5 * 1024 * 1024)
+    info = cache.describe()
+    assert info["max_bytes"] == 5 * 1024 * 1024 and info["bytes"] is None  # nothing scanned yet
+    await cache.set(entry("/a", b"x" * 10_000))
+    await cache.evict()
+    info = cache.describe()
+    assert 16 * 1024 <= info["bytes"] <= 5 * 1024 * 1024
+    assert info["budget"]["entries"] == 1
+    json.dumps(info)  # the health endpoint shows it
+    await cache.close()
+
+
 def test_unusable_root_raises_naming_the_path(tmp_path: Path) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")

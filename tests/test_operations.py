@@ -106,7 +106,7 @@ async def test_the_revalidate_endpoint_refuses_what_it_cannot_mean(site: Path) -
         assert (await http.post("/_pyisr/revalidate", content=big, headers=auth)).status_code == 413
         pattern = await http.post("/_pyisr/revalidate?path=/blog/[id]", headers=auth)
         assert pattern.status_code == 400 and "type=page" in pattern.json()["error"]
-        assert not (site / ".pyisr" / "cache" / "entries" / "blog" / "[id].html").exists()
+        assert not (site / ".pyisr" / "cache" / "dev" / "entries" / "blog" / "[id].html").exists()
         ok = await http.post(
             "/_pyisr/revalidate", content=b'{"path": "/blog/[id]", "type": "page"}', headers=auth
         )

@@ -17,9 +17,17 @@ metadata. Readers therefore never see a torn entry. Temporary files are named
 ``sweep_temp_files`` removes those a killed writer left.
 
 Regeneration locks are non-blocking flocks on ``locks/<sha1>.lock``: the OS frees one
-if its holder dies. POSIX only (``fcntl.flock``). Lock files are small and never
-removed (removing a lock file another process has open would let two processes hold
-the "same" lock).
+if its holder dies. POSIX only (``fcntl.flock``). Their files are removed by their
+holder on release, safely (see :mod:`pyisr.cache.files`), and write locks are 256
+files keys share (:func:`pyisr.cache.fs_layout.write_lock_path`), so lock files do not
+pile up one per key ever locked.
+
+The cache is capped (``max_bytes``, 1 GiB by default): everything under the root
+counts, entries are evicted approximately least recently used first, negative results
+(404) have a small share of their own, and entries a day past their ``expire`` go first;
+:mod:`pyisr.cache.fs_budget` tells how. Evicting an entry is deleting it, under the
+key's write lock, so it never tears an entry; reading an evicted key gives ``None``.
+Directories a deletion leaves empty are removed, and a writer makes them again.
 """
 
 from __future__ import annotations
@@ -31,9 +39,10 @@ import json
 import logging
 import os
 import secrets
+import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -42,13 +51,26 @@ from pyisr.cache.files import (
     TEMP_SUFFIX,
     exclusive_lock,
     fsync_dir,
+    make_dirs,
     read_file,
+    remove_empty_dirs,
     write_temp,
+)
+from pyisr.cache.fs_budget import NEGATIVE_STATUS, DiskBudget, expires_at
+from pyisr.cache.fs_entry import (
+    Torn,
+    body_size_matches,
+    build_entry,
+    load_meta,
+    needs_repair,
+    roll_forward,
+    try_load_meta,
 )
 from pyisr.cache.fs_layout import (
     ENTRY_DIRS,
     LOCKS_DIR,
     EntryFiles,
+    is_regeneration_lock,
     key_to_slot,
     listing_dirs,
     regeneration_lock_path,
@@ -69,70 +91,16 @@ THREADED_READ_BYTES = 256 * 1024
 IO_THREADS = 8
 
 
-# -- does a pair of files form an entry ---------------------------------------------------
+def _log_failure(future: Future[Any]) -> None:
+    if not future.cancelled() and future.exception() is not None:
+        exc = future.exception()
+        logger.error("pyisr: cache maintenance failed: %r", exc, exc_info=exc)
 
 
-def _body_digest(meta: Mapping[str, Any]) -> Any:
-    return meta.get("body_etag") or meta.get("etag")
-
-
-def _consistent(meta: Mapping[str, Any], body: bytes) -> bool:
-    """True when ``body`` is exactly the body ``meta`` was written with."""
-    try:
-        size = int(meta["size"])
-    except (KeyError, TypeError, ValueError):
-        return False
-    return size == len(body) and make_etag(body) == _body_digest(meta)
-
-
-class _Torn(Exception):
-    """Metadata and body disagree, or the metadata is unreadable."""
-
-
-def _load_meta(data: bytes | None) -> dict[str, Any] | None:
-    """Parsed metadata, or ``None`` if absent; raises ``_Torn`` if not a JSON object."""
-    if data is None:
-        return None
-    try:
-        meta = json.loads(data)
-    except ValueError as exc:
-        raise _Torn from exc
-    if not isinstance(meta, dict):
-        raise _Torn
-    return meta
-
-
-def _build(key: str, meta: dict[str, Any], body: bytes | None) -> CacheEntry | None:
-    """The entry from its two files; raises ``_Torn`` unless they belong together."""
-    if meta.get("key") != key:
-        return None  # another key shares the path (case-insensitive file system)
-    if body is None or not _consistent(meta, body):
-        raise _Torn
-    try:
-        return CacheEntry.from_meta(meta, body)
-    except (ValueError, KeyError, TypeError) as exc:
-        raise _Torn from exc
-
-
-def _needs_repair(key: str, slot: EntryFiles) -> bool:
-    """True when the files of ``key`` do not form an entry (a writer died mid-way)."""
-    body = read_file(slot.body)
-    try:
-        meta = _load_meta(read_file(slot.meta))
-        if meta is None:
-            return body is not None  # a first write that died between its renames
-        _build(key, meta, body)
-    except _Torn:
-        return True
-    return False
-
-
-def _try_load_meta(data: bytes | None) -> dict[str, Any] | None:
-    """Parsed metadata, ``None`` if absent or unreadable (for best-effort callers)."""
-    try:
-        return _load_meta(data)
-    except _Torn:
-        return None
+def _remove_if_unheld(lock_file: Path) -> None:
+    """Remove a lock file nobody holds, by taking it the way its users do (see ``files``)."""
+    with contextlib.suppress(OSError), exclusive_lock(lock_file, blocking=False, remove=True):
+        pass
 
 
 class FileSystemCache(CacheHandler):
@@ -147,6 +115,7 @@ class FileSystemCache(CacheHandler):
         fsync: bool = True,
         tag_log_compact_bytes: int = TAG_LOG_COMPACT_BYTES,
         staging: bool = False,
+        max_bytes: int | None = None,
     ) -> None:
         self.root = Path(root)
         self.fsync = fsync
@@ -162,6 +131,11 @@ class FileSystemCache(CacheHandler):
         #: Regeneration locks held by this object: key -> (the held flock, token, monotonic expiry).
         self._held: dict[str, tuple[contextlib.ExitStack, str, float]] = {}
         self._check_root()
+        #: What the cache holds on disk and what to evict (``None``: the 1 GiB default).
+        self.budget = DiskBudget(self.root, max_bytes)
+        self._maintenance: Future[int] | None = None
+        self._maintenance_lock = threading.Lock()
+        self._closed = False
 
     def _check_root(self) -> None:
         """Fail at start-up, naming the directory, rather than on the first request."""
@@ -180,13 +154,16 @@ class FileSystemCache(CacheHandler):
                 str(self.root),
             ) from exc
 
-    def _io(self, fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
-        """Run blocking file I/O on this cache's own threads (made per process: a forked
-        worker inherits none)."""
+    def _pool(self) -> ThreadPoolExecutor:
+        """This cache's own I/O threads (made per process: a forked worker inherits none)."""
         if self._io_pool is None or self._io_pid != os.getpid():
             self._io_pool = ThreadPoolExecutor(IO_THREADS, thread_name_prefix="pyisr-cache-io")
             self._io_pid = os.getpid()
-        return asyncio.get_running_loop().run_in_executor(self._io_pool, fn, *args)
+        return self._io_pool
+
+    def _io(self, fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
+        """Run blocking file I/O on this cache's own threads."""
+        return asyncio.get_running_loop().run_in_executor(self._pool(), fn, *args)
 
     # -- entries ------------------------------------------------------------------------
 
@@ -198,7 +175,7 @@ class FileSystemCache(CacheHandler):
         """The entry, checked against its metadata; re-read under the key's lock if torn."""
         slot = self.slot(key)
         try:
-            meta = _load_meta(read_file(slot.meta))
+            meta = load_meta(read_file(slot.meta))
             if meta is None:
                 return None
             size = meta.get("size")
@@ -206,58 +183,33 @@ class FileSystemCache(CacheHandler):
                 body = await self._io(read_file, slot.body)
             else:
                 body = read_file(slot.body)
-            return _build(key, meta, body)
-        except _Torn:
+            entry = build_entry(key, meta, body)
+        except Torn:
             # Raced a writer, or a writer died between its renames: wait for the key's lock.
-            return await self._io(self._get_locked, key, slot)
+            entry = await self._io(self._get_locked, key, slot)
+        if entry is not None:
+            self.budget.touch(key)
+        return entry
+
+    def touch(self, key: str) -> None:
+        """Count ``key`` as used now, for eviction; no I/O. ``get`` does it; a memory tier
+        serving ``key`` from its own copy may call it too."""
+        self.budget.touch(key)
 
     def _get_locked(self, key: str, slot: EntryFiles) -> CacheEntry | None:
         with self._write_lock(key):
             for attempt in range(2):
                 try:
-                    meta = _load_meta(read_file(slot.meta))
-                    return None if meta is None else _build(key, meta, read_file(slot.body))
-                except _Torn:
+                    meta = load_meta(read_file(slot.meta))
+                    return None if meta is None else build_entry(key, meta, read_file(slot.body))
+                except Torn:
                     if attempt or not self._roll_forward(key, slot):
                         break
         logger.warning("pyisr: cache entry %r at %s is inconsistent; treating it as missing", key, slot.meta)
         return None
 
     def _roll_forward(self, key: str, slot: EntryFiles) -> bool:
-        """Finish a write killed between renaming its body and its metadata.
-
-        Its temporary metadata was fsynced before the body was renamed, so if one
-        matches the body on disk, renaming it into place completes that write. Caller
-        holds the key's write lock.
-        """
-        body = read_file(slot.body)
-        if body is None:
-            return False
-        best: tuple[float, Path] | None = None
-        try:
-            names = [e.name for e in os.scandir(slot.dir)]
-        except FileNotFoundError:
-            return False
-        for name in names:
-            if not (name.startswith(slot.meta_temp_prefix) and name.endswith(TEMP_SUFFIX)):
-                continue
-            path = slot.dir / name
-            meta = _try_load_meta(read_file(path))
-            if meta is None or meta.get("key") != key or not _consistent(meta, body):
-                continue
-            try:
-                created = float(meta["created_at"])
-            except (KeyError, TypeError, ValueError):
-                continue
-            if best is None or created > best[0]:
-                best = (created, path)
-        if best is None:
-            return False
-        os.replace(best[1], slot.meta)
-        if self.fsync:
-            fsync_dir(slot.dir)
-        logger.warning("pyisr: completed an interrupted write of cache entry %r", key)
-        return True
+        return roll_forward(key, slot, fsync=self.fsync)
 
     async def set(self, entry: CacheEntry) -> bool:
         """Store ``entry`` unless a newer one is stored (fsync blocks, so in a thread)."""
@@ -280,22 +232,23 @@ class FileSystemCache(CacheHandler):
         meta_bytes = json.dumps(meta, separators=(",", ":"), ensure_ascii=False).encode()
         if self.staging:
             return self._set_staged(slot, body, meta_bytes)
+        size = self.budget.entry_size(len(body), len(meta_bytes))
+        self.budget.make_room(entry.key, size, entry.status == NEGATIVE_STATUS, self._evict_sync)
         with self._write_lock(entry.key):
-            current = _try_load_meta(read_file(slot.meta))
+            current = try_load_meta(read_file(slot.meta))
             if current is not None and current.get("key") == entry.key:
                 # A torn pair (a writer died between renames) is completed first, so the
                 # fencing below compares with what was really stored last.
-                if not self._body_size_matches(slot, current) and self._roll_forward(entry.key, slot):
-                    current = _try_load_meta(read_file(slot.meta))
+                if not body_size_matches(slot, current) and self._roll_forward(entry.key, slot):
+                    current = try_load_meta(read_file(slot.meta))
                 stored_at = current.get("created_at") if current is not None else None
                 if isinstance(stored_at, int | float) and stored_at > entry.created_at:
                     return False
-            slot.dir.mkdir(parents=True, exist_ok=True)
             token = secrets.token_hex(6)
             temps: list[Path] = []
             body_in_place = False
             try:
-                temps.append(write_temp(slot.dir, slot.body.name, body, token, self.fsync))
+                temps.append(self._first_temp(slot, body, token))
                 temps.append(write_temp(slot.dir, slot.meta.name, meta_bytes, token, self.fsync))
                 os.replace(temps[0], slot.body)
                 body_in_place = True
@@ -308,7 +261,63 @@ class FileSystemCache(CacheHandler):
                 raise
             if self.fsync:
                 fsync_dir(slot.dir)
+            self.budget.record(entry.key, size, status=entry.status, expires=entry.expires_at())
+        self._after_write()
         return True
+
+    def _first_temp(self, slot: EntryFiles, body: bytes, token: str) -> Path:
+        """Write the body's temporary file, making the key's directories when missing (never
+        made yet, or removed by a deletion that left them empty, even between two tries)."""
+        for attempt in range(5):
+            try:
+                return write_temp(slot.dir, slot.body.name, body, token, self.fsync)
+            except FileNotFoundError:
+                if attempt == 4:
+                    raise
+                with contextlib.suppress(FileNotFoundError):
+                    self._make_dirs(slot.dir)
+        raise AssertionError("unreachable")
+
+    def _make_dirs(self, directory: Path) -> None:
+        self.budget.adjust_other(make_dirs(directory) * self.budget.block)
+
+    def _prune_dirs(self, directory: Path) -> None:
+        """Remove the directories a deletion left empty, but never ``entries/``, ``data/``
+        or ``long/``; a writer racing this makes them again (``_first_temp``)."""
+        self.budget.adjust_other(-remove_empty_dirs(directory, keep=self.root) * self.budget.block)
+
+    def _after_write(self) -> None:
+        """Start the budget's background task if it has work and is not running already."""
+        if not self.budget.maintenance_due():
+            return
+        with self._maintenance_lock:
+            if self._maintenance is None or self._maintenance.done():
+                self._maintenance = self._background(self._maintain_sync)
+
+    def _evict_sync(self, key: str, expired_at: float | None = None) -> bool:
+        return self._delete_sync(key, expired_at, evicting=True)
+
+    def _maintain_sync(self, thorough: bool = False) -> int:
+        return self.budget.maintain(self._evict_sync, thorough=thorough)
+
+    async def evict(self) -> int:
+        """Bring the cache within its budget now (scan if due, expired entries, then least
+        recently used); returns how many entries were deleted. Writes start this by
+        themselves in the background; this is for tools and tests."""
+        running = self._maintenance
+        if running is not None and not running.done():  # let it finish what it picked
+            with contextlib.suppress(Exception):
+                await asyncio.wrap_future(running)
+        return await self._io(self._maintain_sync, True)
+
+    def _background(self, fn: Callable[..., T], *args: Any) -> Future[T] | None:
+        """Run ``fn`` on the I/O threads without anyone waiting for it; failures are logged.
+        Nothing starts once the cache is closed (its threads are going away)."""
+        if self._closed:
+            return None
+        future = self._pool().submit(fn, *args)
+        future.add_done_callback(_log_failure)
+        return future
 
     def _set_staged(self, slot: EntryFiles, body: bytes, meta_bytes: bytes) -> bool:
         """Write straight into place: body first, so a meta file always has its body."""
@@ -325,13 +334,6 @@ class FileSystemCache(CacheHandler):
             f.write(meta_bytes)
         return True
 
-    @staticmethod
-    def _body_size_matches(slot: EntryFiles, meta: Mapping[str, Any]) -> bool:
-        try:
-            return os.stat(slot.body).st_size == meta.get("size")
-        except FileNotFoundError:
-            return False
-
     def _write_lock(self, key: str) -> contextlib.AbstractContextManager[None]:
         """Held while ``key``'s files are compared and replaced, so writers and repairs take turns."""
         return exclusive_lock(write_lock_path(self.root, key), blocking=True)
@@ -340,15 +342,36 @@ class FileSystemCache(CacheHandler):
         """Remove both files, metadata first so the entry vanishes in one step."""
         await self._io(self._delete_sync, key)
 
-    def _delete_sync(self, key: str) -> None:
+    def _delete_sync(self, key: str, expired_at: float | None = None, *, evicting: bool = False) -> bool:
+        """Delete ``key``'s files (True if there were any); with ``expired_at``, only an entry
+        expired by then, so a fresher one written meanwhile stays (eviction's fence).
+
+        ``evicting`` skips reading the metadata when nothing needs it: on a file system
+        that folds case, the files may hold another key's entry, and evicting that one
+        instead is as good (it is rendered again when asked).
+        """
         slot = self.slot(key)
+        removed = False
         with self._write_lock(key):
-            meta = _try_load_meta(read_file(slot.meta))
+            data = read_file(slot.meta) if expired_at is not None or not evicting else None
+            meta = try_load_meta(data)
             if meta is not None and meta.get("key") != key:
-                return  # the files belong to another key (case-insensitive file system)
+                self.budget.forget(key)
+                return False  # the files belong to another key (case-insensitive file system)
+            if expired_at is not None and meta is not None and data is not None:
+                expires = expires_at(meta)
+                if expires is None or expires > expired_at:
+                    size = self.budget.entry_size(int(meta.get("size") or 0), len(data))
+                    self.budget.record(key, size, status=meta.get("status", 200), expires=expires)
+                    return False
             for path in (slot.meta, slot.body):
                 with contextlib.suppress(FileNotFoundError, NotADirectoryError):
                     path.unlink()
+                    removed = True
+            self.budget.forget(key)
+        if removed:
+            self._prune_dirs(slot.dir)
+        return removed
 
     # -- listing and maintenance ----------------------------------------------------------
 
@@ -364,7 +387,7 @@ class FileSystemCache(CacheHandler):
                 for name in files:
                     if name.startswith(".") or not name.endswith(".json"):
                         continue
-                    meta = _try_load_meta(read_file(Path(dirpath, name)))
+                    meta = try_load_meta(read_file(Path(dirpath, name)))
                     if meta is not None and isinstance(meta.get("key"), str):
                         if meta["key"].startswith(prefix):
                             found.append(meta["key"])
@@ -372,6 +395,9 @@ class FileSystemCache(CacheHandler):
 
     async def sweep_temp_files(self, older_than: float = 60) -> int:
         """Remove temporary files left by killed writers; returns how many were handled.
+
+        Regeneration lock files a killed holder could not remove go too (those nobody
+        holds; not counted).
 
         A temporary metadata file whose write died between its two renames is renamed
         into place instead of removed. Files younger than ``older_than`` seconds may
@@ -391,6 +417,10 @@ class FileSystemCache(CacheHandler):
             for item in it:
                 if item.name.startswith(".") and item.name.endswith(TEMP_SUFFIX):
                     handled += self._sweep_one(Path(item.path), cutoff)
+        with contextlib.suppress(FileNotFoundError), os.scandir(self.root / LOCKS_DIR) as it:
+            for item in it:
+                if is_regeneration_lock(item.name):
+                    _remove_if_unheld(Path(item.path))
         return handled
 
     def _sweep_one(self, path: Path, cutoff: float) -> int:
@@ -400,13 +430,13 @@ class FileSystemCache(CacheHandler):
         except FileNotFoundError:
             return 0
         if ".json." in path.name:
-            meta = _try_load_meta(read_file(path))
+            meta = try_load_meta(read_file(path))
             if meta is not None and isinstance(meta.get("key"), str):
                 key = meta["key"]
                 slot = self.slot(key)
                 if slot.dir == path.parent:
                     with self._write_lock(key):
-                        if _needs_repair(key, slot) and self._roll_forward(key, slot) and not path.exists():
+                        if needs_repair(key, slot) and self._roll_forward(key, slot) and not path.exists():
                             return 1
         try:
             path.unlink()
@@ -453,7 +483,8 @@ class FileSystemCache(CacheHandler):
             held[0].close()
         flock = contextlib.ExitStack()
         try:
-            flock.enter_context(exclusive_lock(regeneration_lock_path(self.root, key), blocking=False))
+            path = regeneration_lock_path(self.root, key)
+            flock.enter_context(exclusive_lock(path, blocking=False, remove=True))
         except BlockingIOError:
             return None
         token = secrets.token_hex(8)
@@ -471,6 +502,7 @@ class FileSystemCache(CacheHandler):
 
     async def close(self) -> None:
         """Close the descriptors of held regeneration locks, which releases them."""
+        self._closed = True
         held, self._held = self._held, {}
         for flock, _token, _expires in held.values():
             with contextlib.suppress(OSError):
@@ -492,10 +524,15 @@ class FileSystemCache(CacheHandler):
         return self.root.absolute().parent / "signing.key"
 
     def describe(self) -> dict[str, Any]:
-        """Root and lock count; no directory walk, which could be slow on a big cache."""
+        """Root, lock count, the cap and the bytes held (from the index: no directory walk,
+        which could be slow on a big cache; ``bytes`` is ``None`` until the first write)."""
+        budget = self.budget.describe()
         return {
             "handler": self.name,
             "root": str(self.root),
             "locks_held": len(self._held),
             "tag_log_bytes": self._tag_log.bytes_read,
+            "max_bytes": budget.pop("max_bytes"),
+            "bytes": budget.pop("bytes"),
+            "budget": budget,
         }

@@ -7,8 +7,9 @@ Layout under ``root`` (by default ``<site>/.pyisr/cache``)::
     entries/index.html      key ``/``
     data/3f/a2....bin       data-cache value of key ``data:3fa2...`` (+ ``.json``)
     long/<h2>/<sha256>.bin  any key the readable mapping cannot hold (+ ``.json``)
-    locks/<sha1>.lock       regeneration lock of a key (``acquire_lock``)
-    locks/<sha1>.write      held while a key's files are compared and replaced
+    locks/<sha1>.lock       regeneration lock of a key (``acquire_lock``), removed on release
+    locks/<xx>.write        held while a key's files are compared and replaced: one of 256
+                            stripes (``xx``: the first byte of the key's SHA-1), never removed
     tags.log                tag manifest: a header line, then one JSON line per invalidation
     tags.lock               appenders share it, compaction takes it exclusively
 
@@ -27,10 +28,15 @@ one-to-one and no component can be special to the OS):
 * the single-segment key ``/index`` is stored as ``%69ndex`` because ``index`` is
   the key ``/``.
 
-Keys whose path would be too long (a component over 200 bytes, or the whole path
-over 3,000 bytes), keys not starting with ``/`` and malformed ``data:`` keys are
-stored under ``long/`` by the SHA-256 of the key. The metadata always holds the
-exact key, which ``get`` checks and ``keys`` reports; the path is only an address.
+Keys whose path would be too long or too deep (a component over 200 bytes, the
+whole path over 3,000 bytes, more than 32 segments, or a key longer than
+:data:`pyisr.paths.MAX_KEY_BYTES`, which no request can name), keys not starting
+with ``/`` and malformed ``data:`` keys are stored under ``long/`` by the SHA-256 of
+the key: whatever a caller passes, a key costs two files with names of bounded
+length under at most 31 directories (two when hashed), never a name built from
+kilobytes of its bytes nor hundreds of nested directories.
+The metadata always holds the exact key, which ``get`` checks and ``keys`` reports;
+the path is only an address.
 
 On a case-insensitive or Unicode-normalising file system (macOS) keys differing only
 in case or normalisation share files, and ``get`` returns ``None`` for the one not
@@ -44,11 +50,18 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from pyisr.paths import MAX_KEY_BYTES
+
 #: Longest path component (bytes) the readable mapping uses; NAME_MAX is 255 and a
 #: temporary name adds a dot, a suffix and a token.
 MAX_SEGMENT_BYTES = 200
 #: Longest relative path (bytes) the readable mapping uses, well under PATH_MAX.
 MAX_PATH_BYTES = 3000
+#: Most segments the readable mapping nests: each is a directory (a block on disk), so a
+#: key such as ``/a/a/a/...`` must not cost hundreds of them.
+MAX_DEPTH = 32
+#: Write-lock files: keys share them by the first byte of their SHA-1 (:func:`write_lock_path`).
+WRITE_LOCK_STRIPES = 256
 
 #: The directories that hold entries (each may hold temporary files of killed writers).
 ENTRY_DIRS = ("entries", "data", "long")
@@ -99,6 +112,13 @@ def _key_hash(key: str) -> str:
     return hashlib.sha1(_key_bytes(key), usedforsecurity=False).hexdigest()
 
 
+def _too_long(key: str) -> bool:
+    """Longer than any key a request can name (the character count settles most keys)."""
+    return len(key) > MAX_KEY_BYTES or (
+        len(key) > MAX_KEY_BYTES // 4 and len(_key_bytes(key)) > MAX_KEY_BYTES
+    )
+
+
 def _hashed_slot(root: Path, key: str) -> EntryFiles:
     digest = hashlib.sha256(_key_bytes(key)).hexdigest()
     directory = root / "long" / digest[:2]
@@ -112,12 +132,14 @@ def key_to_slot(root: Path, key: str) -> EntryFiles:
         digest = match.group(1)
         directory = root / "data" / digest[:2]
         return EntryFiles(directory, directory / f"{digest[2:]}.bin", directory / f"{digest[2:]}.json")
-    if not key.startswith("/"):
+    if not key.startswith("/") or _too_long(key):
         return _hashed_slot(root, key)
     if key == "/":
         directory = root / "entries"
         return EntryFiles(directory, directory / "index.html", directory / "index.json")
     segments = key[1:].split("/")
+    if len(segments) > MAX_DEPTH:
+        return _hashed_slot(root, key)
     parts = [_encode_segment(s, final=i == len(segments) - 1) for i, s in enumerate(segments)]
     if parts == ["index"]:
         parts = ["%69ndex"]
@@ -154,5 +176,18 @@ def regeneration_lock_path(root: Path, key: str) -> Path:
 
 
 def write_lock_path(root: Path, key: str) -> Path:
-    """The lock file held while ``key``'s files are compared and replaced (or repaired)."""
-    return root / LOCKS_DIR / f"{_key_hash(key)}.write"
+    """The lock file held while ``key``'s files are compared and replaced (or repaired).
+
+    One of :data:`WRITE_LOCK_STRIPES` files, shared by the keys whose SHA-1 starts the
+    same: a fixed set of files reused for ever, rather than one per key (which would
+    pile up) or one made and removed per write (a file creation, the dearest step of a
+    write on some disks). Two keys of a stripe wait for each other's writes, which take
+    milliseconds; nothing holds two write locks at once, so this cannot deadlock.
+    """
+    return root / LOCKS_DIR / f"{_key_hash(key)[:2]}.write"
+
+
+def is_regeneration_lock(name: str) -> bool:
+    """Whether ``name`` (in ``locks/``) is a regeneration lock file (removed on release,
+    so one left behind was its killed holder's)."""
+    return len(name) == 45 and name.endswith(".lock")

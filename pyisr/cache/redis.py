@@ -9,6 +9,18 @@ other's pages; ``h`` is the SHA-1 of the cache key)::
     {ns}:tagseq     STRING  counter bumped by every revalidation
     {ns}:inval      pub/sub channel: {"seq": n, "tags": [...], "at": t}
 
+Every key expires by itself (``PTTL`` is never -1), so the keys of an old build, whose
+id is in the prefix, vanish with no one deleting them:
+
+* an entry lives until a day (:data:`TTL_MARGIN`) past its ``expire``, or a year and a
+  day after its ``created_at`` when it names none (a year and a day at most either way),
+  and never longer than ``entry_ttl`` from its write when the handler has one
+  (:func:`entry_ttl_ms`);
+* the manifest and its counter get that longest lifetime again on every revalidation
+  (:data:`TAG_TTL`), so they outlive every entry rendered before the revalidation they
+  record, which is the one that must still look invalidated;
+* a lock has the ``ttl`` its holder asked for.
+
 The braces are Redis Cluster hash tags: an entry and its lock share a slot, and so do
 the manifest and its counter, so every script touches one slot and the layout works
 unchanged with redis-py's cluster client (``redis+cluster://host:port``).
@@ -32,6 +44,7 @@ import hashlib
 import json
 import logging
 import secrets
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -39,7 +52,7 @@ from typing import Any, TypeVar
 from redis import exceptions as redis_errors
 from redis.asyncio.cluster import RedisCluster
 
-from pyisr.cache.entry import CacheEntry
+from pyisr.cache.entry import ONE_YEAR, CacheEntry
 from pyisr.cache.handler import CacheHandler
 from pyisr.cache.redis_connection import (
     aclose,
@@ -63,6 +76,31 @@ T = TypeVar("T")
 
 DEFAULT_BUILD_ID = "default"
 LOCAL_TOKEN_PREFIX = "local:"
+
+#: Seconds an entry stays in Redis past the end of its life: clocks of instances differ,
+#: and an entry just past ``expire`` is still worth a look for tools. One day.
+TTL_MARGIN = 86_400
+#: The longest an entry lives in Redis, from its ``created_at`` (an entry with no
+#: ``expire`` and no ``entry_ttl`` lives this long: a year, plus the margin).
+MAX_ENTRY_LIFETIME = ONE_YEAR
+#: TTL of the tag manifest and its counter, set again on every revalidation: at least
+#: the longest any entry lives, so no entry outlives the invalidation that ended it.
+TAG_TTL = MAX_ENTRY_LIFETIME + TTL_MARGIN
+
+
+def entry_ttl_ms(entry: CacheEntry, now: float, entry_ttl: float | None = None) -> int:
+    """How long Redis keeps ``entry`` (milliseconds, always > 0).
+
+    Until ``created_at + expire`` plus :data:`TTL_MARGIN`, or ``created_at`` plus a year
+    and the margin when it names no ``expire``; at most ``entry_ttl`` from now when the
+    handler has one (the operator's cap); never less than the margin, so an entry whose
+    ``created_at`` is old (or comes from a clock behind ours) is not dropped at once.
+    """
+    life = MAX_ENTRY_LIFETIME if entry.expire is None else min(entry.expire, MAX_ENTRY_LIFETIME)
+    seconds = max(entry.created_at + life - now, 0.0) + TTL_MARGIN
+    if entry_ttl:
+        seconds = min(seconds, entry_ttl)
+    return max(1, int(seconds * 1000))
 
 
 class RedisUnavailableError(ConnectionError):
@@ -105,7 +143,8 @@ class RedisCache(CacheHandler):
     * ``retry_interval`` (1 s): how often a degraded instance tries Redis again;
     * ``resync_interval`` (30 s) and ``seq_check_interval`` (1 s): how often the tag
       mirror is re-read in full, and how often the revalidation counter is checked;
-    * ``entry_ttl`` (none): let Redis expire entries, e.g. so old builds' pages go away;
+    * ``entry_ttl`` (none): the longest Redis keeps an entry, in seconds from its write
+      (every entry expires by itself anyway: see the module docstring);
     * ``client_options``: extra keyword arguments for redis-py's client.
 
     See the module docstring for the key layout, how missed pub/sub messages are
@@ -286,7 +325,7 @@ class RedisCache(CacheHandler):
 
         Returns ``False`` when fenced off, or when Redis is down (nothing stored).
         """
-        ttl_ms = int(self.entry_ttl * 1000) if self.entry_ttl else 0
+        ttl_ms = entry_ttl_ms(entry, time.time(), self.entry_ttl)
 
         async def op(state: _LoopState) -> bool:
             return await state.scripts.set_entry(
@@ -369,7 +408,9 @@ class RedisCache(CacheHandler):
     # -- tags -----------------------------------------------------------------------------
 
     async def _publish_tags(self, state: _LoopState, tags: list[str], at: float) -> int:
-        return await state.scripts.revalidate(self._tags_key, self._seq_key, self.channel, tags, at)
+        return await state.scripts.revalidate(
+            self._tags_key, self._seq_key, self.channel, tags, at, int(TAG_TTL * 1000)
+        )
 
     async def revalidate_tags(self, tags: Iterable[str], at: float) -> None:
         """Raise each tag's time to ``at`` in Redis and tell every instance (one script).

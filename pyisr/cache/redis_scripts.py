@@ -5,7 +5,8 @@
   rule of :meth:`CacheHandler.set`), however many instances write at once;
 * revalidating raises each tag's time to ``max(old, at)``, bumps the counter and
   publishes, in one step, so an instance cannot record an invalidation and die before
-  announcing it, and every message carries the counter value its write made;
+  announcing it, and every message carries the counter value its write made; it also
+  sets the TTL of the manifest and the counter again, so neither lives for ever;
 * a snapshot reads the manifest and its counter together, so a resync adopts a
   counter that matches the times it read;
 * releasing a lock deletes it only if the token still holds it, so a holder whose
@@ -21,7 +22,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
-# KEYS[1] entry hash; ARGV: created_at, meta, body, key, ttl in ms (0 = keep for ever).
+# KEYS[1] entry hash; ARGV: created_at, meta, body, key, ttl in ms (0 = keep for ever, which
+# RedisCache never asks for).
 _SET_ENTRY = """
 local cur = tonumber(redis.call('HGET', KEYS[1], 'created_at') or '')
 if cur and cur > tonumber(ARGV[1]) then return 0 end
@@ -31,14 +33,19 @@ if ttl > 0 then redis.call('PEXPIRE', KEYS[1], ttl) else redis.call('PERSIST', K
 return 1
 """
 
-# KEYS[1] manifest, KEYS[2] counter; ARGV: channel, at, payload JSON {"tags","at"}, tags...
+# KEYS[1] manifest, KEYS[2] counter; ARGV: channel, at, payload JSON {"tags","at"}, ttl in ms,
+# tags... The TTL is only ever raised, never shortened.
 _REVALIDATE = """
 local at = tonumber(ARGV[2])
-for i = 4, #ARGV do
+for i = 5, #ARGV do
   local cur = tonumber(redis.call('HGET', KEYS[1], ARGV[i]) or '')
   if (not cur) or cur < at then redis.call('HSET', KEYS[1], ARGV[i], ARGV[2]) end
 end
 local seq = redis.call('INCR', KEYS[2])
+local ttl = tonumber(ARGV[4])
+for k = 1, 2 do
+  if redis.call('PTTL', KEYS[k]) < ttl then redis.call('PEXPIRE', KEYS[k], ttl) end
+end
 redis.call('PUBLISH', ARGV[1], '{"seq":' .. seq .. ',' .. string.sub(ARGV[3], 2))
 return seq
 """
@@ -81,11 +88,15 @@ class Scripts:
         )
         return int(stored) == 1
 
-    async def revalidate(self, tags_key: str, seq_key: str, channel: str, tags: list[str], at: float) -> int:
-        """Raise ``tags`` to ``at``, bump the counter and publish; returns the new counter."""
+    async def revalidate(
+        self, tags_key: str, seq_key: str, channel: str, tags: list[str], at: float, ttl_ms: int
+    ) -> int:
+        """Raise ``tags`` to ``at``, bump the counter, publish, and keep both keys at least
+        ``ttl_ms`` more; returns the new counter."""
         payload = json.dumps({"tags": tags, "at": at}, separators=(",", ":"), ensure_ascii=False)
         script = self._script(_REVALIDATE)
-        return int(await script(keys=[tags_key, seq_key], args=[channel, repr(at), payload, *tags]))
+        args = [channel, repr(at), payload, ttl_ms, *tags]
+        return int(await script(keys=[tags_key, seq_key], args=args))
 
     async def snapshot(self, tags_key: str, seq_key: str) -> tuple[int, list[Any]]:
         """The counter and the manifest as a flat ``[tag, time, tag, time, ...]`` list, read together."""

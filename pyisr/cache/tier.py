@@ -11,7 +11,7 @@ revalidated is re-read from the backing handler.
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -42,6 +42,9 @@ class MemoryTier(CacheHandler):
         self._mirror_complete: bool | None = None  # unknown until first refresh
         self._refreshed_at = float("-inf")
         self._tags_version = 0
+        #: The backing store's "used now" mark (``FileSystemCache.touch``: its eviction is
+        #: least recently used, and hits served from here never reach it otherwise).
+        self._touch: Callable[[str], None] | None = getattr(backing, "touch", None)
 
     # -- tag mirror ---------------------------------------------------------------------
 
@@ -92,6 +95,8 @@ class MemoryTier(CacheHandler):
         entry = self._entries.get(key)
         if entry is not None:
             if not entry.tags or not entry.is_invalidated(await self.tag_times(entry.tags)):
+                if self._touch is not None:
+                    self._touch(key)  # served from memory, still used: the store's LRU hears of it
                 return entry
             # Invalidated here; another process may already have stored a newer entry.
         return await self.reload(key)

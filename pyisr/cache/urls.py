@@ -38,11 +38,16 @@ def parse_size(value: str | int) -> int:
     return int(text)
 
 
-def handler_from_url(url: str, *, base_dir: str | os.PathLike[str] = ".") -> CacheHandler:
+def handler_from_url(
+    url: str, *, base_dir: str | os.PathLike[str] = ".", max_bytes: int | None = None
+) -> CacheHandler:
     """Build the handler a URL names; relative ``file:`` paths are relative to ``base_dir``.
 
-    Examples: ``file://.pyisr/cache`` (default), ``file:///var/cache/site``,
+    Examples: ``file://.pyisr/cache`` (default), ``file:///var/cache/site?max_bytes=20GB``,
     ``memory://?max_bytes=100MB``, ``redis://localhost:6379/0?prefix=mysite``.
+    ``max_bytes`` caps a file-system cache (``cache_max_bytes``; a ``max_bytes`` in the
+    URL wins, being the more specific); ``None``: its 1 GiB default. Redis is bounded
+    by its own ``maxmemory`` and the TTL of every key.
     """
     parsed = urlparse(url)
     scheme = parsed.scheme or "file"
@@ -56,7 +61,9 @@ def handler_from_url(url: str, *, base_dir: str | os.PathLike[str] = ".") -> Cac
             path = Path(base_dir) / path
         from pyisr.cache.filesystem import FileSystemCache
 
-        return FileSystemCache(path)
+        if parsed.scheme and "max_bytes" in query:  # a bare path is all path, "?" included
+            max_bytes = parse_size(query["max_bytes"])
+        return FileSystemCache(path, max_bytes=max_bytes)
     if scheme in ("redis", "rediss", "redis+cluster", "rediss+cluster"):
         try:
             from pyisr.cache.redis import RedisCache
@@ -76,11 +83,18 @@ def build_handler(
     *,
     base_dir: str | os.PathLike[str] = ".",
     memory_tier_bytes: int | None = DEFAULT_MEMORY_BYTES,
+    max_bytes: int | None = None,
 ) -> CacheHandler:
-    """A handler from a URL or object, with a memory tier in front unless it is memory already."""
+    """A handler from a URL or object, with a memory tier in front unless it is memory already.
+
+    ``max_bytes`` caps a file-system cache named by URL (see :func:`handler_from_url`).
+    """
     if cache is None:
         cache = "file://.pyisr/cache"
-    handler = handler_from_url(cache, base_dir=base_dir) if isinstance(cache, str) else as_handler(cache)
+    if isinstance(cache, str):
+        handler = handler_from_url(cache, base_dir=base_dir, max_bytes=max_bytes)
+    else:
+        handler = as_handler(cache)
     if isinstance(handler, MemoryCache | MemoryTier) or not memory_tier_bytes:
         return handler
     return MemoryTier(handler, memory_tier_bytes)

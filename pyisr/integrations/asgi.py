@@ -1,30 +1,43 @@
 """ISR for any ASGI app (Starlette, FastAPI): a middleware that caches chosen routes.
 
-::
+Declare a cached endpoint where it is defined, and add the middleware once::
 
     from fastapi import FastAPI
-    from pyisr.integrations.asgi import ISRMiddleware
+    from pyisr.integrations.asgi import ISRMiddleware, isr
 
     app = FastAPI()
-    app.add_middleware(
-        ISRMiddleware,
-        routes={"/": False, "/blog/{id}": 60},   # pattern -> revalidate (False: until invalidated)
-        tags={"/blog/{id}": ["posts"]},
-    )
 
-For GET and HEAD requests whose path matches a pattern, the app's response *is* the
-render: the engine stores it and serves it with stale-while-revalidate, single-flight
-renders and keep-last-good, exactly as for a pyisr site. Everything else (other paths,
-other methods, websockets, lifespan) passes straight through.
+    @app.get("/posts/{id}")
+    @isr(revalidate=60, tags=["posts"])
+    async def post_detail(id: int): ...
+
+    app.add_middleware(ISRMiddleware)          # add it first: see "Order" below
+
+Routes can also be named in the middleware (``routes=["post_detail"]``, or
+``{"post_detail": 60}``), or given as patterns (``routes={"/blog/{id}": 60}``). Named
+and decorated routes are read from the app's own routes (their compiled path and
+convertors, custom ones included, and the app's route order), so the middleware caches
+exactly the paths the router sends to them.
+
+For GET and HEAD requests that such a route answers, the app's response *is* the render:
+the engine stores it and serves it with stale-while-revalidate, single-flight renders
+and keep-last-good, exactly as for a pyisr site. Everything else (other paths, other
+methods, websockets, lifespan) passes straight through.
+
+Order. ``app.add_middleware`` puts the last one added outermost. Add ``ISRMiddleware``
+first, so it sits inside the others: ``SessionMiddleware`` and authentication run before
+it (``bypass=`` can read ``request.session`` and ``request.user``) and ``CORSMiddleware``
+adds its headers to cached responses for each visitor. Added the other way round, it
+still works: a ``CORSMiddleware`` inside it is applied to every cached answer, and a
+session inside it never sees the visitor's cookie, so all visitors share one page.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
-import re
 from collections.abc import Awaitable, Callable, Iterable, Mapping, MutableMapping
-from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote, unquote
 
@@ -32,17 +45,28 @@ from pyisr.engine import Engine, Rendered, RenderFn, RenderPolicy
 from pyisr.http import private_cache_control
 from pyisr.integrations import (
     _PATH_SAFE,
+    BYPASS_HEADERS,
     DEFAULT_ALLOW_HEADERS,
+    Bypass,
     FailedResponse,
+    PageAnswer,
     allow_list,
     check_options,
+    is_bypassed,
     key_for_decoded_path,
-    page_policy,
     serve_page,
 )
-from pyisr.lifetimes import Lifetime
+from pyisr.integrations.asgi_routes import (
+    AppRoutes,
+    EndpointOptions,
+    ISRRoute,
+    compile_route,
+    discover,
+    isr,
+    missing_names,
+)
 from pyisr.origin import CanonicalOrigin, Origin
-from pyisr.paths import BadPath, normalize_path
+from pyisr.paths import BadPath
 from pyisr.runtime import get_engine
 
 logger = logging.getLogger("pyisr.integrations")
@@ -53,78 +77,7 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
-
-@dataclass(frozen=True)
-class ISRRoute:
-    """One cached route: its Starlette pattern, compiled by Starlette, matched against keys."""
-
-    pattern: str
-    regex: re.Pattern[str]
-    #: Starlette's format string of the pattern (``/docs/{slug}/``): the path the app routes.
-    path_format: str
-    #: The pattern in pyisr's spelling (``/blog/[id]``), for the implicit page tag.
-    isr_pattern: str
-    lifetime: Lifetime
-    tags: tuple[str, ...]
-
-    def match(self, key: str) -> dict[str, str] | None:
-        """The pattern's values for cache key ``key``, or ``None``.
-
-        Keys have no trailing slash, so a pattern with one (``/docs/{slug}/``) matches its
-        key too, and ``/files/{rest:path}`` matches the bare ``/files`` (rest empty).
-        """
-        found = self.regex.match(key) or self.regex.match(key + "/")
-        return found.groupdict() if found is not None else None
-
-    def render_path(self, values: Mapping[str, str]) -> str:
-        """The path the render requests: the pattern filled in, trailing slash and all.
-
-        Built from the pattern rather than taken from the request, so ``/blog/1`` and
-        ``/blog/1/`` (one cache key) render alike and never as the app's slash redirect.
-        """
-        return self.path_format.format_map(values)
-
-    def policy(self, key: str) -> RenderPolicy:
-        return page_policy(key, self.isr_pattern, self.lifetime, self.tags, route=self.pattern)
-
-
-def compile_route(pattern: str, revalidate: object, tags: Iterable[str] | None) -> ISRRoute:
-    """Compile ``/blog/{id}``, ``/files/{rest:path}``, ``/item/{n:int}``... for key matching.
-
-    Starlette's own path compiler and convertors (custom ones registered with
-    ``starlette.convertors.register_url_convertor`` included), so a pattern means here
-    exactly what it means to the app's router.
-    """
-    from starlette.convertors import PathConvertor
-    from starlette.routing import compile_path
-
-    if not pattern.startswith("/"):
-        raise ValueError(f"route pattern {pattern!r} must start with '/'")
-    where = f"ISRMiddleware route {pattern!r}"
-    lifetime, tag_tuple = check_options(revalidate, tags, where)
-    try:
-        regex, path_format, convertors = compile_path(pattern)
-    except AssertionError as exc:  # Starlette asserts on unknown convertors and repeated names
-        raise ValueError(
-            f"{where}: {exc} (a custom convertor must be registered with "
-            "starlette.convertors.register_url_convertor before the middleware is made)"
-        ) from None
-    isr = path_format
-    for name, convertor in convertors.items():
-        hole = "{" + name + "}"
-        if isinstance(convertor, PathConvertor):
-            optional = isr.endswith("/" + hole)
-            isr = isr.replace(hole, f"[[...{name}]]" if optional else f"[...{name}]")
-        else:
-            isr = isr.replace(hole, f"[{name}]")
-    return ISRRoute(
-        pattern=pattern,
-        regex=regex,
-        path_format=path_format,
-        isr_pattern=normalize_path(isr),
-        lifetime=lifetime,
-        tags=tag_tuple,
-    )
+_BYPASS_RAW = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in BYPASS_HEADERS]
 
 
 class _Capture:
@@ -270,27 +223,81 @@ async def _send_no_store(app: ASGIApp, scope: Scope, receive: Receive, send: Sen
     await app(scope, receive, send_marked)
 
 
+async def _send_bypass(app: ASGIApp, scope: Scope, receive: Receive, send: Send) -> None:
+    """Let the app answer a bypassed visitor itself: never stored by anyone, and said so."""
+
+    async def send_marked(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            headers = [
+                (k, v)
+                for k, v in message.get("headers", ())
+                if bytes(k).lower() not in (b"cache-control", b"x-pyisr-cache")
+            ]
+            message = {**message, "headers": [*headers, *_BYPASS_RAW]}
+        await send(message)
+
+    await app(scope, receive, send_marked)
+
+
+def _cors_inside(app: Any) -> list[Any]:
+    """The ``CORSMiddleware`` instances between this middleware and the router, outermost first.
+
+    A cached answer never passes through them, so their headers are added to it for
+    each visitor (with ``Vary: Origin``) exactly as they would have been.
+    """
+    from starlette.middleware.cors import CORSMiddleware
+
+    found = []
+    current = app
+    for _ in range(64):
+        if isinstance(current, CORSMiddleware):
+            found.append(current)
+        current = getattr(current, "app", None)
+        if current is None:
+            break
+    return found
+
+
+def _routes_holder(scope: Scope, app: Any) -> Any:
+    """What holds the app's routes: the Starlette/FastAPI app of the scope, or one inside us."""
+    candidate = scope.get("app")
+    if getattr(candidate, "routes", None) is not None:
+        return candidate
+    current = app
+    for _ in range(64):
+        if current is None:
+            return None
+        if isinstance(getattr(current, "routes", None), list):
+            return current
+        current = getattr(current, "app", None)
+    return None
+
+
 class ISRMiddleware:
     """Serve the app's GET/HEAD responses for chosen routes through the ISR engine.
 
-    ``routes`` maps Starlette-style patterns (``/blog/{id}``, ``/docs/{rest:path}``,
-    ``/n/{n:int}``) to a revalidate: seconds, ``False``/``None`` (until invalidated) or
-    ``0`` (never cached); the first matching pattern wins. ``tags`` maps a pattern to
-    its explicit tags. ``engine`` defaults to pyisr's process-wide engine.
+    Cached routes: every endpoint marked with :func:`isr`, and ``routes``: route names
+    (``["post_detail"]``, or ``{"post_detail": 60}`` with a revalidate each) read from
+    the app's routes, or Starlette patterns (``{"/blog/{id}": 60}``; ``/docs/{rest:path}``,
+    ``/n/{n:int}``), matched first, in their order. A name or pattern without its own
+    revalidate takes ``revalidate`` (default: until invalidated) and ``expire``. ``tags``
+    maps a name or pattern to its explicit tags. ``bypass``: a callable of the visitor's
+    ``starlette.requests.Request``, true for visitors who get a fresh render of their own
+    on every cached route (draft mode always bypasses). ``engine`` defaults to pyisr's
+    process-wide engine.
 
     The cache key is the normalised request path: the query string never makes a new
     entry, and trailing-slash variants share one. Because one render is served to every
     visitor, the app renders a *synthetic* request: a GET for the route's path with no
     query string, no body, and only the request headers in ``allow_headers`` (default:
-    ``host`` only; cookies and ``authorization`` are refused). Response headers that are
-    per-visitor or per-hop (``set-cookie``, ``vary``, ``date``...) are not stored.
+    none; cookies, ``authorization`` and ``origin`` are refused). Response headers that
+    are per-visitor or per-hop (``set-cookie``, ``vary``, ``date``...) are not stored.
 
     A 5xx response or an exception is a failed render: never stored, the last good page
     keeps being served; with nothing cached the visitor gets the app's own 5xx
     (``no-store``) or the exception propagates. Responses must be finite (a stream that
     never ends times out as a failed render).
 
-    Patterns are matched against ``scope["path"]`` (which includes any ``root_path``).
     Creating the middleware registers its routes for ``await pyisr.revalidate(path)``;
     call it from the app's own event loop, as the render runs the app there.
 
@@ -307,24 +314,50 @@ class ISRMiddleware:
     def __init__(
         self,
         app: ASGIApp,
-        routes: Mapping[str, object],
+        routes: Mapping[str, object] | Iterable[str] | None = None,
         tags: Mapping[str, Iterable[str]] | None = None,
         *,
+        revalidate: object = False,
+        expire: object = None,
+        bypass: Bypass | None = None,
         engine: Engine | None = None,
         allow_headers: Iterable[str] = DEFAULT_ALLOW_HEADERS,
         site_url: str | None = None,
         allowed_hosts: Iterable[str] = (),
     ) -> None:
         self.app = app
+        given: dict[str, object] = (
+            dict(routes) if isinstance(routes, Mapping) else dict.fromkeys(routes or (), revalidate)
+        )
         tags = dict(tags or {})
-        unknown = set(tags) - set(routes)
+        unknown = set(tags) - set(given)
         if unknown:
             raise ValueError(f"ISRMiddleware tags given for patterns not in routes: {sorted(unknown)}")
-        self.routes = [compile_route(p, rv, tags.get(p)) for p, rv in routes.items()]
+        if bypass is not None and not callable(bypass):
+            raise ValueError(f"ISRMiddleware bypass must be a callable of the request, not {bypass!r}")
+        self.bypass = bypass
+        self.routes = [
+            compile_route(p, rv, tags.get(p), expire=expire) for p, rv in given.items() if p.startswith("/")
+        ]
+        #: Route names, resolved against the app's routes at the first request.
+        self.named = {
+            name: EndpointOptions(*check_options(rv, tags.get(name), f"ISRMiddleware route {name!r}", expire))
+            for name, rv in given.items()
+            if not name.startswith("/")
+        }
+        allowed = allow_list(allow_headers)
+        if "origin" in allowed:
+            raise ValueError(
+                "allow_headers must not include 'origin': CORS headers made for one origin "
+                "would be served to every other"
+            )
         # The host a render sees is the canonical one, never a header passed along.
-        self.allow_headers = {h.encode("latin-1") for h in allow_list(allow_headers)} - {b"host"}
+        self.allow_headers = {h.encode("latin-1") for h in allowed} - {b"host"}
         self.origin = CanonicalOrigin(site_url, allowed_hosts, where="ISRMiddleware site_url")
         self._engine = engine
+        #: The app's routes (decorated and named), read at the first request or lifespan.
+        self._app_routes: AppRoutes | None = None
+        self._cors: list[Any] | None = None
         #: The app's lifespan state: each render gets a fresh copy, as each request does.
         self._lifespan_state: dict[str, Any] | None = None
         #: Hosts of the app's TrustedHostMiddleware, found at the first request.
@@ -347,21 +380,47 @@ class ISRMiddleware:
             self._installed_on = engine
         return engine
 
-    def match(self, key: str) -> tuple[ISRRoute, dict[str, str]] | None:
-        """The first route whose pattern matches the cache key, and its parameters."""
+    def _read_app(self, scope: Scope) -> None:
+        """Read the app's routes and middleware once (the first lifespan or request)."""
+        if self._app_routes is not None:
+            return
+        holder = _routes_holder(scope, self.app)
+        routes = holder.routes if holder is not None else ()
+        missing = missing_names(routes, self.named)
+        if missing:
+            raise ValueError(f"ISRMiddleware routes name no route of the app: {sorted(missing)}")
+        found = discover(routes, self.named)
+        self._cors = _cors_inside(self.app)
+        self._app_routes = found
+
+    def match(self, key: str, root_path: str = "") -> tuple[ISRRoute, dict[str, str], str] | None:
+        """The cached route for cache key ``key``, its parameters and the prefix of its path.
+
+        Patterns first, against the whole key; then the app's routes, against the key
+        without the ``root_path`` (as the router sees it).
+        """
         for route in self.routes:
             values = route.match(key)
             if values is not None:
-                return route, values
-        return None
+                return route, values, ""
+        if self._app_routes is None or not self._app_routes.cached:
+            return None
+        path = key
+        if root_path and (key == root_path or key.startswith(root_path + "/")):
+            path = key[len(root_path) :] or "/"
+        elif root_path:
+            return None
+        found = self._app_routes.match(path)
+        return (found[0], found[1], root_path) if found is not None else None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            if isinstance(scope.get("state"), dict):
+                self._lifespan_state = scope["state"]
+            if not self.origin.configured:
+                self.origin.warn_once()
+        self._read_app(scope)  # once: revalidate(path) from any request knows the routes
         if scope["type"] != "http" or scope["method"] not in ("GET", "HEAD"):
-            if scope["type"] == "lifespan":
-                if isinstance(scope.get("state"), dict):
-                    self._lifespan_state = scope["state"]
-                if not self.origin.configured:
-                    self.origin.warn_once()
             await self.app(scope, receive, send)
             return
         try:
@@ -369,18 +428,22 @@ class ISRMiddleware:
         except BadPath:  # a path too long to be a key: the app answers it, nothing is cached
             await self.app(scope, receive, send)
             return
-        found = self.match(key)
+        root_path = scope.get("root_path", "") or ""
+        found = self.match(key, key_for_decoded_path(root_path).rstrip("/") if root_path else "")
         if found is None:
             await self.app(scope, receive, send)
             return
-        route, values = found
+        route, values, prefix = found
+        if self._bypassed(scope, route):
+            await _send_bypass(self.app, scope, receive, send)
+            return
         engine = self._install()
         failed = FailedResponse()
         if self._trusted is None:
             self._trusted = _trusted_hosts(scope)
             self._base = {k: scope[k] for k in _KEPT_SCOPE_KEYS if k in scope}
         origin = self.origin.for_request(scope.get("scheme", "http"), _header(scope, b"host"), self._trusted)
-        render = self._renderer(route, values, scope, origin, failed)
+        render = self._renderer(prefix + route.render_path(values), scope, origin, failed)
         answer = await serve_page(
             engine,
             key,
@@ -394,8 +457,32 @@ class ISRMiddleware:
             # The page belongs to its visitor: the app answers this one itself.
             await _send_no_store(self.app, scope, receive, send)
             return
-        await send({"type": "http.response.start", "status": answer.status, "headers": answer.headers})
-        await send({"type": "http.response.body", "body": answer.body})
+        await self._send_answer(answer, scope, send)
+
+    def _bypassed(self, scope: Scope, route: ISRRoute) -> bool:
+        """Draft mode, the middleware's ``bypass`` or the route's: the visitor renders fresh."""
+        checks = [b for b in (self.bypass, route.bypass) if b is not None]
+        cookies = _header(scope, b"cookie")
+        if not checks and cookies is None:
+            return False
+        from starlette.requests import Request
+
+        def either(request: Any) -> bool:
+            return any(check(request) for check in checks)
+
+        return is_bypassed(Request(scope), either if checks else None, cookies)
+
+    async def _send_answer(self, answer: PageAnswer, scope: Scope, send: Send) -> None:
+        """Send a cached answer, through the CORS middleware inside us when there is one."""
+        out: Send = send
+        if self._cors:
+            from starlette.datastructures import Headers
+
+            request_headers = Headers(scope=scope)
+            for cors in self._cors:  # outermost first: each wraps the send of the one outside it
+                out = functools.partial(cors.send, send=out, request_headers=request_headers)
+        await out({"type": "http.response.start", "status": answer.status, "headers": list(answer.headers)})
+        await out({"type": "http.response.body", "body": answer.body})
 
     def _render_scope(self, original: Scope, path: str, origin: Origin) -> tuple[Scope, _SessionProbe | None]:
         """A scope built from nothing but the path, the canonical origin and allowed headers.
@@ -430,16 +517,7 @@ class ISRMiddleware:
             scope["auth"] = AuthCredentials()
         return scope, session
 
-    def _renderer(
-        self,
-        route: ISRRoute,
-        values: Mapping[str, str],
-        original: Scope,
-        origin: Origin,
-        failed: FailedResponse,
-    ) -> RenderFn:
-        path = route.render_path(values)
-
+    def _renderer(self, path: str, original: Scope, origin: Origin, failed: FailedResponse) -> RenderFn:
         async def render() -> Rendered:
             scope, session = self._render_scope(original, path, origin)
             capture = _Capture()
@@ -464,12 +542,14 @@ class ISRMiddleware:
 
     async def _resolve(self, key: str) -> tuple[str, RenderFn, RenderPolicy] | None:
         """``pyisr.revalidate(path)``: render a matching path like a request would."""
-        found = self.match(key)
+        root_path = str(self._base.get("root_path", "") or "")
+        found = self.match(key, key_for_decoded_path(root_path).rstrip("/") if root_path else "")
         if found is None:
             return None
-        route, values = found
+        route, values, prefix = found
         origin = self.origin.default(self._trusted or ())
-        return key, self._renderer(route, values, self._base, origin, FailedResponse()), route.policy(key)
+        render = self._renderer(prefix + route.render_path(values), self._base, origin, FailedResponse())
+        return key, render, route.policy(key)
 
 
-__all__ = ["ISRMiddleware", "ISRRoute", "compile_route"]
+__all__ = ["AppRoutes", "EndpointOptions", "ISRMiddleware", "ISRRoute", "compile_route", "discover", "isr"]

@@ -7,6 +7,12 @@ cached route handlers go through :class:`~pyisr.engine.Engine` with the headers 
 SPEC.md (``Cache-Control``, ``x-pyisr-cache``, ``Cache-Status``, ``Age``, ``ETag``,
 304 on ``If-None-Match``, HEAD without a body); API routes and uncached handlers get a
 Starlette ``Request``; ``public/`` files are served by Starlette's ``StaticFiles``.
+
+An ``App`` serves one build for its whole life (``pyisr.deploys``): the one current when
+it was constructed, with that build's code, templates, manifest and cache namespace,
+which it marks as in use so no cleanup removes it. When another build becomes current
+it logs how to switch, and keeps serving its own. ``public/`` files are not part of a
+build: they are served from disk as they are now.
 """
 
 from __future__ import annotations
@@ -22,8 +28,10 @@ from starlette.responses import Response
 from starlette.staticfiles import StaticFiles
 from starlette.types import Receive, Scope, Send
 
+from pyisr import draft
 from pyisr.cache.shareable import visitor_headers
 from pyisr.config import Config, load_config
+from pyisr.deploys import BuildLease, BuildWatcher, remove_unused_builds
 from pyisr.engine import (
     CacheStatus,
     Engine,
@@ -47,13 +55,13 @@ from pyisr.origin import LOCALHOST, CanonicalOrigin, Origin
 from pyisr.paths import BadPath, normalize_path
 from pyisr.runtime import set_engine
 from pyisr.server import rsgi
-from pyisr.server.endpoints import PREFIX, Endpoints
+from pyisr.server.endpoints import PREFIX, Endpoints, draft_secret_of
 from pyisr.server.fast_path import FastPath
 from pyisr.server.responses import send_not_found, send_response, send_server_error
 from pyisr.site import templates
 from pyisr.site.route import MethodNotAllowed, Route, RouteKind, call_maybe_async
 from pyisr.site.site import Site
-from pyisr.site_store import open_site_cache
+from pyisr.site_store import UNBUILT, open_site_cache
 
 logger = logging.getLogger("pyisr.server")
 
@@ -98,13 +106,18 @@ class App:
         self.dev = dev
         if self.config.debug_cache:
             enable_debug_logging()
-        self.site = Site.load(self.site_dir)
+        self.site = Site.load(self.site_dir, dev=dev)
         if require_build and self.site.read_manifest() is None:
             raise FileNotFoundError(
                 f"no build found in {self.site_dir / '.pyisr'}: run `pyisr build {site_dir}` first"
             )
+        build_id = self.site.build_id
+        #: Marks this process's build as in use (released by ``shutdown()``).
+        self.lease = BuildLease(self.site_dir, build_id) if build_id is not None else None
+        #: Tells the log when another build becomes current (started by ``startup()``).
+        self.build_watcher = BuildWatcher(self.site_dir, build_id) if build_id is not None else None
         if engine is None:
-            handler = open_site_cache(self.site_dir, self.config, build_id=self.site.build_id)
+            handler = open_site_cache(self.site_dir, self.config, build_id=build_id or UNBUILT)
             engine = Engine(
                 handler,
                 render_timeout=self.config.render_timeout,
@@ -123,8 +136,13 @@ class App:
         self.endpoints = Endpoints(self.site, self.engine, self.config)
         # Middleware must see every request, so it turns the fast path off.
         self.fast = FastPath(self.engine, enabled=not dev and self.site.middleware is None)
+        #: Draft mode (``/_pyisr/draft``) is on when a secret exists to sign its cookie.
+        self.draft_secret = draft_secret_of(self.config)
+        if self.draft_secret is not None:
+            self.fast.draft_cookie = draft.COOKIE.encode()
         self.started = False
         self._start_lock: asyncio.Lock | None = None
+        self._cleanup: asyncio.Task[None] | None = None
 
     # -- start-up and shutdown ------------------------------------------------------------
 
@@ -145,18 +163,36 @@ class App:
                 await self.site.prepare()
             else:
                 await self._seed_shared_cache()
+                self._cleanup = asyncio.get_running_loop().create_task(self._remove_unused_builds())
+            if self.build_watcher is not None:
+                self.build_watcher.start()
             self.started = True
 
     async def shutdown(self) -> None:
-        """Finish background regenerations and close the cache."""
+        """Finish background regenerations, close the cache and let the build go."""
+        if self.build_watcher is not None:
+            await self.build_watcher.stop()
+        if self._cleanup is not None:
+            await asyncio.gather(self._cleanup, return_exceptions=True)
         await self.engine.drain()
         await self.engine.handler.close()
+        if self.lease is not None:
+            self.lease.release()
+
+    async def _remove_unused_builds(self) -> None:
+        """Builds no process serves any more (not the current, not the previous), off the loop."""
+        try:
+            await asyncio.to_thread(remove_unused_builds, self.site_dir, self.config, wait=False)
+        except Exception as exc:  # noqa: BLE001 - a cleanup must never stop a server
+            logger.warning("could not remove unused builds: %s: %s", type(exc).__name__, exc)
 
     async def _seed_shared_cache(self) -> None:
         """Copy the local build into an empty shared cache, once for all instances."""
         from pyisr.site_store import default_cache_dir, is_shared_cache
 
-        local_dir = default_cache_dir(self.site_dir)
+        if self.site.build_id is None:
+            return
+        local_dir = default_cache_dir(self.site_dir) / self.site.build_id
         if not is_shared_cache(self.config.cache or "") or not local_dir.is_dir():
             return
         from pyisr.cache.seed import seed_from_local
@@ -215,13 +251,21 @@ class App:
     async def __rsgi__(self, scope: Any, proto: Any) -> None:
         # The fast path inline (one coroutine less per request); the rest in rsgi.serve.
         hot = self.fast.by_path.get(scope.path)
-        if hot is not None and scope.proto == "http":
+        if (
+            hot is not None
+            and scope.proto == "http"
+            and (self.fast.draft_cookie is None or not self._may_draft(scope))
+        ):
             found = self.fast.answer(hot, scope.method, scope.headers.get("if-none-match"))
             if found is not None:
                 answer, body, age = found
                 proto.response_bytes(answer.status, answer.rsgi_headers(age), body)
                 return
         await rsgi.serve(self, scope, proto)
+
+    @staticmethod
+    def _may_draft(scope: Any) -> bool:
+        return draft.COOKIE in (scope.headers.get("cookie") or "")
 
     def __rsgi_init__(self, loop: asyncio.AbstractEventLoop) -> None:
         loop.run_until_complete(self.startup())
@@ -277,7 +321,15 @@ class App:
         if not route.is_isr or self.dev:
             await self._dynamic(route, key, params, send, method)
             return
+        if self.draft_secret is not None and self._in_draft_mode(scope):
+            await self._dynamic(route, key, params, send, method, origin=self._origin_for(scope), bypass=True)
+            return
         await self._isr(route, key, params, scope, send, method)
+
+    def _in_draft_mode(self, scope: Scope) -> bool:
+        """A valid draft cookie (``/_pyisr/draft``): this visitor sees fresh renders, never stored."""
+        cookies = [v.decode("latin-1") for k, v in scope["headers"] if k == b"cookie"]
+        return any(draft.is_valid(draft.cookie_from_header(c), self.draft_secret) for c in cookies)
 
     @staticmethod
     async def _method_not_allowed(send: Send, method: str) -> None:
@@ -406,8 +458,10 @@ class App:
         method: str,
         *,
         origin: Origin | None = None,
+        bypass: bool = False,
     ) -> None:
-        """``revalidate = 0`` pages, private ones, every page in dev: rendered for this request only."""
+        """``revalidate = 0`` pages, private ones, every page in dev, and every page in draft
+        mode (``bypass``: said with ``x-pyisr-cache: BYPASS``): rendered for this request only."""
         try:
             rendered = await route.render(key, params, origin=origin or self.origin.default())
         except Exception as exc:  # noqa: BLE001
@@ -416,6 +470,8 @@ class App:
             return
         body = rendered.body.encode() if isinstance(rendered.body, str) else rendered.body
         out = private_headers(visitor_headers(rendered.headers), DEV_NOSTORE if self.dev else NOSTORE)
+        if bypass:
+            out.append((b"x-pyisr-cache", b"BYPASS"))
         await send_response(send, rendered.status, out, body, method)
 
     async def _handler(self, route: Route, scope: Scope, receive: Receive, send: Send) -> None:

@@ -3,6 +3,7 @@
 - ``POST /_pyisr/revalidate?path=|tag=|type=|stale=``: on-demand revalidation (secret);
 - ``GET /_pyisr/health``: for load balancers (``"degraded"`` while a shared store is down);
 - ``GET /_pyisr/cache?path=``: one entry's state (secret);
+- ``GET /_pyisr/draft?secret=&path=``: draft mode on (``&disable=1``: off), then ``path``;
 - ``GET /_pyisr/data/<build id>/<path>.json``: a Pages page's props (SPEC S-51).
 
 The revalidation secret is compared in constant time, and only ever accepted from the
@@ -13,18 +14,20 @@ from __future__ import annotations
 
 import hmac
 import json
+import os
 import time
 from typing import Any
 from urllib.parse import parse_qs
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, RedirectResponse, Response
 from starlette.types import Receive, Scope, Send
 
 from pyisr.cache.entry import CacheEntry
 from pyisr.cache.shareable import visitor_headers
 from pyisr.cache.tags import tags_for_revalidate_path, validate_tags
 from pyisr.config import Config
+from pyisr.draft import disable_draft_mode, enable_draft_mode
 from pyisr.engine import CacheStatus, Engine, RevalidationError
 from pyisr.http import NOSTORE, PROPS_HEADER, cache_control
 from pyisr.paths import BadPath, normalize_path
@@ -39,6 +42,11 @@ PREFIX = "/_pyisr/"
 MAX_REVALIDATE_BODY = 64 * 1024
 _JSON = (b"content-type", b"application/json; charset=utf-8")
 _NOT_FOUND = b'{"not_found": true}'
+
+
+def draft_secret_of(config: Config) -> str | None:
+    """The secret of the site's draft cookies: ``PYISR_DRAFT_SECRET``, else the revalidate secret."""
+    return os.environ.get("PYISR_DRAFT_SECRET") or config.revalidate_secret
 
 
 class Endpoints:
@@ -60,6 +68,8 @@ class Endpoints:
             response = self._health(request)
         elif path == PREFIX + "cache":
             response = await self._inspect(request)
+        elif path == PREFIX + "draft":
+            response = self._draft(request)
         else:
             response = JSONResponse({"error": "not found"}, status_code=404)
         await response(scope, receive, send)
@@ -71,6 +81,31 @@ class Endpoints:
         given = request.headers.get("authorization", "")
         given = given[7:] if given.lower().startswith("bearer ") else request.query_params.get("secret", "")
         return hmac.compare_digest(given.encode(), secret.encode())
+
+    def _draft(self, request: Request) -> Response:
+        """``/_pyisr/draft?secret=…&path=/blog/1`` turns draft mode on and goes to ``path``;
+        ``&disable=1`` turns it off. What a CMS's preview link calls (Next.js' draft route).
+
+        Only a local path is followed (never ``//host`` or a URL): the endpoint must not
+        become an open redirect to another site.
+        """
+        secret = draft_secret_of(self.config)
+        if not secret:
+            return JSONResponse(
+                {"error": "draft mode is off: set PYISR_DRAFT_SECRET or PYISR_REVALIDATE_SECRET"},
+                status_code=404,
+            )
+        given = request.query_params.get("secret", "")
+        if not hmac.compare_digest(given.encode(), secret.encode()):
+            return JSONResponse({"error": "invalid secret"}, status_code=401)
+        target = request.query_params.get("path", "/")
+        if not target.startswith("/") or target.startswith("//") or "\\" in target:
+            return JSONResponse({"error": "path must be a local path such as /blog/1"}, status_code=400)
+        response = RedirectResponse(target, status_code=307, headers={"cache-control": NOSTORE})
+        secure = request.url.scheme == "https"
+        if request.query_params.get("disable"):
+            return disable_draft_mode(response)
+        return enable_draft_mode(response, secret=secret, secure=secure)
 
     async def _revalidate(self, request: Request) -> Response:
         if not self.config.revalidate_secret:
@@ -140,7 +175,12 @@ class Endpoints:
         if reasons:
             body["reasons"] = reasons
         if self._authorized(request):
-            body.update(build_id=self.site.build_id, cache=info, engine=self.engine.health())
+            body.update(
+                build_id=self.site.build_id,
+                newest_build_id=self.site.current_build_id(),
+                cache=info,
+                engine=self.engine.health(),
+            )
         return JSONResponse(body, status_code=503 if reasons else 200, headers={"cache-control": NOSTORE})
 
     async def _inspect(self, request: Request) -> Response:

@@ -106,6 +106,9 @@ class FastPath:
         #: The same, by decoded path: what RSGI gives (see pyisr/server/rsgi.py).
         self.by_path: dict[str, HotResponse] = {}
         self.bytes = 0
+        #: The draft cookie's name when draft mode is on (``pyisr.draft``): a request that
+        #: carries it goes the full way, where its signature is checked.
+        self.draft_cookie: bytes | None = None
         #: Bound once: it is asked on every answer.
         self._tags_version = engine.handler.tags_version
         self._clock = engine.clock
@@ -143,10 +146,14 @@ class FastPath:
     async def serve_asgi(self, hot: HotResponse, scope: Scope, send: Send) -> bool:
         """Answer from a hot entry; ``False`` when the request must go the full way."""
         if_none_match = None
+        draft = self.draft_cookie
         for name, value in scope["headers"]:
             if name == b"if-none-match":
                 if_none_match = value.decode("latin-1")
-                break
+                if draft is None:
+                    break
+            elif draft is not None and name == b"cookie" and draft in value:
+                return False  # maybe in draft mode: the full way checks the cookie
         found = self.answer(hot, scope["method"], if_none_match)
         if found is None:
             return False

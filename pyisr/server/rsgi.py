@@ -9,12 +9,18 @@ through the same ASGI application, translated here, so both interfaces serve the
 site the same way, with one difference RSGI imposes: granian gives the application an
 already-decoded path, so an encoded slash (``%2F``) separates segments like ``/`` and a
 literal ``%25`` followed by two letters that are not hex digits reads as malformed.
+
+It is also where a retiring granian worker drains (:func:`start_draining`): granian
+closes a keep-alive connection after a response that says ``Connection: close``, so
+answering every request that way lets each client leave the old worker between two
+requests, not in the middle of one.
 """
 
 from __future__ import annotations
 
 import logging
 import re
+import time
 from collections.abc import MutableMapping
 from typing import Any
 from urllib.parse import quote
@@ -27,6 +33,36 @@ logger = logging.getLogger("pyisr.server")
 #: ``%`` too, see :func:`raw_path`.
 _PATH_SAFE = "/:@!$&'()*+,;=-._~%"
 _PERCENT_ESCAPE = re.compile(r"%(?=[0-9A-Fa-f]{2})")
+
+
+class Drain:
+    """A retiring worker's state: answering ``Connection: close``, and its last request."""
+
+    def __init__(self) -> None:
+        self.active = False
+        self.last_request = 0.0
+        self.in_flight = 0
+
+
+#: This process's drain (one App per granian worker process).
+DRAIN = Drain()
+_CLOSE = ("connection", "close")
+
+
+def start_draining(app: Any) -> None:
+    """From now on every answer of ``app`` says ``Connection: close``.
+
+    The fast path answers hot pages before this module sees them, so it is emptied and
+    turned off: a retiring worker's last requests take the full path (microseconds more,
+    for the second or so a retirement lasts).
+    """
+    DRAIN.active = True
+    DRAIN.last_request = time.monotonic()
+    fast = app.fast
+    fast.enabled = False
+    fast.by_path.clear()
+    fast.by_raw_path.clear()
+    fast.bytes = 0
 
 
 def raw_path(path: str) -> bytes:
@@ -94,6 +130,8 @@ async def call_asgi(app: ASGIApp, scope: Any, proto: Any) -> None:
         if kind == "http.response.start":
             status = message["status"]
             headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in message.get("headers", ())]
+            if DRAIN.active:
+                headers.append(_CLOSE)
             started = True
         elif kind == "http.response.body" and started and not finished:
             body = message.get("body", b"")
@@ -114,6 +152,8 @@ async def call_asgi(app: ASGIApp, scope: Any, proto: Any) -> None:
         logger.error("%s %s failed: %s: %s", scope.method, scope.path, type(exc).__name__, exc, exc_info=exc)
         if not started:
             plain = [("content-type", "text/plain; charset=utf-8")]
+            if DRAIN.active:
+                plain.append(_CLOSE)
             proto.response_bytes(500, plain, b"Internal Server Error")
         return
     if started and stream is None and not finished:
@@ -128,4 +168,13 @@ async def serve(app: ASGIApp, scope: Any, proto: Any) -> None:
     if scope.proto != "http":
         proto.close(403)  # websockets: pyisr serves none
         return
-    await call_asgi(app, scope, proto)
+    if not DRAIN.active:
+        await call_asgi(app, scope, proto)
+        return
+    DRAIN.in_flight += 1
+    DRAIN.last_request = time.monotonic()
+    try:
+        await call_asgi(app, scope, proto)
+    finally:
+        DRAIN.in_flight -= 1
+        DRAIN.last_request = time.monotonic()

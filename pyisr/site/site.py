@@ -2,16 +2,24 @@
 
 Loading checks every module and collects every problem before raising, so one run
 of ``pyisr build`` lists all the mistakes, each with its file, line and fix.
+
+A loaded site is one build, fixed for the process's lifetime: the id of the current
+build is read once, with that build's own manifest (``.pyisr/builds/<id>/``), and the
+templates are read once; a later ``pyisr build`` changes none of them (a new process
+serves the new build). Under ``pyisr dev`` there is no build: templates
+are read from disk at each use, and static paths are learnt from the code.
 """
 
 from __future__ import annotations
 
-import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pyisr import lifetimes
+from pyisr.config import load_config
+from pyisr.deploys import read_manifest
 from pyisr.site.api_route import ApiRoute
 from pyisr.site.app_page import AppPage
 from pyisr.site.loader import SiteError, SiteLoadError, import_error, load_module
@@ -20,9 +28,7 @@ from pyisr.site.route import Route
 from pyisr.site.route_handler import RouteHandler
 from pyisr.site.router import Params, PatternError, PatternRoute, Router, parse_pattern
 from pyisr.site.templates import make_environment
-
-MANIFEST = "manifest.json"
-BUILD_ID = "BUILD_ID"
+from pyisr.site_store import read_build_id
 
 
 def _pattern_from_app(rel: Path) -> str:
@@ -48,6 +54,8 @@ class Site:
     middleware: Any = None
     #: The site's Jinja2 environment (``templates/``), current while it renders.
     templates: Any = None
+    #: The manifest of the build this process serves (``None``: no build, or dev).
+    manifest: dict[str, Any] | None = None
 
     @property
     def dot_dir(self) -> Path:
@@ -60,8 +68,12 @@ class Site:
     # -- loading ------------------------------------------------------------------------
 
     @classmethod
-    def load(cls, root: str | Path) -> Site:
-        """Load and check every route of the site; raises :class:`SiteLoadError`."""
+    def load(cls, root: str | Path, *, dev: bool = False) -> Site:
+        """Load and check every route of the site; raises :class:`SiteLoadError`.
+
+        ``dev``: templates live from disk and no build (``pyisr dev``). Otherwise the
+        current build is pinned and every template is read now.
+        """
         root = Path(root).resolve()
         if not root.is_dir():
             raise SiteLoadError([SiteError(root, None, "site folder does not exist")])
@@ -69,11 +81,14 @@ class Site:
             raise SiteLoadError(
                 [SiteError(root, None, "no app/ or pages/ folder: create app/page.py or pages/index.py")]
             )
+        # `revalidate = "hourly"` names a profile of the site's pyisr.toml: known before
+        # any route is read (and by the data calls its pages make).
+        lifetimes.use_config(load_config(root))
         site = cls(root=root)
         # Pages import the site's own helpers (`from lib.db import posts`), as in Next.js.
         if str(root) not in sys.path:
             sys.path.insert(0, str(root))
-        site.templates = make_environment([root / "templates"])
+        site.templates = make_environment([root / "templates"], live=dev)
         errors: list[SiteError] = []
         routes: list[Route] = []
         for path, route_class, pattern in site._discover():
@@ -114,7 +129,8 @@ class Site:
         site.router = Router(PatternRoute(r.pattern, r) for r in routes)
         for matcher in site.router.routes:
             matcher.target.matcher = matcher
-        site._load_manifest()
+        if not dev:
+            site._load_manifest()
         return site
 
     def _discover(self) -> list[tuple[Path, type[Route], str]]:
@@ -141,10 +157,12 @@ class Site:
         return found
 
     def _load_manifest(self) -> None:
-        manifest = self.read_manifest()
+        """Pin the current build: its id (``BUILD_ID``, read once) and its own manifest."""
+        build_id = read_build_id(self.root)
+        manifest = read_manifest(self.root, build_id) if build_id is not None else None
         if manifest is None:
             return
-        self.build_id = manifest.get("build_id")
+        self.build_id, self.manifest = build_id, manifest
         by_pattern = {r.pattern: r for r in self.routes}
         for item in manifest.get("routes", []):
             route = by_pattern.get(item.get("pattern"))
@@ -159,15 +177,13 @@ class Site:
             paths = await route.static_paths()
             route.prerendered, route.fallback = set(paths.keys), paths.fallback
 
+    def current_build_id(self) -> str | None:
+        """The site's current build as on disk now: :attr:`build_id` until another is built."""
+        return read_build_id(self.root)
+
     def read_manifest(self) -> dict[str, Any] | None:
-        path = self.dot_dir / MANIFEST
-        if not path.is_file():
-            return None
-        try:
-            data: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            return None
-        return data
+        """The manifest of the build this site was loaded with (never a later build's)."""
+        return self.manifest
 
     # -- matching -----------------------------------------------------------------------
 

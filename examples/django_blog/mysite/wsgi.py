@@ -1,0 +1,8 @@
+"""WSGI entry point: ``gunicorn mysite.wsgi -w 2`` (from examples/django_blog)."""
+
+import os
+
+from django.core.wsgi import get_wsgi_application
+
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "mysite.settings")
+application = get_wsgi_application()
