@@ -37,7 +37,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from pyisr.cache.files import atomic_write, exclusive_lock
+from pyisr.cache.files import atomic_write, exclusive_lock, still_named
 from pyisr.cache.fs_layout import ENTRY_DIRS, LOCKS_DIR, TAG_LOG, TAG_LOG_LOCK
 from pyisr.config import Config
 from pyisr.site_store import (
@@ -231,7 +231,7 @@ class BuildLease:
         try:
             # Blocks only while a cleanup holds it (milliseconds: it renames, then lets go).
             fcntl.flock(fd, fcntl.LOCK_SH)
-            if not _still_at(fd, path):
+            if not still_named(fd, path):
                 raise BuildRemoved(f"build {build_id} was removed while this process started: start again")
         except BaseException:
             os.close(fd)
@@ -244,16 +244,6 @@ class BuildLease:
         if self._fd is not None:
             self._fd = None
             self._finalizer()
-
-
-def _still_at(fd: int, path: Path) -> bool:
-    """Whether the open file ``fd`` is still the one at ``path`` (not moved away or deleted)."""
-    try:
-        here = os.stat(path)
-    except FileNotFoundError:
-        return False
-    mine = os.fstat(fd)
-    return (mine.st_dev, mine.st_ino) == (here.st_dev, here.st_ino)
 
 
 @contextlib.contextmanager

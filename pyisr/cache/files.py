@@ -134,7 +134,7 @@ def _open_lock_file(path: Path) -> int:
         return os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
 
 
-def _still_named(fd: int, path: Path) -> bool:
+def still_named(fd: int, path: Path) -> bool:
     """True when ``path`` still names the file open as ``fd`` (no holder removed it meanwhile)."""
     try:
         current = os.stat(path)
@@ -156,7 +156,7 @@ def _flocked(path: Path, mode: int, remove: bool = False) -> Iterator[None]:
         fd = _open_lock_file(path)
         try:
             fcntl.flock(fd, mode)
-            if not remove or _still_named(fd, path):
+            if not remove or still_named(fd, path):
                 break
         except BaseException:
             os.close(fd)
