@@ -8,6 +8,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from e2e_support import run_cli, running
 
 from pyisr.cache.memory import MemoryCache
 from pyisr.config import load_config
@@ -130,3 +131,18 @@ async def test_draft_mode_is_off_without_a_secret(tmp_path: Path, monkeypatch: p
     monkeypatch.delenv("PYISR_REVALIDATE_SECRET", raising=False)
     async with _client(_site(tmp_path, None)) as client:
         assert (await client.get("/_pyisr/draft", params={"secret": "", "path": "/post"})).status_code == 404
+
+
+def test_under_granian_a_draft_cookie_goes_past_the_fast_path(tmp_path: Path) -> None:
+    """RSGI answers hot pages before the App's full path: a draft request must not be one."""
+    site = _site(tmp_path, "s3cret")
+    assert run_cli(["build", str(site)], {}).returncode == 0
+    with running(site, {}, server="granian") as server:
+        cached = server.get("/post")
+        assert server.get("/post").headers["x-pyisr-cache"] == "HIT"  # hot now
+        value = draft_cookie_value("s3cret")
+        draft = server.get("/post", headers={"cookie": f"{COOKIE}={value}"})
+        assert draft.headers["x-pyisr-cache"] == "BYPASS"
+        assert draft.headers["cache-control"].startswith("private, no-cache, no-store")
+        forged = server.get("/post", headers={"cookie": f"{COOKIE}=9999999999.00"})
+        assert forged.headers["x-pyisr-cache"] == "HIT" and forged.text == cached.text

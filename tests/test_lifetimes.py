@@ -15,7 +15,7 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import FakeClock
+from conftest import Counter, FakeClock
 from redis_support import redis_py, redis_url, unique_prefix  # noqa: F401
 
 from pyisr import lifetimes
@@ -124,13 +124,11 @@ async def test_a_render_can_set_its_own_expire_and_profile(engine: Engine) -> No
     assert named.entry is not None and (named.entry.revalidate, named.entry.expire) == (3600, 86400)
 
 
-async def test_data_with_a_shorter_expire_shortens_the_page(engine: Engine, clock: FakeClock) -> None:
-    calls = 0
-
+async def test_data_with_a_shorter_expire_shortens_the_page(
+    engine: Engine, clock: FakeClock, counter: Counter
+) -> None:
     def load() -> int:
-        nonlocal calls
-        calls += 1
-        return calls
+        return counter.next()
 
     short = cached(load, ["short-lived"], revalidate=5, expire=30)
 
@@ -204,14 +202,13 @@ async def test_S68_a_tag_marked_stale_is_served_at_once_while_one_render_refresh
         await engine.close()
 
 
-async def test_a_stale_mark_reaches_data_read_by_a_page(engine: Engine, clock: FakeClock) -> None:
+async def test_a_stale_mark_reaches_data_read_by_a_page(
+    engine: Engine, clock: FakeClock, counter: Counter
+) -> None:
     """A data entry marked stale is refetched in the foreground while its page regenerates."""
-    calls = 0
 
     def load() -> int:
-        nonlocal calls
-        calls += 1
-        return calls
+        return counter.next()
 
     data = cached(load, ["marked"], tags=["products"], revalidate=False)
 

@@ -139,7 +139,7 @@ class App:
         #: Draft mode (``/_pyisr/draft``) is on when a secret exists to sign its cookie.
         self.draft_secret = draft_secret_of(self.config)
         if self.draft_secret is not None:
-            self.fast.draft_cookie = draft.COOKIE.encode()
+            self.fast.use_draft_cookie(draft.COOKIE)
         self.started = False
         self._start_lock: asyncio.Lock | None = None
         self._cleanup: asyncio.Task[None] | None = None
@@ -254,7 +254,7 @@ class App:
         if (
             hot is not None
             and scope.proto == "http"
-            and (self.fast.draft_cookie is None or not self._may_draft(scope))
+            and (self.fast.draft_cookie is None or not self.fast.may_be_draft(scope.headers.get("cookie")))
         ):
             found = self.fast.answer(hot, scope.method, scope.headers.get("if-none-match"))
             if found is not None:
@@ -262,10 +262,6 @@ class App:
                 proto.response_bytes(answer.status, answer.rsgi_headers(age), body)
                 return
         await rsgi.serve(self, scope, proto)
-
-    @staticmethod
-    def _may_draft(scope: Any) -> bool:
-        return draft.COOKIE in (scope.headers.get("cookie") or "")
 
     def __rsgi_init__(self, loop: asyncio.AbstractEventLoop) -> None:
         loop.run_until_complete(self.startup())
@@ -328,8 +324,11 @@ class App:
 
     def _in_draft_mode(self, scope: Scope) -> bool:
         """A valid draft cookie (``/_pyisr/draft``): this visitor sees fresh renders, never stored."""
-        cookies = [v.decode("latin-1") for k, v in scope["headers"] if k == b"cookie"]
-        return any(draft.is_valid(draft.cookie_from_header(c), self.draft_secret) for c in cookies)
+        return any(
+            draft.is_draft_request(value.decode("latin-1"), self.draft_secret)
+            for name, value in scope["headers"]
+            if name == b"cookie"
+        )
 
     @staticmethod
     async def _method_not_allowed(send: Send, method: str) -> None:

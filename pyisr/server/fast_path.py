@@ -108,10 +108,20 @@ class FastPath:
         self.bytes = 0
         #: The draft cookie's name when draft mode is on (``pyisr.draft``): a request that
         #: carries it goes the full way, where its signature is checked.
-        self.draft_cookie: bytes | None = None
+        self.draft_cookie: str | None = None
+        self._draft_bytes: bytes | None = None
         #: Bound once: it is asked on every answer.
         self._tags_version = engine.handler.tags_version
         self._clock = engine.clock
+
+    def use_draft_cookie(self, name: str) -> None:
+        """Send requests that carry cookie ``name`` the full way (draft mode is on)."""
+        self.draft_cookie, self._draft_bytes = name, name.encode()
+
+    def may_be_draft(self, cookie_header: str | None) -> bool:
+        """Whether a request with this (decoded, RSGI) ``Cookie`` header must go the full way,
+        where its draft cookie's signature is checked; ASGI headers: :meth:`serve_asgi`."""
+        return self.draft_cookie is not None and self.draft_cookie in (cookie_header or "")
 
     def answer(
         self, hot: HotResponse, method: str, if_none_match: str | None
@@ -146,7 +156,7 @@ class FastPath:
     async def serve_asgi(self, hot: HotResponse, scope: Scope, send: Send) -> bool:
         """Answer from a hot entry; ``False`` when the request must go the full way."""
         if_none_match = None
-        draft = self.draft_cookie
+        draft = self._draft_bytes
         for name, value in scope["headers"]:
             if name == b"if-none-match":
                 if_none_match = value.decode("latin-1")
