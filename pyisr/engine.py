@@ -34,13 +34,16 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from pyisr.cache.entry import UNSET, CacheEntry
+from pyisr.cache.activity import Invalidation
+from pyisr.cache.entry import UNSET, CacheEntry, EntryKind
 from pyisr.cache.handler import CacheHandler, as_handler
 from pyisr.cache.tags import stale_tag, tags_for_revalidate_path, validate_tags
+from pyisr.events import Events, route_label
 from pyisr.incidents import Incidents
 from pyisr.log import CacheLog
 from pyisr.loop_local import LoopLocal
 from pyisr.private_keys import PRIVATE_RETRY, PrivateKeys
+from pyisr.provenance import current_source
 from pyisr.regeneration import FORCED, Made, Mode, PrivateRender, Regenerator, past_window
 from pyisr.render import (
     DEFAULT_POLICY,
@@ -97,11 +100,13 @@ class Engine(Regenerator):
         self.lock_ttl = render_timeout + 5.0
         self.lock_poll = lock_poll
         self.log = CacheLog(debug)
+        #: What this engine did, counted for the store's activity record and the metrics.
+        self.events = Events(clock)
         #: The render limit and the render threads; a refused render is told to come back
         #: after the render timeout, by when every render running now has ended or is stuck.
         self.slots = RenderSlots(max_concurrent_renders, retry_after=max(1, math.ceil(render_timeout)))
         #: Writes (and locks) the store refused, per reason: for health, logged once a minute.
-        self.store_failures = Incidents(clock, "store")
+        self.store_failures = Incidents(clock, "store", on_record=self.events.store_error)
         self._refusals = Incidents(clock, "render")
         self._states: LoopLocal[_LoopState] = LoopLocal(_LoopState)
         #: Keys whose last shared render belonged to its visitor (see pyisr.private_keys).
@@ -136,6 +141,15 @@ class Engine(Regenerator):
 
     async def get(self, key: str, render: RenderFn, policy: RenderPolicy = DEFAULT_POLICY) -> Served:
         """Answer one request for ``key``. Raises what the render raised when nothing is cached."""
+        served = await self._answer(key, render, policy)
+        if policy.kind is not EntryKind.DATA:  # data reads are part of a page's render, not answers
+            events = self.events
+            events.served(key, route_label(policy), served.status.value)
+            if events.due():
+                events.report_soon(self.handler)
+        return served
+
+    async def _answer(self, key: str, render: RenderFn, policy: RenderPolicy) -> Served:
         if self._private and key in self._private:
             self.log.decision(key, "PRIVATE", "its last shared render belonged to its visitor")
             return Served(None, CacheStatus.PRIVATE)
@@ -308,16 +322,25 @@ class Engine(Regenerator):
     # -- on-demand ----------------------------------------------------------------------
 
     async def revalidate_now(
-        self, key: str, render: RenderFn, policy: RenderPolicy = DEFAULT_POLICY, *, prerender: bool = False
+        self,
+        key: str,
+        render: RenderFn,
+        policy: RenderPolicy = DEFAULT_POLICY,
+        *,
+        prerender: bool = False,
+        by: str | None = None,
     ) -> CacheEntry:
         """Regenerate ``key`` now and return only once it is stored (``res.revalidate``).
 
         Raises :class:`RevalidationError` if the render fails; the old entry stays served.
         ``prerender=True`` is for a build filling a store nobody serves yet: there is no
-        previous entry to read and no other process holding a copy to tell.
+        previous entry to read and no other process holding a copy to tell. ``by`` says
+        who asked, for the store's record of invalidations (else the calling code).
         """
         previous = None if prerender else await self.handler.get(key)
         mode = Mode.PRERENDER if prerender else Mode.ON_DEMAND
+        if not prerender:
+            await self._record(Invalidation(self.clock(), "regenerate", key, (), by or current_source()))
         task, _ = self._flight(key, render, policy, previous, mode)
         try:
             return (await asyncio.shield(task)).entry
@@ -330,29 +353,63 @@ class Engine(Regenerator):
         except Exception as exc:
             raise RevalidationError(f"Failed to revalidate {key}: {exc}") from exc
 
-    async def revalidate_tags(self, tags: Iterable[str], *, stale: bool = False) -> None:
+    async def revalidate_tags(
+        self,
+        tags: Iterable[str],
+        *,
+        stale: bool = False,
+        kind: str = "tag",
+        target: str | None = None,
+        by: str | None = None,
+    ) -> None:
         """Mark every entry carrying any of ``tags``: one manifest write however many.
 
         By default they are invalidated: the next request of each waits for a fresh render
         (Next.js 15's ``revalidateTag``, 16's ``updateTag``). ``stale=True`` marks them
         stale instead (Next.js 16's ``revalidateTag(tag, "max")``): each is still answered
         at once, STALE, while one background render refreshes it at its next visit.
+
+        The store keeps a record of it (:class:`~pyisr.cache.activity.Invalidation`):
+        ``kind`` and ``target`` say what the caller named (a tag, a path, a route's pages,
+        a layout), ``by`` who called (else :func:`pyisr.provenance.current_source`).
         """
         tags = list(tags)
         if not tags:
             return
+        by = by or current_source()
         recorded = [stale_tag(t) for t in tags] if stale else tags
-        await self.handler.revalidate_tags(recorded, self.clock())
+        at = self.clock()
+        await self.handler.revalidate_tags(recorded, at)
         for tag in tags:
-            self.log.decision(tag, "MARK_STALE" if stale else "INVALIDATE", "tag revalidated")
+            self.log.decision(tag, "MARK_STALE" if stale else "INVALIDATE", f"tag revalidated by {by}")
+        target = target if target is not None else " ".join(tags)
+        await self._record(Invalidation(at, kind, target, tuple(tags), by, stale))
 
-    async def revalidate_tag(self, tag: str, *, stale: bool = False) -> None:
+    async def _record(self, invalidation: Invalidation) -> None:
+        """Count an invalidation and keep it in the store's record; a failure only costs the record."""
+        self.events.invalidated(invalidation)
+        try:
+            await self.handler.record_invalidation(invalidation)
+        except Exception as exc:  # noqa: BLE001 - the invalidation itself is done
+            self.store_failures.record(exc, invalidation.target, "recording an invalidation", op="record")
+
+    async def revalidate_tag(self, tag: str, *, stale: bool = False, by: str | None = None) -> None:
         """``revalidate_tag`` on this engine (what :func:`pyisr.arevalidate_tag` calls)."""
-        await self.revalidate_tags(validate_tags([tag], where="revalidate_tag()"), stale=stale)
+        tags = validate_tags([tag], where="revalidate_tag()")
+        await self.revalidate_tags(tags, stale=stale, kind="tag", target=tag, by=by)
 
-    async def revalidate_path(self, path: str, type: str | None = None) -> None:  # noqa: A002
+    async def revalidate_path(
+        self,
+        path: str,
+        type: str | None = None,  # noqa: A002
+        *,
+        stale: bool = False,
+        by: str | None = None,
+    ) -> None:
         """``revalidate_path`` on this engine: a path, a route's pages, or a subtree."""
-        await self.revalidate_tags(tags_for_revalidate_path(path, type))
+        kind = type if type in ("page", "layout") else "path"
+        tags = tags_for_revalidate_path(path, type)
+        await self.revalidate_tags(tags, stale=stale, kind=kind, target=path, by=by)
 
     async def inspect(self, key: str) -> CacheEntry | None:
         return await self.handler.reload(key)

@@ -61,16 +61,25 @@ class Incident:
 class Incidents:
     """Failures of one kind (``what``: "store", "render") per reason, on ``clock``."""
 
-    def __init__(self, clock: Callable[[], float], what: str) -> None:
+    def __init__(
+        self, clock: Callable[[], float], what: str, *, on_record: Callable[[str], None] | None = None
+    ) -> None:
         self._clock = clock
         self.what = what
+        #: Told the operation of every failure recorded (the metrics' ``op`` label).
+        self._on_record = on_record
         self._by_reason: dict[str, Incident] = {}
 
-    def record(self, exc: BaseException, key: str, doing: str, reason: str | None = None) -> None:
+    def record(
+        self, exc: BaseException, key: str, doing: str, reason: str | None = None, *, op: str = "other"
+    ) -> None:
         """Count ``exc`` (met while ``doing`` something for ``key``); log it unless logged lately.
 
-        ``reason`` groups failures the caller knows are one (else :func:`failure_reason`).
+        ``reason`` groups failures the caller knows are one (else :func:`failure_reason`);
+        ``op`` names the operation in a word (``set``, ``lock``), for the metrics.
         """
+        if self._on_record is not None:
+            self._on_record(op)
         reason = reason or failure_reason(exc)
         now = self._clock()
         message = str(exc) or type(exc).__name__

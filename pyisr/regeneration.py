@@ -22,6 +22,7 @@ from pyisr import context as render_context
 from pyisr.cache.entry import CacheEntry, EntryKind
 from pyisr.cache.handler import CacheHandler
 from pyisr.cache.tags import PATH_TAG, with_stale_tags
+from pyisr.events import Events, route_label
 from pyisr.incidents import Incidents
 from pyisr.log import CacheLog
 from pyisr.private_keys import PrivateKeys
@@ -29,6 +30,7 @@ from pyisr.render import (
     RenderFn,
     RenderPolicy,
     RenderSlotsExhausted,
+    RenderTimeout,
     make_entry,
     private_reason,
     window_end,
@@ -102,6 +104,7 @@ class Regenerator:
     slots: RenderSlots
     store_failures: Incidents
     _refusals: Incidents
+    events: Events
     _private: PrivateKeys
 
     async def _tag_times_for(self, entry: CacheEntry, policy: RenderPolicy) -> Mapping[str, float]:
@@ -148,6 +151,7 @@ class Regenerator:
         token = None if mode is Mode.PRERENDER else await self._lock(key)
         if token is None and mode is Mode.BACKGROUND:
             self.log.decision(key, "REGENERATE", "skipped: another process is regenerating it")
+            self.events.regenerated(route_label(policy), "skipped", 0.0)
             if previous is None:
                 raise RuntimeError(f"{key} is being rendered by another process")
             return Made(previous)
@@ -161,6 +165,7 @@ class Regenerator:
                     adopted = await self._adoptable(key, policy, previous)
                     if adopted is not None:
                         self.log.decision(key, "ADOPT", "rendered by another process")
+                        self.events.regenerated(route_label(policy), "adopted", 0.0)
                         return Made(adopted)
                 token = await self._lock(key)
         try:
@@ -168,6 +173,7 @@ class Regenerator:
                 adopted = await self._adoptable(key, policy, previous)
                 if adopted is not None:
                     self.log.decision(key, "ADOPT", "rendered by another process")
+                    self.events.regenerated(route_label(policy), "adopted", 0.0)
                     return Made(adopted)
             return await self._render_and_store(key, render, policy, previous, mode)
         finally:
@@ -175,7 +181,7 @@ class Regenerator:
                 try:
                     await self.handler.release_lock(key, token)
                 except Exception as exc:  # noqa: BLE001 - the lock expires by itself
-                    self.store_failures.record(exc, key, "releasing the regeneration lock")
+                    self.store_failures.record(exc, key, "releasing the regeneration lock", op="unlock")
 
     async def _lock(self, key: str) -> str | None:
         """The handler's regeneration lock for ``key``: a token, or ``None`` if another holds it.
@@ -186,7 +192,9 @@ class Regenerator:
         try:
             return await self.handler.acquire_lock(key, self.lock_ttl)
         except Exception as exc:  # noqa: BLE001 - counted and logged once a minute
-            self.store_failures.record(exc, key, "taking the regeneration lock; rendering without it")
+            self.store_failures.record(
+                exc, key, "taking the regeneration lock; rendering without it", op="lock"
+            )
             return UNLOCKED
 
     async def _render_and_store(
@@ -218,10 +226,13 @@ class Regenerator:
             private = private_reason(rendered, policy)
             entry = make_entry(key, rendered, policy, ctx, started_at, private=private is not None)
         except Exception as exc:
-            await self._failed(key, exc, previous, word, (time.perf_counter() - t0) * 1000)
+            elapsed = (time.perf_counter() - t0) * 1000
+            self.events.regenerated(route_label(policy), _result_of(exc), elapsed / 1000)
+            await self._failed(key, exc, previous, word, elapsed)
             raise
         elapsed = (time.perf_counter() - t0) * 1000
         if private is not None:
+            self.events.regenerated(route_label(policy), "private", elapsed / 1000)
             self._private.mark(key, policy.route or key, private)
             self.log.decision(key, "PRIVATE", f"{private}: not stored")
             raise PrivateRender(entry, private)
@@ -229,8 +240,9 @@ class Regenerator:
             self._private.forget(key)  # a shared render again: cache it as before
         if entry.revalidate == 0:
             self.log.decision(key, word, f"rendered in {elapsed:.1f}ms; revalidate=0, not cached")
+            self.events.regenerated(route_label(policy), "ok", elapsed / 1000)
             return Made(entry)
-        return await self._store(entry, mode, word, started_at, elapsed)
+        return await self._store(entry, mode, word, started_at, elapsed, route_label(policy))
 
     async def _failed(
         self, key: str, exc: Exception, previous: CacheEntry | None, word: str, elapsed: float
@@ -248,10 +260,10 @@ class Regenerator:
             try:
                 await self.handler.set(failed)
             except Exception as store_exc:  # noqa: BLE001 - the render's own failure is what is raised
-                self.store_failures.record(store_exc, key, "recording a failed regeneration")
+                self.store_failures.record(store_exc, key, "recording a failed regeneration", op="set")
 
     async def _store(
-        self, entry: CacheEntry, mode: Mode, word: str, started_at: float, elapsed: float
+        self, entry: CacheEntry, mode: Mode, word: str, started_at: float, elapsed: float, route: str
     ) -> Made:
         """Store a render; one the store refuses is still returned, unless a build or
         ``revalidate(path)`` asked for it (they promise a stored page)."""
@@ -259,13 +271,15 @@ class Regenerator:
         try:
             stored = await self.handler.set(entry)
         except Exception as exc:
+            self.events.regenerated(route, "unstored", elapsed / 1000)
             if mode is Mode.PRERENDER:
                 raise  # the build reports what it could not write
-            self.store_failures.record(exc, key, "storing a render; answered, not kept")
+            self.store_failures.record(exc, key, "storing a render; answered, not kept", op="set")
             if mode is Mode.ON_DEMAND:
                 raise
             self.log.decision(key, "UNSTORED", f"rendered in {elapsed:.1f}ms; the store refused it")
             return Made(entry, stored=False)
+        self.events.regenerated(route, "ok" if stored else "fenced", elapsed / 1000)
         if not stored:
             self.log.decision(key, "FENCED", f"rendered in {elapsed:.1f}ms; a newer entry exists")
         else:
@@ -280,3 +294,14 @@ class Regenerator:
                 # made before this render started is invalidated, ours is not.
                 await self.handler.revalidate_tags([PATH_TAG + key], started_at - 1e-6)
         return Made(entry)
+
+
+def _result_of(exc: BaseException) -> str:
+    """A failed render's ``result`` label (pyisr.events.RESULTS)."""
+    if isinstance(exc, RenderSlotsExhausted):
+        return "refused"
+    if isinstance(exc, RenderTimeout):
+        return "timeout"
+    if getattr(exc, "pyisr_expected", False):
+        return "uncached"  # an outcome, not an error (a fetch that answered 404)
+    return "failed"

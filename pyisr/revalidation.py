@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from pyisr.engine import Engine, NoPageError
 from pyisr.paths import validate_revalidate_target
+from pyisr.provenance import current_source
 from pyisr.runtime import get_engine, run_sync
 
 
@@ -23,7 +24,7 @@ async def arevalidate_tag(tag: str, *, stale: bool = False) -> None:
     next visit. Right for content where a few seconds of the old version hurt nobody and
     a slow first request would.
     """
-    await get_engine().revalidate_tag(tag, stale=stale)
+    await get_engine().revalidate_tag(tag, stale=stale, by=current_source())
 
 
 async def arevalidate_path(path: str, type: str | None = None) -> None:  # noqa: A002
@@ -32,20 +33,21 @@ async def arevalidate_path(path: str, type: str | None = None) -> None:  # noqa:
     ``arevalidate_path("/blog/1")``, ``arevalidate_path("/blog/[id]", "page")``,
     ``arevalidate_path("/blog", "layout")``; ``("/", "layout")`` invalidates everything.
     """
-    await get_engine().revalidate_path(path, type)
+    await get_engine().revalidate_path(path, type, by=current_source())
 
 
 def revalidate_tag(tag: str, *, stale: bool = False) -> None:
     """Sync form of :func:`arevalidate_tag` (in async code, prefer the async form)."""
-    run_sync(get_engine().revalidate_tag(tag, stale=stale))
+    # Who called is named here: the engine runs in another thread's loop.
+    run_sync(get_engine().revalidate_tag(tag, stale=stale, by=current_source()))
 
 
 def revalidate_path(path: str, type: str | None = None) -> None:  # noqa: A002
     """Sync form of :func:`arevalidate_path` (in async code, prefer the async form)."""
-    run_sync(get_engine().revalidate_path(path, type))
+    run_sync(get_engine().revalidate_path(path, type, by=current_source()))
 
 
-async def revalidate(path: str, *, engine: Engine | None = None) -> None:
+async def revalidate(path: str, *, engine: Engine | None = None, by: str | None = None) -> None:
     """Regenerate the page at ``path`` now; return once the new page is stored.
 
     Raises ``ValueError`` for a path that does not start with ``/`` and
@@ -63,9 +65,9 @@ async def revalidate(path: str, *, engine: Engine | None = None) -> None:
     if target is None:
         raise NoPageError(f"Failed to revalidate {path}: no page at this path (404)")
     resolved_key, render, policy = target
-    await engine.revalidate_now(resolved_key, render, policy)
+    await engine.revalidate_now(resolved_key, render, policy, by=by or current_source())
 
 
 def revalidate_sync(path: str) -> None:
     """Sync form of :func:`revalidate`."""
-    run_sync(revalidate(path))
+    run_sync(revalidate(path, by=current_source()))

@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator, Iterable, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
+from pyisr.cache.activity import Activity, ActivityLog, ActivityReport, Invalidation
 from pyisr.cache.entry import CacheEntry
 
 
@@ -93,6 +94,37 @@ class CacheHandler(ABC):
         """Every stored key starting with ``prefix`` (for the CLI); the default lists none."""
         return
         yield  # pragma: no cover - makes this an async generator
+
+    async def is_locked(self, key: str) -> bool | None:
+        """Whether some process holds ``key``'s regeneration lock now (``None``: cannot tell).
+
+        For ``pyisr cache explain`` and the dashboard ("a regeneration is running").
+        """
+        held = self.__dict__.get("_default_locks", {}).get(key)
+        return held is not None and held[1] > time.monotonic()
+
+    # -- activity: what ``pyisr cache`` and the dashboard show (pyisr.cache.activity) ----------
+    # The defaults keep it in this handler object's memory: right for a store only this
+    # process reads. A shared or persistent store overrides the three methods to keep
+    # one record for every process that uses it.
+
+    def _activity_log(self) -> ActivityLog:
+        log = self.__dict__.get("_pyisr_activity")
+        if log is None:
+            log = self.__dict__["_pyisr_activity"] = ActivityLog()
+        return log
+
+    async def record_invalidation(self, invalidation: Invalidation) -> None:
+        """Keep ``invalidation`` in the store's ring of recent ones."""
+        self._activity_log().record_invalidation(invalidation)
+
+    async def add_activity(self, report: ActivityReport, now: float) -> None:
+        """Add one process's hits and per-minute counts to the store's."""
+        self._activity_log().add(report, now)
+
+    async def activity(self, now: float) -> Activity:
+        """The store's record: recent invalidations (newest first), hits, recent minutes."""
+        return self._activity_log().read(now)
 
     def tags_version(self) -> int | None:
         """A number that changes whenever any tag time may have changed, or ``None``.
@@ -178,6 +210,30 @@ class _DuckHandler(CacheHandler):
         if hasattr(self._inner, "keys"):
             async for key in self._inner.keys(prefix):
                 yield key
+
+    async def is_locked(self, key: str) -> bool | None:
+        if hasattr(self._inner, "is_locked"):
+            return await self._inner.is_locked(key)
+        if hasattr(self._inner, "acquire_lock"):
+            return None  # its own lock, which this cannot see
+        return await super().is_locked(key)
+
+    async def record_invalidation(self, invalidation: Invalidation) -> None:
+        if hasattr(self._inner, "record_invalidation"):
+            await self._inner.record_invalidation(invalidation)
+        else:
+            await super().record_invalidation(invalidation)
+
+    async def add_activity(self, report: ActivityReport, now: float) -> None:
+        if hasattr(self._inner, "add_activity"):
+            await self._inner.add_activity(report, now)
+        else:
+            await super().add_activity(report, now)
+
+    async def activity(self, now: float) -> Activity:
+        if hasattr(self._inner, "activity"):
+            return await self._inner.activity(now)
+        return await super().activity(now)
 
     async def close(self) -> None:
         if hasattr(self._inner, "close"):

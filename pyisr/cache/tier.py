@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
+from pyisr.cache.activity import Activity, ActivityReport, Invalidation
 from pyisr.cache.entry import CacheEntry
 from pyisr.cache.handler import CacheHandler
 from pyisr.cache.lru import ByteLRU
@@ -165,6 +166,18 @@ class MemoryTier(CacheHandler):
     async def keys(self, prefix: str = "") -> AsyncIterator[str]:
         async for key in self.backing.keys(prefix):
             yield key
+
+    async def is_locked(self, key: str) -> bool | None:
+        return await self.backing.is_locked(key)
+
+    async def record_invalidation(self, invalidation: Invalidation) -> None:
+        await self.backing.record_invalidation(invalidation)
+
+    async def add_activity(self, report: ActivityReport, now: float) -> None:
+        await self.backing.add_activity(report, now)
+
+    async def activity(self, now: float) -> Activity:
+        return await self.backing.activity(now)
 
     async def close(self) -> None:
         self._entries.clear()

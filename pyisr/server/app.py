@@ -143,6 +143,7 @@ class App:
         self.started = False
         self._start_lock: asyncio.Lock | None = None
         self._cleanup: asyncio.Task[None] | None = None
+        self._reporting: asyncio.Task[None] | None = None
 
     # -- start-up and shutdown ------------------------------------------------------------
 
@@ -166,6 +167,10 @@ class App:
                 self._cleanup = asyncio.get_running_loop().create_task(self._remove_unused_builds())
             if self.build_watcher is not None:
                 self.build_watcher.start()
+            # The fast path's answers reach the events only when collected: report them
+            # on a timer, not when some request happens to take the full path.
+            reporting = self.engine.events.run(self.engine.handler)
+            self._reporting = asyncio.get_running_loop().create_task(reporting)
             self.started = True
 
     async def shutdown(self) -> None:
@@ -175,6 +180,9 @@ class App:
         if self._cleanup is not None:
             await asyncio.gather(self._cleanup, return_exceptions=True)
         await self.engine.drain()
+        if self._reporting is not None:
+            self._reporting.cancel()  # it reports what is left as it stops
+            await asyncio.gather(self._reporting, return_exceptions=True)
         await self.engine.handler.close()
         if self.lease is not None:
             self.lease.release()
@@ -400,7 +408,7 @@ class App:
         if served.status is CacheStatus.FALLBACK:
             await self._fallback(route, key, params, send, method)
             return
-        await self._send_entry(served, scope, send, method, headers)
+        await self._send_entry(served, scope, send, method, headers, route.pattern)
 
     async def _fallback(
         self, route: Route, key: str, params: dict[str, Any], send: Send, method: str
@@ -430,7 +438,13 @@ class App:
         )
 
     async def _send_entry(
-        self, served: Served, scope: Scope, send: Send, method: str, request_headers: dict[str, str]
+        self,
+        served: Served,
+        scope: Scope,
+        send: Send,
+        method: str,
+        request_headers: dict[str, str],
+        route: str,
     ) -> None:
         entry = served.entry
         assert entry is not None
@@ -441,7 +455,7 @@ class App:
             return
         if served.status is not CacheStatus.STALE and served.stored:
             # (A render the store refused is rendered again by the next request: not hot.)
-            self.fast.remember(scope, entry, out)
+            self.fast.remember(scope, entry, out, route)
         out.append(age_header(entry, now))
         if not_modified(entry, request_headers.get("if-none-match")):
             await send_response(send, 304, [h for h in out if h[0] != b"content-type"], b"", "HEAD")

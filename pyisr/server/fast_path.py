@@ -36,12 +36,27 @@ class HotAnswer:
     never holds it. (The lists handed out are never changed afterwards, only replaced.)
     """
 
-    __slots__ = ("status", "headers", "body", "_text", "_asgi", "_asgi_age", "_rsgi", "_rsgi_age")
+    __slots__ = (
+        "status",
+        "headers",
+        "body",
+        "served",
+        "counted",
+        "_text",
+        "_asgi",
+        "_asgi_age",
+        "_rsgi",
+        "_rsgi_age",
+    )
 
     def __init__(self, status: int, headers: Headers, body: bytes) -> None:
         self.status = status
         self.headers = headers
         self.body = body
+        #: Times answered, and how many of those the engine's events were told of
+        #: (:meth:`FastPath.collect`): one addition per request, nothing more.
+        self.served = 0
+        self.counted = 0
         self._text: list[tuple[str, str]] | None = None
         self._asgi: Headers = []
         self._asgi_age = -1
@@ -72,6 +87,8 @@ class HotResponse:
     """
 
     entry: CacheEntry
+    #: The route's pattern (the metrics' label).
+    route: str
     #: When the entry's window ends (:func:`~pyisr.engine.window_end`), never the end of a
     #: failed regeneration's back-off: past it the answer is STALE, whatever the back-off.
     stale_at: float | None
@@ -113,6 +130,9 @@ class FastPath:
         #: Bound once: it is asked on every answer.
         self._tags_version = engine.handler.tags_version
         self._clock = engine.clock
+        #: Counts of answers no longer in the index, for the next :meth:`collect`.
+        self._uncollected: list[tuple[str, str, str, int]] = []
+        engine.events.add_source(self.collect)
 
     def use_draft_cookie(self, name: str) -> None:
         """Send requests that carry cookie ``name`` the full way (draft mode is on)."""
@@ -148,6 +168,7 @@ class FastPath:
             return None
         not_modified = if_none_match is not None and etag_matches(if_none_match, hot.etag)
         answer = hot.answers[2 * stale + (not_modified and hot.entry.status == 200)]
+        answer.served += 1
         age = max(0, int(now - hot.entry.created_at))
         if self.engine.log.enabled:
             self.engine.log.decision(hot.entry.key, "STALE" if stale else "HIT", f"age={age}s")
@@ -173,8 +194,23 @@ class FastPath:
         await send({"type": "http.response.body", "body": body})
         return True
 
-    def remember(self, scope: Scope, entry: CacheEntry, headers: Headers) -> None:
-        """Keep the responses of ``entry`` (served with ``headers``) for its path."""
+    def collect(self) -> list[tuple[str, str, str, int]]:
+        """Answers given since the last call: ``(key, route, status, n)`` (pyisr.events.Source)."""
+        found, self._uncollected = self._uncollected, []
+        for hot in self.by_raw_path.values():
+            _uncounted(hot, found)
+        return found
+
+    def forget_all(self) -> None:
+        """Empty the index (its counts are kept for the next :meth:`collect`)."""
+        for hot in self.by_raw_path.values():
+            _uncounted(hot, self._uncollected)
+        self.by_raw_path.clear()
+        self.by_path.clear()
+        self.bytes = 0
+
+    def remember(self, scope: Scope, entry: CacheEntry, headers: Headers, route: str) -> None:
+        """Keep the responses of ``entry`` (served with ``headers``, route ``route``) for its path."""
         raw = scope.get("raw_path")
         version = self._tags_version()
         if not self.enabled or raw is None or version is None:
@@ -183,12 +219,11 @@ class FastPath:
         replaced = self.by_raw_path.get(raw)
         if replaced is not None:
             self.bytes -= hot_size(replaced.entry)
+            _uncounted(replaced, self._uncollected)
         if len(self.by_raw_path) >= HOT_LIMIT or self.bytes + size > HOT_BYTES:
             # Start over rather than track recency on every hit: pages that are really
             # hot come back at their next request.
-            self.by_raw_path.clear()
-            self.by_path.clear()
-            self.bytes = 0
+            self.forget_all()
         self.bytes += size
         common = [h for h in headers if h[0] != b"x-pyisr-cache" and h[0] != b"cache-status"]
         skip_in_304 = (b"content-type", b"content-length")
@@ -204,8 +239,17 @@ class FastPath:
             answers.append(HotAnswer(entry.status, full, entry.body))
             answers.append(HotAnswer(304, bare, b""))
         ready: Any = tuple(answers)  # four answers, by construction
-        hot = HotResponse(entry, _stale_from(entry), entry.expires_at(), version, entry.etag, ready)
+        hot = HotResponse(entry, route, _stale_from(entry), entry.expires_at(), version, entry.etag, ready)
         self.by_raw_path[raw] = hot
         if b"%2f" not in raw.lower():
             # RSGI hands over the decoded path; an encoded slash would make it ambiguous.
             self.by_path[scope["path"]] = hot
+
+
+def _uncounted(hot: HotResponse, into: list[tuple[str, str, str, int]]) -> None:
+    """Add ``hot``'s answers not yet collected to ``into``, and mark them collected."""
+    for index, answer in enumerate(hot.answers):
+        n = answer.served - answer.counted
+        if n:
+            answer.counted = answer.served
+            into.append((hot.entry.key, hot.route, "STALE" if index >= 2 else "HIT", n))

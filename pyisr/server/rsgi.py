@@ -60,9 +60,7 @@ def start_draining(app: Any) -> None:
     DRAIN.last_request = time.monotonic()
     fast = app.fast
     fast.enabled = False
-    fast.by_path.clear()
-    fast.by_raw_path.clear()
-    fast.bytes = 0
+    fast.forget_all()
 
 
 def raw_path(path: str) -> bytes:
