@@ -25,6 +25,7 @@ from pyisr.engine import (
     RevalidationError,
     Served,
 )
+from pyisr.provenance import invalidated_by
 from pyisr.revalidation import (
     arevalidate_path,
     arevalidate_tag,
@@ -67,6 +68,7 @@ __all__ = [
     "fetch",
     "fetch_sync",
     "get_engine",
+    "invalidated_by",
     "is_fallback",
     "revalidate",
     "revalidate_path",

@@ -35,10 +35,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pyisr.cache.activity import Invalidation
-from pyisr.cache.entry import UNSET, CacheEntry, EntryKind
+from pyisr.cache.entry import UNSET, CacheEntry
 from pyisr.cache.handler import CacheHandler, as_handler
 from pyisr.cache.tags import stale_tag, tags_for_revalidate_path, validate_tags
-from pyisr.events import Events, route_label
+from pyisr.events import Events
 from pyisr.incidents import Incidents
 from pyisr.log import CacheLog
 from pyisr.loop_local import LoopLocal
@@ -101,7 +101,7 @@ class Engine(Regenerator):
         self.lock_poll = lock_poll
         self.log = CacheLog(debug)
         #: What this engine did, counted for the store's activity record and the metrics.
-        self.events = Events(clock)
+        self.events = Events(clock, self.handler)
         #: The render limit and the render threads; a refused render is told to come back
         #: after the render timeout, by when every render running now has ended or is stuck.
         self.slots = RenderSlots(max_concurrent_renders, retry_after=max(1, math.ceil(render_timeout)))
@@ -140,16 +140,11 @@ class Engine(Regenerator):
         return None
 
     async def get(self, key: str, render: RenderFn, policy: RenderPolicy = DEFAULT_POLICY) -> Served:
-        """Answer one request for ``key``. Raises what the render raised when nothing is cached."""
-        served = await self._answer(key, render, policy)
-        if policy.kind is not EntryKind.DATA:  # data reads are part of a page's render, not answers
-            events = self.events
-            events.served(key, route_label(policy), served.status.value)
-            if events.due():
-                events.report_soon(self.handler)
-        return served
+        """Answer one request for ``key``. Raises what the render raised when nothing is cached.
 
-    async def _answer(self, key: str, render: RenderFn, policy: RenderPolicy) -> Served:
+        The caller that answers a visitor with it tells :attr:`events` (``served``): data
+        reads come here too, and are parts of a page's render, not answers.
+        """
         if self._private and key in self._private:
             self.log.decision(key, "PRIVATE", "its last shared render belonged to its visitor")
             return Served(None, CacheStatus.PRIVATE)

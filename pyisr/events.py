@@ -73,6 +73,8 @@ class Delta:
 
     #: ``(cache status, route)`` → answers (HIT, STALE, MISS, BYPASS, PRIVATE, …).
     requests: dict[tuple[str, str], int] = field(default_factory=dict)
+    #: Key → answers HIT or STALE (the store's hit counts).
+    hits: dict[str, int] = field(default_factory=dict)
     regenerations: list[Regeneration] = field(default_factory=list)
     #: Regenerations beyond :data:`MAX_TIMINGS`, by ``(route, result)``: counted, not timed.
     untimed: dict[tuple[str, str], int] = field(default_factory=dict)
@@ -104,8 +106,12 @@ _MINUTE_OF_STATUS = {"HIT": "hits", "STALE": "stale", "MISS": "misses"}
 class Events:
     """One engine's counters. ``clock`` is the engine's (epoch seconds; tests pass a fake one)."""
 
-    def __init__(self, clock: Callable[[], float], *, report_every: float = REPORT_EVERY) -> None:
+    def __init__(
+        self, clock: Callable[[], float], handler: CacheHandler, *, report_every: float = REPORT_EVERY
+    ) -> None:
         self.clock = clock
+        #: The store reports go to (the engine's handler).
+        self.handler = handler
         self.report_every = report_every
         self.sinks: list[Sink] = []
         self._sources: list[Source] = []
@@ -116,21 +122,20 @@ class Events:
     # -- counting (cheap: called on every answer) ---------------------------------------------
 
     def served(self, key: str, route: str, status: str) -> None:
-        """One answer of the engine's for ``key``, with its cache status."""
-        requests = self._delta.requests
-        slot = (status, route)
-        requests[slot] = requests.get(slot, 0) + 1
-        self._count_key(key, status, 1)
+        """One answer to a visitor for ``key`` (a page's route pattern), with its cache status.
 
-    def _count_key(self, key: str, status: str, n: int) -> None:
-        activity = self._delta.activity
-        minute = _MINUTE_OF_STATUS.get(status)
-        if minute is not None:
-            activity.count(self.clock(), minute, n)
+        Called by whoever answers (the site server, the integrations) on every request
+        that reaches the engine: two dictionary additions and a clock read.
+        """
+        delta = self._delta
+        slot = (status, route)
+        delta.requests[slot] = delta.requests.get(slot, 0) + 1
         if status == "HIT" or status == "STALE":
-            hits = activity.hits
+            hits = delta.hits
             if key in hits or len(hits) < MAX_KEYS_PER_REPORT:
-                hits[key] = hits.get(key, 0) + n
+                hits[key] = hits.get(key, 0) + 1
+        if time.monotonic() - self._reported_at >= self.report_every:
+            self.report_soon()
 
     def regenerated(self, route: str, result: str, seconds: float) -> None:
         """One regeneration ended with ``result`` (see :data:`RESULTS`) after ``seconds``."""
@@ -162,22 +167,35 @@ class Events:
         self._sources.append(source)
 
     def take(self) -> Delta:
-        """Everything counted since the last call (sources included), and start over."""
-        for source in self._sources:
-            for key, route, status, n in source():
-                requests = self._delta.requests
-                slot = (status, route)
-                requests[slot] = requests.get(slot, 0) + n
-                self._count_key(key, status, n)
+        """Everything counted since the last call (sources included), and start over.
+
+        Answers are put in the minute of the take, not of each request: a report is due
+        every few seconds, and the per-minute counts need no clock read per request.
+        """
         delta, self._delta = self._delta, Delta()
         self._reported_at = time.monotonic()
+        for source in self._sources:
+            for key, route, status, n in source():
+                slot = (status, route)
+                delta.requests[slot] = delta.requests.get(slot, 0) + n
+                if key in delta.hits or len(delta.hits) < MAX_KEYS_PER_REPORT:
+                    delta.hits[key] = delta.hits.get(key, 0) + n
+        activity = delta.activity
+        now = self.clock()
+        for key, n in delta.hits.items():
+            activity.hits[key] = n
+        for (status, _route), n in delta.requests.items():
+            minute = _MINUTE_OF_STATUS.get(status)
+            if minute is not None:
+                activity.count(now, minute, n)
         return delta
 
     def due(self) -> bool:
         return time.monotonic() - self._reported_at >= self.report_every
 
-    async def report(self, handler: CacheHandler) -> None:
+    async def report(self) -> None:
         """Hand what was counted to the sinks and the store; a failure is logged, never raised."""
+        handler = self.handler
         delta = self.take()
         for sink in self.sinks:
             try:
@@ -191,21 +209,21 @@ class Events:
                 self.store_error("activity")
                 logger.debug("pyisr: storing activity failed: %s: %s", type(exc).__name__, exc)
 
-    def report_soon(self, handler: CacheHandler) -> None:
-        """Report in the background if one is due and none runs (called from the engine's loop)."""
-        if not self.due() or (self._reporting is not None and not self._reporting.done()):
+    def report_soon(self) -> None:
+        """Report in the background unless one runs (called from the engine's loop)."""
+        if self._reporting is not None and not self._reporting.done():
             return
         self._reported_at = time.monotonic()
         try:
-            self._reporting = asyncio.get_running_loop().create_task(self.report(handler))
+            self._reporting = asyncio.get_running_loop().create_task(self.report())
         except RuntimeError:
             return  # no loop: the next call from one reports
 
-    async def run(self, handler: CacheHandler) -> None:
+    async def run(self) -> None:
         """Report every :attr:`report_every` seconds until cancelled (a server's background task)."""
         try:
             while True:
                 await asyncio.sleep(self.report_every)
-                await self.report(handler)
+                await self.report()
         finally:
-            await asyncio.shield(self.report(handler))
+            await asyncio.shield(self.report())

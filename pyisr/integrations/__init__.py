@@ -29,6 +29,7 @@ from pyisr.cache.entry import EntryKind
 from pyisr.cache.tags import implicit_tags, validate_tags
 from pyisr.draft import is_draft_request
 from pyisr.engine import CacheStatus, Engine, RenderFn, RenderPolicy, RenderSlotsExhausted
+from pyisr.events import route_label
 from pyisr.http import NOSTORE, age_header, not_modified, served_headers
 from pyisr.lifetimes import Lifetime
 from pyisr.paths import MAX_KEY_BYTES, normalize_path
@@ -182,6 +183,7 @@ async def serve_page(
     """
     try:
         served = await engine.get(key, render, policy)
+        engine.events.served(key, route_label(policy), served.status.value)
     except RenderSlotsExhausted as exc:
         # Every render slot is held by a hung render: say so at once, as the server does.
         busy = b"Service Unavailable: every render slot is busy"

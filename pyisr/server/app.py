@@ -169,8 +169,7 @@ class App:
                 self.build_watcher.start()
             # The fast path's answers reach the events only when collected: report them
             # on a timer, not when some request happens to take the full path.
-            reporting = self.engine.events.run(self.engine.handler)
-            self._reporting = asyncio.get_running_loop().create_task(reporting)
+            self._reporting = asyncio.get_running_loop().create_task(self.engine.events.run())
             self.started = True
 
     async def shutdown(self) -> None:
@@ -384,6 +383,7 @@ class App:
         render = route.renderer(key, params, origin=self._origin_for(scope) if handler else LOCALHOST)
         try:
             served = await self.engine.get(key, render, policy)
+            self.engine.events.served(key, route.pattern, served.status.value)
         except RenderSlotsExhausted as exc:
             # Every render slot is stuck (the engine logs it once a minute): come back once
             # the renders running now have ended or are stuck too (the render timeout).
