@@ -1,4 +1,4 @@
-"""``python -m bench all | hit | stale | herd | build | memory | invalidate | redis [--quick]``.
+"""``python -m bench all | hit | stale | herd | build | build-blog | memory | invalidate | redis | abuse``.
 
 Each scenario prints a table and writes ``bench/results/<scenario>.json``; every run
 rewrites ``bench/results/summary.md`` from the JSON files there. See bench/README.md.
@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
             log(f"=== {name}{' (quick)' if ctx.quick else ''} ===")
             if args.wait_idle:
                 wait_idle(args.wait_idle)
-            module = importlib.import_module(f"bench.scenarios.{name}")
+            module = importlib.import_module(f"bench.scenarios.{name.replace('-', '_')}")
             t0 = time.monotonic()
             try:
                 report: Report = module.run(ctx)

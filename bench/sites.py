@@ -292,3 +292,40 @@ def abuse_site(root: Path, known: int = 100) -> Path:
             + "</body></html>\n",
         },
     )
+
+
+def list_site(root: Path, sizes: tuple[int, ...] = (20, 2000), pages: int = 10) -> Path:
+    """``/list<N>/<id>`` for each N in ``sizes``: revalidate 1 (sync pages), each reading one
+    shared ``cached()`` list of N items (~500 bytes each, so 2,000 is ~1 MB of JSON) and
+    rendering only its length and first title: what the list costs a render is its read.
+    Ids 1..``pages`` are prerendered; any other is a MISS. Renders are counted."""
+    files = {}
+    for size in sizes:
+        files[f"app/list{size}/[id]/page.py"] = f"""
+            import time
+
+            import _bench
+            from pyisr import cached
+
+            revalidate = 1
+            TEXT = "Lorem ipsum dolor sit amet, consectetur adipiscing elit. " * 8
+
+
+            def load_items():
+                return [{{"id": i, "title": f"Item {{i}}", "text": TEXT}} for i in range({size})]
+
+
+            items = cached(load_items, ["bench-items-{size}"], revalidate=3600, tags=["items"])
+
+
+            def generate_static_params():
+                return [{{"id": str(i)}} for i in range(1, {pages + 1})]
+
+
+            def page(params):
+                _bench.count("list{size}-" + params["id"])
+                data = items()
+                note = f"{{len(data)}} items, first {{data[0]['title']}}, rendered at {{time.time():.3f}}"
+                return _bench.html(f"List page {{params['id']}}", note)
+            """
+    return _write(root, files)

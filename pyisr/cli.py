@@ -7,9 +7,9 @@ import json
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn, TypeVar
 
 import click
 from rich.console import Console
@@ -18,9 +18,13 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from pyisr.config import Config, ConfigError, load_config
+from pyisr.explain import SORTS, EntryState
 from pyisr.site.loader import SiteLoadError
 
 console = Console(stderr=True, soft_wrap=True)
+T = TypeVar("T")
+#: Who the store's record says asked, for an invalidation made by ``pyisr revalidate``.
+REVALIDATE_BY = "pyisr revalidate (CLI)"
 
 
 def _config(site: Path, **overrides: Any) -> Config:
@@ -130,8 +134,7 @@ def build(site: Path, rollback: bool, **settings: Any) -> None:
             kind = f"ISR {values[0]}s" if values else "static"
         table.add_row(escape(report.route.pattern), kind, str(len(report.keys)), _human(report.bytes))
     Console().print(table)
-    rate = result.pages / result.seconds if result.seconds else 0
-    console.print(f"Built {result.pages} pages in {result.seconds:.2f}s ({rate:.0f} pages/s).")
+    console.print(result.summary(), markup=False, highlight=False)
 
 
 def _rollback(site: Path) -> None:
@@ -345,6 +348,8 @@ def revalidate(
     """Ask a running server to revalidate a path or a tag."""
     import httpx
 
+    from pyisr.server.endpoints import BY_HEADER
+
     if not path and not tag:
         raise click.UsageError("give --path or --tag")
     if not secret:
@@ -355,7 +360,7 @@ def revalidate(
         response = httpx.post(
             url.rstrip("/") + "/_pyisr/revalidate",
             params=params,
-            headers={"authorization": f"Bearer {secret}"},
+            headers={"authorization": f"Bearer {secret}", BY_HEADER: REVALIDATE_BY},
             timeout=60,
         )
     except httpx.HTTPError as exc:
@@ -367,16 +372,52 @@ def revalidate(
 
 @main.group()
 def cache() -> None:
-    """Look at and clear the cache of a built site."""
+    """Look at and clear the cache of a built site (the store and build its server uses)."""
 
 
-def _site_engine(site: Path) -> Any:
-    """An engine over the site's cache, exactly the store and namespace its server uses."""
+def _site_option(command: Callable[..., Any]) -> Callable[..., Any]:
+    site = click.option(
+        "--site",
+        type=click.Path(file_okay=False, path_type=Path),
+        default=".",
+        show_default=True,
+        help="The site's folder.",
+    )
+    as_json = click.option("--json", "as_json", is_flag=True, help="Print JSON, for scripts.")
+    return site(as_json(command))
+
+
+def _fail(message: str, as_json: bool, code: int = 2, **details: Any) -> NoReturn:
+    """Say what went wrong (on stderr, or as a JSON error object on stdout) and exit."""
+    if as_json:
+        click.echo(json.dumps({"error": message, **details}))
+    else:
+        console.print(f"[red]{escape(message)}[/red]")
+    sys.exit(code)
+
+
+def _run_on_site(site: Path, as_json: bool, work: Callable[[Any], Awaitable[T]]) -> tuple[T, Any]:
+    """Run ``work(engine)`` over the site's cache, exactly the store and build its server uses;
+    no site, no build or no cache there ends the command with what was looked for, and where."""
+    from pyisr import cache_tools
     from pyisr.engine import Engine
-    from pyisr.site_store import open_site_cache
 
-    handler = open_site_cache(site, _config(site), memory_tier_bytes=0)
-    return Engine(handler, debug=False)
+    try:
+        handler = cache_tools.open_site(site, _config(site))
+    except cache_tools.NoCache as exc:
+        _fail(str(exc), as_json, **exc.details)
+    engine = Engine(handler, debug=False)
+
+    async def run() -> T:
+        try:
+            return await work(engine)
+        finally:
+            await engine.handler.close()
+
+    try:
+        return asyncio.run(run()), handler
+    except Exception as exc:  # noqa: BLE001 - a store that cannot be read (Redis down): say so
+        _fail(f"cannot read the cache at {cache_tools.where(handler)}: {exc}", as_json, code=1)
 
 
 def _cache_key(path: str) -> str:
@@ -390,52 +431,100 @@ def _cache_key(path: str) -> str:
         raise click.BadParameter(f"{path!r}: {exc}") from None
 
 
-@cache.command("inspect")
-@click.argument("path")
-@click.option("--site", type=click.Path(file_okay=False, path_type=Path), default=".")
-def cache_inspect(path: str, site: Path) -> None:
-    """Show what is cached for PATH (or a data key): age, revalidate, tags, last failure."""
-    from pyisr import cache_tools
+def _print(renderable: Any) -> None:
+    from pyisr.cache_tools import render_text
 
-    engine = _site_engine(site)
-    key = _cache_key(path)
-
-    async def run() -> Any:
-        try:
-            return await cache_tools.inspect(engine, key, time.time())
-        finally:
-            await engine.handler.close()
-
-    info = asyncio.run(run())
-    if info is None:
-        click.echo(json.dumps({"key": key, "cached": False}))
-        sys.exit(1)
-    click.echo(json.dumps(info, indent=2))
+    click.echo(render_text(renderable, color=sys.stdout.isatty()), nl=False)
 
 
 @cache.command("list")
-@click.option("--site", type=click.Path(file_okay=False, path_type=Path), default=".")
-@click.option("--prefix", default="")
-def cache_list(site: Path, prefix: str) -> None:
-    """List cached keys."""
+@_site_option
+@click.option("--state", type=click.Choice([s.value for s in EntryState]), help="Only entries in this state.")
+@click.option("--tag", help="Only entries with this tag.")
+@click.option("--route", help="Only pages of this route pattern (/blog/[id]), or keys under this path.")
+@click.option("--prefix", default="", help="Only keys starting with this.")
+@click.option("--sort", type=click.Choice(list(SORTS)), default="age", show_default=True)
+@click.option("--limit", type=click.IntRange(min=1), help="At most this many rows.")
+def cache_list(
+    site: Path,
+    as_json: bool,
+    state: str | None,
+    tag: str | None,
+    route: str | None,
+    prefix: str,
+    sort: str,
+    limit: int | None,
+) -> None:
+    """List cached entries: key, state, age, revalidate, size, tags, hits."""
     from pyisr import cache_tools
 
-    engine = _site_engine(site)
+    now = time.time()
 
-    async def run() -> None:
-        try:
-            async for key in cache_tools.keys(engine, prefix):
-                click.echo(key)
-        finally:
-            await engine.handler.close()
+    async def work(engine: Any) -> list[Any]:
+        found = await cache_tools.rows(engine, now, state=state, tag=tag, route=route, sort=sort)
+        return [row for row in found if row.key.startswith(prefix)]
 
-    asyncio.run(run())
+    every, handler = _run_on_site(site, as_json, work)
+    found = every[:limit] if limit else every
+    if as_json:
+        click.echo(json.dumps([row.to_json() for row in found], indent=2))
+        return
+    _print(cache_tools.rows_table(found, title=cache_tools.list_title(found, handler, len(every))))
+
+
+@cache.command("inspect")
+@click.argument("path")
+@_site_option
+def cache_inspect(path: str, site: Path, as_json: bool) -> None:
+    """Show what is cached for PATH (or a data key): state, age, revalidate, tags, last failure."""
+    from pyisr import cache_tools
+
+    key = _cache_key(path)
+    now = time.time()
+
+    async def work(engine: Any) -> tuple[Any, Any]:
+        return await cache_tools.inspect(engine, key, now), await cache_tools.explain_key(engine, key, now)
+
+    (info, why), handler = _run_on_site(site, as_json, work)
+    if as_json:
+        click.echo(json.dumps(info or {"key": key, "cached": False, "explain": why.text}, indent=2))
+    else:
+        _print(cache_tools.entry_block(why, info, now))
+    if info is None:
+        if not as_json:
+            console.print(f"(looked in {escape(cache_tools.where(handler))})")
+        sys.exit(1)
+
+
+@cache.command("explain")
+@click.argument("path")
+@_site_option
+def cache_explain(path: str, site: Path, as_json: bool) -> None:
+    """Say why PATH (or a data key) is in its state: since when, who invalidated it, what is served."""
+    from pyisr import cache_tools
+
+    key = _cache_key(path)
+
+    async def work(engine: Any) -> Any:
+        return await cache_tools.explain_key(engine, key, time.time())
+
+    why, handler = _run_on_site(site, as_json, work)
+    if as_json:
+        click.echo(json.dumps(why.to_json(), indent=2))
+    else:
+        click.echo(f"{key}: {why.state.value if why.state else 'not cached'}")
+        for sentence in why.sentences:
+            click.echo(f"  {sentence}")
+    if why.state is None:
+        if not as_json:
+            console.print(f"(looked in {escape(cache_tools.where(handler))})")
+        sys.exit(1)
 
 
 @cache.command("purge")
 @click.argument("path")
-@click.option("--site", type=click.Path(file_okay=False, path_type=Path), default=".")
-def cache_purge(path: str, site: Path) -> None:
+@_site_option
+def cache_purge(path: str, site: Path, as_json: bool) -> None:
     """Invalidate the entry for PATH (or a data key) in every running server.
 
     An invalidation, not a file delete: servers holding the page in memory learn of it
@@ -444,17 +533,16 @@ def cache_purge(path: str, site: Path) -> None:
     """
     from pyisr import cache_tools
 
-    engine = _site_engine(site)
     key = _cache_key(path)
 
-    async def run() -> None:
-        try:
-            await cache_tools.purge(engine, key)
-        finally:
-            await engine.handler.close()
+    async def work(engine: Any) -> None:
+        await cache_tools.purge(engine, key, by=cache_tools.CLI_PURGE_BY)
 
-    asyncio.run(run())
-    click.echo(f"purged {key}: the next request renders it afresh")
+    _, handler = _run_on_site(site, as_json, work)
+    if as_json:
+        click.echo(json.dumps({"key": key, "purged": True, "cache": cache_tools.where(handler)}))
+    else:
+        click.echo(f"purged {key}: the next request renders it afresh")
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ came from (the file and key, or the variable), what was wrong and how to fix it.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import tomllib
 from collections.abc import Callable, Mapping
@@ -20,6 +21,8 @@ from pyisr.origin import parse_site_url, valid_host
 
 CONFIG_FILE = "pyisr.toml"
 
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
 
 class ConfigError(ValueError):
     pass
@@ -33,6 +36,12 @@ class Config:
     memory_tier: int = 50 * 1024 * 1024
     #: Secret for POST /_pyisr/revalidate and the inspection endpoint; unset turns them off.
     revalidate_secret: str | None = None
+    #: Bearer secret of GET /_pyisr/metrics (pyisr.metrics); with metrics_allow unset too, it is off.
+    metrics_secret: str | None = None
+    #: Addresses and networks that may read /_pyisr/metrics without the secret.
+    metrics_allow: tuple[IPNetwork, ...] = ()
+    #: ``"text"`` (lines for people) or ``"json"`` (one object per line; see pyisr.log).
+    log_format: str = "text"
     debug_cache: bool = False
     log_fetches: bool = False
     log_fetches_full_url: bool = False
@@ -53,6 +62,35 @@ class Config:
     #: Bytes the cache may hold in its store; ``None``: the handler's default (1 GiB for
     #: the file-system cache; Redis is bounded by its own ``maxmemory``).
     cache_max_bytes: int | None = None
+    #: Secret that signs in to the dashboard at ``/_pyisr/`` (pyisr.dashboard); unset turns it off.
+    dashboard_secret: str | None = None
+
+
+def as_networks(value: Any) -> tuple[IPNetwork, ...]:
+    """IP addresses and CIDR networks: a TOML list, or a comma-separated string
+    (``PYISR_METRICS_ALLOW=127.0.0.1,10.0.0.0/8``)."""
+    items = value.split(",") if isinstance(value, str) else value
+    if not isinstance(items, list | tuple) or not all(isinstance(i, str) for i in items):
+        raise ValueError("expected a list of IP addresses or networks")
+    networks = []
+    for item in (i.strip() for i in items):
+        if not item:
+            continue
+        try:
+            networks.append(ipaddress.ip_network(item))
+        except ValueError as exc:
+            if "has host bits set" in str(exc):
+                network = ipaddress.ip_network(item, strict=False)
+                raise ValueError(f"{item!r} has host bits set: write {network}, or one address") from None
+            raise ValueError(f"{item!r} is not an IP address or a network such as 10.0.0.0/8") from None
+    return tuple(networks)
+
+
+def _as_log_format(value: Any) -> str:
+    text = _as_str(value).strip().lower()
+    if text not in ("text", "json"):
+        raise ValueError('expected "text" or "json"')
+    return text
 
 
 def _as_bool(value: Any) -> bool:
@@ -128,6 +166,21 @@ def _as_max_bytes(value: Any) -> int:
     return size
 
 
+#: The shortest dashboard secret accepted: it is all that stands between the web and the cache.
+MIN_DASHBOARD_SECRET = 16
+
+
+def as_dashboard_secret(value: Any) -> str:
+    """A dashboard secret, refused when it is short enough to guess."""
+    secret = _as_str(value)
+    if len(secret) < MIN_DASHBOARD_SECRET:
+        raise ValueError(
+            f"{len(secret)} characters, under the {MIN_DASHBOARD_SECRET} required; make one with "
+            "python -c 'import secrets; print(secrets.token_urlsafe(32))'"
+        )
+    return secret
+
+
 def _as_str(value: Any) -> str:
     if not isinstance(value, str) or not value:
         raise ValueError("expected a non-empty string")
@@ -138,6 +191,9 @@ PARSERS: dict[str, tuple[Callable[[Any], Any], str]] = {
     "cache": (_as_str, 'cache = "file://.pyisr/cache" or "redis://localhost:6379/0"'),
     "memory_tier": (_as_size, 'memory_tier = "50MB"'),
     "revalidate_secret": (_as_str, 'revalidate_secret = "a-long-random-string"'),
+    "metrics_secret": (_as_str, 'metrics_secret = "a-long-random-string"'),
+    "metrics_allow": (as_networks, 'metrics_allow = ["127.0.0.1", "10.0.0.0/8"]'),
+    "log_format": (_as_log_format, 'log_format = "json"'),
     "debug_cache": (_as_bool, "debug_cache = true"),
     "log_fetches": (_as_bool, "log_fetches = true"),
     "log_fetches_full_url": (_as_bool, "log_fetches_full_url = true"),
@@ -149,6 +205,7 @@ PARSERS: dict[str, tuple[Callable[[Any], Any], str]] = {
     "expire": (_as_expire, "expire = 31536000"),
     "profiles": (_as_profiles, "[profiles.hourly] revalidate = 3600, expire = 86400"),
     "cache_max_bytes": (_as_max_bytes, 'cache_max_bytes = "1GB"'),
+    "dashboard_secret": (as_dashboard_secret, 'dashboard_secret = "a-random-string-of-32-characters"'),
 }
 
 
@@ -164,6 +221,8 @@ def _apply(config: Config, values: Mapping[str, Any], source: Callable[[str], st
             setattr(config, key, parse(raw))
         except (ValueError, TypeError) as exc:
             shown = redact_url(raw) if isinstance(raw, str) else raw  # a cache URL may hold a password
+            if key.endswith("_secret"):
+                shown = "<hidden>"  # an error message must not print a secret
             message = redact_url(str(exc))
             raise ConfigError(
                 f"{source(key)}: invalid value {shown!r} ({message}); for example: {example}"

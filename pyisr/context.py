@@ -41,6 +41,10 @@ class RenderContext:
     #: render runs on the engine's render threads and is counted on it, so a render past
     #: its timeout frees its slot only when its thread really ends.
     slot: Any = None
+    #: Data calls of this render shared by identical calls (a ``pyisr.data.memo.DataMemo``,
+    #: made by the first data call): a value is read once per render, however many
+    #: places (and threads) ask for it.
+    data_memo: Any = None
 
     def record(self, tags: Iterable[str], revalidate: Revalidate, expire: int | None = None) -> None:
         for tag in tags:

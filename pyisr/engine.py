@@ -376,7 +376,9 @@ class Engine(Regenerator):
         at = self.clock()
         await self.handler.revalidate_tags(recorded, at)
         for tag in tags:
-            self.log.decision(tag, "MARK_STALE" if stale else "INVALIDATE", f"tag revalidated by {by}")
+            self.log.decision(
+                tag, "MARK_STALE" if stale else "INVALIDATE", f"tag revalidated by {by}", kind=kind, by=by
+            )
         target = target if target is not None else " ".join(tags)
         await self._record(Invalidation(at, kind, target, tuple(tags), by, stale))
 

@@ -17,6 +17,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from pyisr.log import log_fields
+
 logger = logging.getLogger("pyisr.cache")
 
 #: Seconds between two log lines of one reason; also how long a failure keeps health degraded.
@@ -108,6 +110,14 @@ class Incidents:
             message,
             doing,
             more,
+            extra=log_fields(
+                f"{self.what.upper()}_FAILED",  # STORE_FAILED, RENDER_FAILED
+                key,
+                reason=reason,
+                message=message,
+                details=doing,
+                unlogged=unlogged or None,
+            ),
         )
 
     def report(self) -> dict[str, dict[str, Any]]:

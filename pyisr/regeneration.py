@@ -150,7 +150,9 @@ class Regenerator:
         # never hear of (fencing orders results, it does not tell other tiers).
         token = None if mode is Mode.PRERENDER else await self._lock(key)
         if token is None and mode is Mode.BACKGROUND:
-            self.log.decision(key, "REGENERATE", "skipped: another process is regenerating it")
+            self.log.decision(
+                key, "REGENERATE", "skipped: another process is regenerating it", route=route_label(policy)
+            )
             self.events.regenerated(route_label(policy), "skipped", 0.0)
             if previous is None:
                 raise RuntimeError(f"{key} is being rendered by another process")
@@ -164,7 +166,8 @@ class Regenerator:
                 if mode is Mode.BLOCKING:
                     adopted = await self._adoptable(key, policy, previous)
                     if adopted is not None:
-                        self.log.decision(key, "ADOPT", "rendered by another process")
+                        route = route_label(policy)
+                        self.log.decision(key, "ADOPT", "rendered by another process", route=route)
                         self.events.regenerated(route_label(policy), "adopted", 0.0)
                         return Made(adopted)
                 token = await self._lock(key)
@@ -172,7 +175,7 @@ class Regenerator:
             if mode not in FORCED and token is not None:
                 adopted = await self._adoptable(key, policy, previous)
                 if adopted is not None:
-                    self.log.decision(key, "ADOPT", "rendered by another process")
+                    self.log.decision(key, "ADOPT", "rendered by another process", route=route_label(policy))
                     self.events.regenerated(route_label(policy), "adopted", 0.0)
                     return Made(adopted)
             return await self._render_and_store(key, render, policy, previous, mode)
@@ -228,7 +231,7 @@ class Regenerator:
         except Exception as exc:
             elapsed = (time.perf_counter() - t0) * 1000
             self.events.regenerated(route_label(policy), _result_of(exc), elapsed / 1000)
-            await self._failed(key, exc, previous, word, elapsed)
+            await self._failed(key, exc, previous, word, elapsed, route_label(policy))
             raise
         elapsed = (time.perf_counter() - t0) * 1000
         if private is not None:
@@ -239,22 +242,43 @@ class Regenerator:
         if self._private:
             self._private.forget(key)  # a shared render again: cache it as before
         if entry.revalidate == 0:
-            self.log.decision(key, word, f"rendered in {elapsed:.1f}ms; revalidate=0, not cached")
+            self.log.decision(
+                key,
+                word,
+                f"rendered in {elapsed:.1f}ms; revalidate=0, not cached",
+                route=route_label(policy),
+                duration_ms=round(elapsed, 1),
+            )
             self.events.regenerated(route_label(policy), "ok", elapsed / 1000)
             return Made(entry)
         return await self._store(entry, mode, word, started_at, elapsed, route_label(policy))
 
     async def _failed(
-        self, key: str, exc: Exception, previous: CacheEntry | None, word: str, elapsed: float
+        self,
+        key: str,
+        exc: Exception,
+        previous: CacheEntry | None,
+        word: str,
+        elapsed: float,
+        route: str | None = None,
     ) -> None:
         """Log a render that failed, and mark ``previous`` (kept in service) with it and a back-off."""
         if isinstance(exc, RenderSlotsExhausted):
             self._refusals.record(exc, key, f"{word.lower()} refused", reason=type(exc).__name__)
         elif getattr(exc, "pyisr_expected", False):
             # An outcome, not an error (a fetch that answered 404): never cached either.
-            self.log.decision(key, "UNCACHED", f"{exc} after {elapsed:.0f}ms")
+            self.log.decision(
+                key, "UNCACHED", f"{exc} after {elapsed:.0f}ms", route=route, duration_ms=round(elapsed, 1)
+            )
         else:
-            self.log.failure(key, "FAILED", exc, f"{word.lower()} after {elapsed:.0f}ms")
+            self.log.failure(
+                key,
+                "FAILED",
+                exc,
+                f"{word.lower()} after {elapsed:.0f}ms",
+                route=route,
+                duration_ms=round(elapsed, 1),
+            )
         if previous is not None:
             failed = previous.with_failure(exc, self.clock(), backoff(previous))
             try:
@@ -277,17 +301,31 @@ class Regenerator:
             self.store_failures.record(exc, key, "storing a render; answered, not kept", op="set")
             if mode is Mode.ON_DEMAND:
                 raise
-            self.log.decision(key, "UNSTORED", f"rendered in {elapsed:.1f}ms; the store refused it")
+            self.log.decision(
+                key,
+                "UNSTORED",
+                f"rendered in {elapsed:.1f}ms; the store refused it",
+                route=route,
+                duration_ms=round(elapsed, 1),
+            )
             return Made(entry, stored=False)
         self.events.regenerated(route, "ok" if stored else "fenced", elapsed / 1000)
         if not stored:
-            self.log.decision(key, "FENCED", f"rendered in {elapsed:.1f}ms; a newer entry exists")
+            self.log.decision(
+                key,
+                "FENCED",
+                f"rendered in {elapsed:.1f}ms; a newer entry exists",
+                route=route,
+                duration_ms=round(elapsed, 1),
+            )
         else:
             self.log.decision(
                 key,
                 word,
                 f"rendered in {elapsed:.1f}ms status={entry.status} "
                 f"revalidate={entry.revalidate} size={len(entry.body)}",
+                route=route,
+                duration_ms=round(elapsed, 1),
             )
             if mode is Mode.ON_DEMAND and PATH_TAG + key in entry.tags:
                 # Other processes' memory tiers drop their copies of this page: every entry

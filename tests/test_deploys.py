@@ -158,9 +158,12 @@ def test_a_running_server_keeps_its_build_and_old_builds_go_once_unused(site: Pa
             assert health(server_b)["build_id"] == build_b
 
             # The cache commands address the current build: B's keys; a purge reaches B only.
-            listed = run_cli(["cache", "list", "--site", str(site)], ENV).stdout.split()
+            listing = run_cli(["cache", "list", "--json", "--site", str(site)], ENV).stdout
+            listed = [row["key"] for row in json.loads(listing)]
             assert "/p/1" in listed and "/p/7" in listed  # B's /p/7, rendered just now
-            inspected = json.loads(run_cli(["cache", "inspect", "/p/1", "--site", str(site)], ENV).stdout)
+            inspected = json.loads(
+                run_cli(["cache", "inspect", "/p/1", "--json", "--site", str(site)], ENV).stdout
+            )
             assert inspected["key"] == "/p/1"
             assert run_cli(["cache", "purge", "/p/1", "--site", str(site)], ENV).returncode == 0
             wait_for(lambda: server_b.get("/p/1").headers["x-pyisr-cache"] != "HIT")

@@ -241,7 +241,7 @@ def test_a_script_and_the_cli_see_exactly_what_the_server_sees(
         listed = run_cli(["cache", "list", "--site", str(site)], env)
         assert listed.returncode == 0, listed.stderr
         assert {"/p/1", "/p/2", "/p/9"} <= set(listed.stdout.split()), listed.stdout
-        inspected = run_cli(["cache", "inspect", "/p/9", "--site", str(site)], env)
+        inspected = run_cli(["cache", "inspect", "/p/9", "--json", "--site", str(site)], env)
         assert inspected.returncode == 0 and '"cached": true' in inspected.stdout
 
         script = tmp_path / "script.py"

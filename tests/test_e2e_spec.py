@@ -431,7 +431,7 @@ def test_S62_debug_log_has_one_line_per_decision(server: Server) -> None:
 
 def test_S63_cli_inspect_shows_the_entry(server: Server, env: dict[str, str]) -> None:
     server.get("/blog/12")
-    result = run_cli(["cache", "inspect", "/blog/12", "--site", str(server.site)], env)
+    result = run_cli(["cache", "inspect", "/blog/12", "--json", "--site", str(server.site)], env)
     assert result.returncode == 0, result.stderr
     info = json.loads(result.stdout)
     assert info["key"] == "/blog/12" and info["revalidate"] == N and info["last_failure"] is None

@@ -442,7 +442,7 @@ async def test_blog_a_failing_regeneration_keeps_the_old_page_and_is_retried(blo
         assert never.status_code == 500 and never.headers["cache-control"] == NOSTORE
         assert "500: Something went wrong" in never.text
         # The failure is recorded on the entry, on disk.
-        inspect = run_cli(["cache", "inspect", "/posts/5", "--site", str(blog.site)], {})
+        inspect = run_cli(["cache", "inspect", "/posts/5", "--json", "--site", str(blog.site)], {})
         assert inspect.returncode == 0, inspect.stdout + inspect.stderr
         info = json.loads(inspect.stdout)
         assert info["last_failure"] is not None and "no such table" in json.dumps(info["last_failure"])

@@ -154,11 +154,11 @@ def test_cache_purge_reaches_a_running_server_and_every_listed_key_can_be_inspec
     with running(site, env) as server:
         assert server.get("/blog/1").headers["x-pyisr-cache"] == "HIT"
         assert server.get("/data").text == "<p>data 1</p>"
-        listed = run_cli(["cache", "list", "--site", str(site)], env)
-        keys = listed.stdout.split()
+        listed = run_cli(["cache", "list", "--json", "--site", str(site)], env)
+        keys = [row["key"] for row in json.loads(listed.stdout)]
         assert "/blog/1" in keys and any(k.startswith("data:") for k in keys), keys
         for key in keys:
-            inspected = run_cli(["cache", "inspect", key, "--site", str(site)], env)
+            inspected = run_cli(["cache", "inspect", key, "--json", "--site", str(site)], env)
             assert inspected.returncode == 0 and json.loads(inspected.stdout)["cached"], key
 
         purged = run_cli(["cache", "purge", "/blog/1", "--site", str(site)], env)

@@ -8,8 +8,10 @@ Where each key's files live, and the rules that keep any key addressable, are in
 Consistency: a write puts body and metadata in temporary files in the target
 directory, fsyncs both, then renames the body and then the metadata into place,
 all under the key's ``.write`` flock (which also makes the ``created_at`` fencing
-check atomic across processes). A reader checks that the body matches the size and
-digest the metadata records; a mismatch means it raced a writer (or a writer was
+check atomic across processes). A reader checks that the body is the file the
+metadata records (its inode, size and mtime: no digest of the body; see
+:mod:`pyisr.cache.fs_entry` for why that suffices, and when the digest is checked
+instead); a mismatch means it raced a writer (or a writer was
 killed between its two renames), so it reads again under the key's flock and, if
 still inconsistent, completes the dead writer's rename from its fsynced temporary
 metadata. Readers therefore never see a torn entry. Temporary files are named
@@ -35,6 +37,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import functools
 import json
 import logging
 import os
@@ -46,6 +49,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
+from pyisr.cache.activity import Activity, ActivityReport, Invalidation
 from pyisr.cache.entry import CacheEntry, make_etag
 from pyisr.cache.files import (
     TEMP_SUFFIX,
@@ -56,14 +60,16 @@ from pyisr.cache.files import (
     remove_empty_dirs,
     write_temp,
 )
+from pyisr.cache.fs_activity import ActivityFiles, lock_is_held
 from pyisr.cache.fs_budget import NEGATIVE_STATUS, DiskBudget, expires_at
 from pyisr.cache.fs_entry import (
+    ReadInThread,
     Torn,
-    body_size_matches,
-    build_entry,
-    load_meta,
+    body_matches,
     needs_repair,
+    read_entry,
     roll_forward,
+    stamp,
     try_load_meta,
 )
 from pyisr.cache.fs_layout import (
@@ -172,18 +178,15 @@ class FileSystemCache(CacheHandler):
         return key_to_slot(self.root, key)
 
     async def get(self, key: str) -> CacheEntry | None:
-        """The entry, checked against its metadata; re-read under the key's lock if torn."""
+        """The entry, checked against its metadata (:func:`~pyisr.cache.fs_entry.read_entry`:
+        no digest of the body when its files are the ones written together); re-read under
+        the key's lock if torn."""
         slot = self.slot(key)
         try:
-            meta = load_meta(read_file(slot.meta))
-            if meta is None:
-                return None
-            size = meta.get("size")
-            if isinstance(size, int) and size >= THREADED_READ_BYTES:
-                body = await self._io(read_file, slot.body)
-            else:
-                body = read_file(slot.body)
-            entry = build_entry(key, meta, body)
+            try:
+                entry = read_entry(key, slot, inline_limit=THREADED_READ_BYTES)
+            except ReadInThread:
+                entry = await self._io(read_entry, key, slot)
         except Torn:
             # Raced a writer, or a writer died between its renames: wait for the key's lock.
             entry = await self._io(self._get_locked, key, slot)
@@ -200,8 +203,7 @@ class FileSystemCache(CacheHandler):
         with self._write_lock(key):
             for attempt in range(2):
                 try:
-                    meta = load_meta(read_file(slot.meta))
-                    return None if meta is None else build_entry(key, meta, read_file(slot.body))
+                    return read_entry(key, slot)
                 except Torn:
                     if attempt or not self._roll_forward(key, slot):
                         break
@@ -229,18 +231,26 @@ class FileSystemCache(CacheHandler):
         digest = make_etag(body)
         if entry.etag != digest:  # a custom ETag: keep our own digest for the torn check
             meta["body_etag"] = digest
-        meta_bytes = json.dumps(meta, separators=(",", ":"), ensure_ascii=False).encode()
         if self.staging:
-            return self._set_staged(slot, body, meta_bytes)
-        size = self.budget.entry_size(len(body), len(meta_bytes))
+            return self._set_staged(slot, body, meta)
+        # The body file's stamp (fs_entry.stamp) adds about as many bytes as these.
+        meta_bytes = json.dumps(meta, separators=(",", ":"), ensure_ascii=False).encode()
+        size = self.budget.entry_size(len(body), len(meta_bytes) + 48)
         self.budget.make_room(entry.key, size, entry.status == NEGATIVE_STATUS, self._evict_sync)
         with self._write_lock(entry.key):
             current = try_load_meta(read_file(slot.meta))
             if current is not None and current.get("key") == entry.key:
                 # A torn pair (a writer died between renames) is completed first, so the
                 # fencing below compares with what was really stored last.
-                if not body_size_matches(slot, current) and self._roll_forward(entry.key, slot):
-                    current = try_load_meta(read_file(slot.meta))
+                if not body_matches(slot, current):
+                    if self._roll_forward(entry.key, slot):
+                        current = try_load_meta(read_file(slot.meta))
+                    else:
+                        # Nothing completes it: remove the metadata, so it never pairs with
+                        # a body that reuses its recorded inode (fs_entry's docstring).
+                        with contextlib.suppress(FileNotFoundError):
+                            slot.meta.unlink()
+                        current = None
                 stored_at = current.get("created_at") if current is not None else None
                 if isinstance(stored_at, int | float) and stored_at > entry.created_at:
                     return False
@@ -249,6 +259,8 @@ class FileSystemCache(CacheHandler):
             body_in_place = False
             try:
                 temps.append(self._first_temp(slot, body, token))
+                stamp(meta, os.stat(temps[0]))
+                meta_bytes = json.dumps(meta, separators=(",", ":"), ensure_ascii=False).encode()
                 temps.append(write_temp(slot.dir, slot.meta.name, meta_bytes, token, self.fsync))
                 os.replace(temps[0], slot.body)
                 body_in_place = True
@@ -319,19 +331,31 @@ class FileSystemCache(CacheHandler):
         future.add_done_callback(_log_failure)
         return future
 
-    def _set_staged(self, slot: EntryFiles, body: bytes, meta_bytes: bytes) -> bool:
-        """Write straight into place: body first, so a meta file always has its body."""
-        for attempt in (0, 1):
+    def _set_staged(self, slot: EntryFiles, body: bytes, meta: dict[str, Any]) -> bool:
+        """Write straight into place: body first, so a meta file always has its body.
+
+        The body is always a new file (a rewrite removes the old pair, metadata first),
+        so the stamp its metadata records names it alone (:mod:`pyisr.cache.fs_entry`).
+        """
+        for attempt in range(3):
             try:
-                with open(slot.body, "wb") as f:
+                with open(slot.body, "xb") as f:
                     f.write(body)
+                    f.flush()
+                    stamp(meta, os.fstat(f.fileno()))
                 break
             except FileNotFoundError:
-                if attempt:
+                if attempt == 2:
                     raise
                 slot.dir.mkdir(parents=True, exist_ok=True)
+            except FileExistsError:
+                if attempt == 2:
+                    raise
+                for path in (slot.meta, slot.body):
+                    with contextlib.suppress(FileNotFoundError):
+                        path.unlink()
         with open(slot.meta, "wb") as f:
-            f.write(meta_bytes)
+            f.write(json.dumps(meta, separators=(",", ":"), ensure_ascii=False).encode())
         return True
 
     def _write_lock(self, key: str) -> contextlib.AbstractContextManager[None]:
@@ -536,3 +560,26 @@ class FileSystemCache(CacheHandler):
             "bytes": budget.pop("bytes"),
             "budget": budget,
         }
+
+    # -- activity: recent invalidations, hits, counts per minute (pyisr.cache.fs_activity) --
+
+    @functools.cached_property
+    def _activity_files(self) -> ActivityFiles:
+        return ActivityFiles(self.root)
+
+    async def record_invalidation(self, invalidation: Invalidation) -> None:
+        """Append it to ``activity.log``, shared by every process using the directory."""
+        grown = await self._io(self._activity_files.record_invalidation, invalidation)
+        self.budget.adjust_other(grown)
+
+    async def add_activity(self, report: ActivityReport, now: float) -> None:
+        """Merge one process's hits and per-minute counts into ``activity.json``."""
+        grown = await self._io(self._activity_files.add, report, now)
+        self.budget.adjust_other(grown)
+
+    async def activity(self, now: float) -> Activity:
+        return await self._io(self._activity_files.read, now)
+
+    async def is_locked(self, key: str) -> bool | None:
+        """Whether any process holds ``key``'s regeneration lock (a non-blocking probe)."""
+        return await self._io(lock_is_held, self.root, key)

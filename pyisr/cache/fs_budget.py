@@ -2,10 +2,12 @@
 
 **What counts.** Everything under the cache root, as bytes on disk (``st_blocks * 512``,
 so a 300-byte metadata file costs a whole block, usually 4 kB, and many small files are
-counted honestly): entry bodies and metadata, directories, the tag log, lock and
+counted honestly): entry bodies and metadata, directories, the tag log, the activity
+record (``activity.log``, ``activity.json``: :mod:`pyisr.cache.fs_activity`), lock and
 temporary files. A scan of the root measures all of it; between scans the index adds
-what this process writes (each file rounded up to the block, each directory it makes)
-and subtracts what it deletes.
+what this process writes (each file rounded up to the block, each directory it makes,
+what the activity files grew by) and subtracts what it deletes. Only files under the
+entry directories are ever taken for entries, so nothing else is evicted.
 
 **The index.** One per process: for each entry its bytes on disk, whether it is a
 negative result (status 404), when it expires and when it was last used, in least

@@ -2,10 +2,37 @@
 
 A writer renames the body into place, then the metadata; a reader may see one write's
 metadata with another's body (it raced the writer, or the writer was killed between
-its renames). The metadata records the body's size and digest, so the mismatch is
-detected here and the reader knows to read again under the key's lock
-(:mod:`pyisr.cache.filesystem`). A pair a killed writer left torn is completed here
-too, from the temporary metadata it had already fsynced (:func:`roll_forward`).
+its renames). The mismatch is detected here and the reader knows to read again under
+the key's lock (:mod:`pyisr.cache.filesystem`). A pair a killed writer left torn is
+completed here too, from the temporary metadata it had already fsynced
+(:func:`roll_forward`).
+
+**The check a read makes, without hashing the body.** The metadata records the body's
+size and digest, and (:func:`stamp`) the inode number and mtime of the body file it was
+written with. :func:`read_entry` holds the metadata file open while it opens the body,
+and accepts the pair without reading the body twice when the body's size, inode and
+mtime are the recorded ones and the metadata path still names the file it read. Why
+that body is the one written with that metadata:
+
+* inodes are unique among existing files, and the metadata file we hold open cannot be
+  freed, so "the path still names it" means it was in place the whole time, including
+  when we opened the body;
+* every write makes fresh files (temporary files renamed into place; a staged rewrite
+  unlinks the old pair first), so a later write's body never has the inode recorded by
+  an earlier write's metadata while that earlier body exists. It could only get it by
+  reuse, after the recorded body was freed: by a delete (which removes the metadata
+  first, so it was not in place throughout: caught), or by a later write replacing the
+  body while this metadata stayed, i.e. a writer killed between its renames. The next
+  writer completes that write from its fsynced temporary metadata before renaming its
+  own files (``FileSystemCache._set_sync`` compares the same inode), so the metadata
+  in place is never an older write's once a newer body's inode could be reused.
+
+Anything else (metadata from an older version, a copied cache directory whose inodes
+changed, a body changed in place) falls back to the full check: size and digest of the
+body, as every read did before. The mtime is there for that last case only: a file
+edited in place keeps its inode, and its new mtime sends the read to the digest
+(within the file system's timestamp granularity such an edit, which no writer makes,
+is not seen).
 """
 
 from __future__ import annotations
@@ -18,7 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from pyisr.cache.entry import CacheEntry, make_etag
-from pyisr.cache.files import TEMP_SUFFIX, fsync_dir, read_file
+from pyisr.cache.files import TEMP_SUFFIX, fsync_dir, read_file, still_named
 from pyisr.cache.fs_layout import EntryFiles
 
 logger = logging.getLogger("pyisr.cache.filesystem")
@@ -29,7 +56,7 @@ def _body_digest(meta: Mapping[str, Any]) -> Any:
 
 
 def consistent(meta: Mapping[str, Any], body: bytes) -> bool:
-    """True when ``body`` is exactly the body ``meta`` was written with."""
+    """True when ``body`` is exactly the body ``meta`` was written with (hashes the body)."""
     try:
         size = int(meta["size"])
     except (KeyError, TypeError, ValueError):
@@ -37,8 +64,28 @@ def consistent(meta: Mapping[str, Any], body: bytes) -> bool:
     return size == len(body) and make_etag(body) == _body_digest(meta)
 
 
+def stamp(meta: dict[str, Any], body_file: os.stat_result) -> None:
+    """Record in ``meta`` which file its body was written to (see the module docstring)."""
+    meta["body_ino"] = body_file.st_ino
+    meta["body_mtime_ns"] = body_file.st_mtime_ns
+
+
+def _stamped_file(meta: Mapping[str, Any], body_file: os.stat_result) -> bool:
+    """True when ``body_file`` is the very file ``meta`` was written with (as far as its
+    stat tells: the caller also checks that ``meta`` stayed in place)."""
+    return (
+        meta.get("body_ino") == body_file.st_ino
+        and meta.get("body_mtime_ns") == body_file.st_mtime_ns
+        and meta.get("size") == body_file.st_size
+    )
+
+
 class Torn(Exception):
     """Metadata and body disagree, or the metadata is unreadable."""
+
+
+class ReadInThread(Exception):
+    """The body is larger than the caller reads on its event loop (``inline_limit``)."""
 
 
 def load_meta(data: bytes | None) -> dict[str, Any] | None:
@@ -55,25 +102,84 @@ def load_meta(data: bytes | None) -> dict[str, Any] | None:
 
 
 def build_entry(key: str, meta: dict[str, Any], body: bytes | None) -> CacheEntry | None:
-    """The entry from its two files; raises ``Torn`` unless they belong together."""
+    """The entry from its two files, checked by digest; raises ``Torn`` unless they belong together."""
     if meta.get("key") != key:
         return None  # another key shares the path (case-insensitive file system)
     if body is None or not consistent(meta, body):
         raise Torn
+    return _entry(meta, body)
+
+
+def _entry(meta: dict[str, Any], body: bytes) -> CacheEntry:
     try:
         return CacheEntry.from_meta(meta, body)
     except (ValueError, KeyError, TypeError) as exc:
         raise Torn from exc
 
 
+def _read_fd(fd: int, size: int) -> bytes:
+    """The first ``size`` bytes of ``fd`` (fewer at end of file); one read in the usual case."""
+    data = os.read(fd, size)
+    if len(data) == size or not data:
+        return data
+    chunks = [data]
+    while size > len(data):
+        chunk = os.read(fd, size - len(data))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        data = b"".join(chunks)
+        chunks = [data]
+    return data
+
+
+def read_entry(key: str, slot: EntryFiles, *, inline_limit: int | None = None) -> CacheEntry | None:
+    """``key``'s entry from its two files, or ``None`` when there is none.
+
+    Raises ``Torn`` when they do not belong together and :class:`ReadInThread` when the
+    body is at least ``inline_limit`` bytes (nothing read yet). A pair the metadata
+    stamped (:func:`stamp`) is accepted on its files' identity; any other on the body's
+    digest (see the module docstring).
+    """
+    try:
+        meta_fd = os.open(slot.meta, os.O_RDONLY | os.O_CLOEXEC)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    try:
+        meta = load_meta(_read_fd(meta_fd, os.fstat(meta_fd).st_size)) or {}
+        if meta.get("key") != key:
+            return None  # another key shares the path (case-insensitive file system)
+        size = meta.get("size")
+        if inline_limit is not None and isinstance(size, int) and size >= inline_limit:
+            raise ReadInThread
+        try:
+            body_fd = os.open(slot.body, os.O_RDONLY | os.O_CLOEXEC)
+        except (FileNotFoundError, NotADirectoryError):
+            raise Torn from None
+        try:
+            body_file = os.fstat(body_fd)
+            body = _read_fd(body_fd, body_file.st_size)
+        finally:
+            os.close(body_fd)
+        if (
+            _stamped_file(meta, body_file)
+            and len(body) == body_file.st_size
+            and still_named(meta_fd, slot.meta)
+        ):
+            return _entry(meta, body)
+        if not consistent(meta, body):
+            raise Torn
+        return _entry(meta, body)
+    finally:
+        os.close(meta_fd)
+
+
 def needs_repair(key: str, slot: EntryFiles) -> bool:
     """True when the files of ``key`` do not form an entry (a writer died mid-way)."""
-    body = read_file(slot.body)
     try:
-        meta = load_meta(read_file(slot.meta))
-        if meta is None:
-            return body is not None  # a first write that died between its renames
-        build_entry(key, meta, body)
+        if read_entry(key, slot) is None:
+            # No metadata: a first write that died between its renames left a body.
+            return not slot.meta.exists() and slot.body.exists()
     except Torn:
         return True
     return False
@@ -87,12 +193,16 @@ def try_load_meta(data: bytes | None) -> dict[str, Any] | None:
         return None
 
 
-def body_size_matches(slot: EntryFiles, meta: Mapping[str, Any]) -> bool:
-    """Whether the body on disk has the size ``meta`` records (a cheap first check)."""
+def body_matches(slot: EntryFiles, meta: Mapping[str, Any]) -> bool:
+    """Whether the body on disk looks like the one ``meta`` was written with, from its
+    stat alone: the stamped file (:func:`stamp`), else a body of the recorded size."""
     try:
-        return os.stat(slot.body).st_size == meta.get("size")
-    except FileNotFoundError:
+        body_file = os.stat(slot.body)
+    except (FileNotFoundError, NotADirectoryError):
         return False
+    if "body_ino" in meta:
+        return _stamped_file(meta, body_file)
+    return body_file.st_size == meta.get("size")
 
 
 def roll_forward(key: str, slot: EntryFiles, *, fsync: bool) -> bool:

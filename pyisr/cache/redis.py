@@ -8,6 +8,7 @@ other's pages; ``h`` is the SHA-1 of the cache key)::
     {ns}:tags       HASH  tag -> time it was last revalidated (the tag manifest)
     {ns}:tagseq     STRING  counter bumped by every revalidation
     {ns}:inval      pub/sub channel: {"seq": n, "tags": [...], "at": t}
+    {ns}:activity:* recent invalidations, hits, counts per minute (:mod:`pyisr.cache.redis_activity`)
 
 Every key expires by itself (``PTTL`` is never -1), so the keys of an old build, whose
 id is in the prefix, vanish with no one deleting them:
@@ -52,8 +53,10 @@ from typing import Any, TypeVar
 from redis import exceptions as redis_errors
 from redis.asyncio.cluster import RedisCluster
 
+from pyisr.cache.activity import Activity, ActivityReport, Invalidation
 from pyisr.cache.entry import ONE_YEAR, CacheEntry
 from pyisr.cache.handler import CacheHandler
+from pyisr.cache.redis_activity import RedisActivity
 from pyisr.cache.redis_connection import (
     aclose,
     check_name,
@@ -190,6 +193,7 @@ class RedisCache(CacheHandler):
         self._tags_key = f"{{{self.namespace}}}:tags"
         self._seq_key = f"{{{self.namespace}}}:tagseq"
         self.channel = f"{{{self.namespace}}}:inval"
+        self._activity_keys = RedisActivity(self.namespace, int(TAG_TTL * 1000))
 
         self._states: LoopLocal[_LoopState] = LoopLocal(self._new_state)
         self._closed = False
@@ -394,7 +398,7 @@ class RedisCache(CacheHandler):
     async def clear(self) -> int:
         """Delete every key of this build (entries, locks, manifest); returns how many."""
         state = self._state()
-        names = [self._tags_key, self._seq_key]
+        names = [self._tags_key, self._seq_key, *self._activity_keys.names(time.time())]
         names += [name async for name in self._scan_per_key(state, "")]
         deleted = 0
         for start in range(0, len(names), 500):
@@ -530,6 +534,44 @@ class RedisCache(CacheHandler):
             await state.scripts.release(self.lock_key(key), token)
 
         await self._call(op, f"release_lock({key!r})")
+
+    async def is_locked(self, key: str) -> bool | None:
+        """Whether an instance holds ``key``'s regeneration lock (``EXISTS``; ``None`` while down)."""
+
+        async def op(state: _LoopState) -> Any:
+            return await state.client.exists(self.lock_key(key))
+
+        result = await self._call(op, f"is_locked({key!r})")
+        if isinstance(result, _Down):
+            return None
+        return bool(result) or bool(await super().is_locked(key))
+
+    # -- activity: shared by every instance (pyisr.cache.redis_activity) -------------------
+    # While Redis is down, each falls back to this process's memory (the default record):
+    # a failure never reaches a request, and what happened meanwhile is still shown here.
+
+    async def record_invalidation(self, invalidation: Invalidation) -> None:
+        async def op(state: _LoopState) -> None:
+            await self._activity_keys.record(state.client, invalidation)
+
+        if isinstance(await self._call(op, "record_invalidation"), _Down):
+            await super().record_invalidation(invalidation)
+
+    async def add_activity(self, report: ActivityReport, now: float) -> None:
+        async def op(state: _LoopState) -> None:
+            await self._activity_keys.add(state.client, report)
+
+        if isinstance(await self._call(op, "add_activity"), _Down):
+            await super().add_activity(report, now)
+
+    async def activity(self, now: float) -> Activity:
+        async def op(state: _LoopState) -> Activity:
+            return await self._activity_keys.read(state.client, now)
+
+        result = await self._call(op, "activity")
+        if isinstance(result, _Down):
+            return await super().activity(now)
+        return result
 
     # -- lifecycle ------------------------------------------------------------------------
 

@@ -150,6 +150,16 @@ class MemoryTier(CacheHandler):
         self._entries.put(entry.key, entry)
         return True
 
+    def attached(self, entry: CacheEntry, name: str) -> object | None:
+        """What :meth:`attach` kept beside ``entry`` (this very object, as served from here)
+        under ``name``, while it is still the one held; ``None`` otherwise."""
+        return self._entries.attached(entry.key, entry, name)
+
+    def attach(self, entry: CacheEntry, name: str, thing: object, size: int) -> bool:
+        """Keep ``thing`` (``size`` bytes, counted in the budget) beside ``entry`` for as
+        long as this very entry is held: its decoded data value (:mod:`pyisr.data.memo`)."""
+        return self._entries.attach(entry.key, entry, name, thing, size)
+
     async def delete(self, key: str) -> None:
         self._entries.pop(key)
         await self.backing.delete(key)

@@ -7,6 +7,10 @@ implicit tags (so ``revalidate_path`` refreshes the page's data too), a stale va
 is refetched in the foreground while the page itself regenerates, and the entry's
 tags and revalidate flow up into the page.
 
+A read decodes an entry's bytes once: the value is kept beside the entry in the
+memory tier, and identical calls in one render (or one build) share one result
+(:mod:`pyisr.data.memo`).
+
 The store may hold bytes this process did not write (anyone who can write to a
 shared Redis or the cache directory can put them there). An entry that does not
 decode is treated as missing: it is logged once, replaced by a freshly computed
@@ -20,19 +24,18 @@ import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
 from pyisr.cache.entry import CacheEntry, EntryKind
 from pyisr.cache.tags import key_tag
 from pyisr.context import current_render
+from pyisr.data.memo import Decoded, keep, kept, scope_engine
 from pyisr.data.serializer import UnreadableEntry
 from pyisr.engine import CacheStatus, Engine, RenderFn, RenderPolicy, RevalidationError
 from pyisr.lifetimes import Lifetime
 from pyisr.runtime import get_engine, run_sync
 
 logger = logging.getLogger("pyisr.data")
-
-T = TypeVar("T")
 
 #: Part of every data key: entries written in another format by older versions are never read.
 DATA_KEY_VERSION = "v2"
@@ -55,9 +58,10 @@ class DataRequest:
 
     @classmethod
     def from_context(cls) -> DataRequest:
+        """The render's engine, else the build's (static params), else the process default."""
         ctx = current_render()
         if ctx is None:
-            return cls((), False)
+            return cls((), False, scope_engine())
         return cls(ctx.soft_tags, ctx.is_revalidating, ctx.engine)
 
 
@@ -102,11 +106,13 @@ async def read_through(
     lifetime: Lifetime,
     tags: tuple[str, ...],
     request: DataRequest,
-    decode: Callable[[bytes], T],
+    decode: Callable[[bytes], Decoded],
     what: str,
-) -> tuple[T, CacheEntry, CacheStatus]:
+) -> tuple[Decoded, CacheEntry, CacheStatus]:
     """The decoded value of ``key``, its entry and how it was served.
 
+    The engine decides which entry is served; the value decoded from that very entry
+    object is reused while the memory tier holds it (:func:`pyisr.data.memo.kept`).
     ``decode`` raises :class:`UnreadableEntry` for bytes it does not trust; the entry
     is then dropped and computed again on the engine's on-demand path, which renders
     whatever else is cached and is not fenced by the dropped entry's time stamp.
@@ -114,11 +120,18 @@ async def read_through(
     policy = data_policy(key, lifetime, tags, request)
     engine = request.engine if request.engine is not None else get_engine()
     served = await engine.get(key, compute, policy)
-    assert served.entry is not None
+    entry = served.entry
+    assert entry is not None
+    decoded = kept(engine.handler, entry, what)
+    if decoded is not None:
+        return decoded, entry, served.status
     try:
-        return decode(served.entry.body), served.entry, served.status
+        decoded = decode(entry.body)
     except UnreadableEntry as exc:
         _warn_unreadable(key, what, exc)
+    else:
+        keep(engine.handler, entry, what, decoded)
+        return decoded, entry, served.status
     try:
         await engine.handler.delete(key)
     except Exception as exc:  # noqa: BLE001 - the fresh entry replaces it anyway (or is fenced)
@@ -128,7 +141,9 @@ async def read_through(
     except RevalidationError as exc:
         failure: BaseException = exc.__cause__ or exc
     else:
-        return decode(entry.body), entry, CacheStatus.MISS
+        decoded = decode(entry.body)
+        keep(engine.handler, entry, what, decoded)
+        return decoded, entry, CacheStatus.MISS
     # The caller gets what computing raised, as for any missing entry (raised outside the
     # ``except`` so the engine's wrapper does not show up as its context).
     raise failure
@@ -149,8 +164,8 @@ def read_through_sync(
     lifetime: Lifetime,
     tags: tuple[str, ...],
     request: DataRequest,
-    decode: Callable[[bytes], T],
+    decode: Callable[[bytes], Decoded],
     what: str,
-) -> tuple[T, CacheEntry, CacheStatus]:
+) -> tuple[Decoded, CacheEntry, CacheStatus]:
     """:func:`read_through` for sync callers (``request`` read on their thread)."""
     return run_sync(read_through(key, compute, lifetime, tags, request, decode, what))

@@ -7,6 +7,12 @@ types plus tuples, sets, bytes, dates and times, Decimal and UUID; anything else
 refused when stored), or pickled and signed with ``serializer="pickle"``: a cache
 shared with others must never be a way to make this process run their code. See
 :mod:`pyisr.data.serializer`.
+
+A value is decoded once and shared: a hit on an unchanged entry reads nothing and
+decodes nothing, and identical calls in one render share one computation
+(:mod:`pyisr.data.memo`). So each call gets its own top-level list or dict of a JSON
+value, but what is nested in it is shared and read-only (:mod:`pyisr.data.frozen`: copy
+an item to change it); a pickled value is unpickled afresh for each caller.
 """
 
 from __future__ import annotations
@@ -25,8 +31,11 @@ from typing import Any, TypeVar, overload
 
 from pyisr import lifetimes
 from pyisr.cache.tags import validate_tags
+from pyisr.data import memo
 from pyisr.data import serializer as codec
 from pyisr.data._lookup import DataRequest, data_key, read_through, read_through_sync, record_in_render
+from pyisr.data.frozen import freeze, own
+from pyisr.data.memo import Decoded
 from pyisr.data.serializer import SerializerName
 from pyisr.data.signing import signing_key
 from pyisr.engine import Rendered
@@ -197,8 +206,22 @@ def cached(
 
         return compute_sync
 
-    def decoder(key: str, signing: bytes | None) -> Callable[[bytes], Any]:
-        return lambda body: codec.loads(serializer, body, data_key=key, secret=signing)
+    def decoder(key: str, signing: bytes | None) -> Callable[[bytes], Decoded]:
+        if serializer == "pickle":
+
+            def decode_pickle(body: bytes) -> Decoded:
+                assert signing is not None
+                payload = codec.pickle_payload(body, data_key=key, secret=signing)
+                codec.unpickle(payload)  # unreadable now, not in a caller's handout
+                return Decoded(payload, 3 * len(payload), copy=codec.unpickle)
+
+            return decode_pickle
+
+        def decode_json(body: bytes) -> Decoded:
+            value, size = freeze(codec.loads_json(body), len(body))
+            return Decoded(value, size, copy=own)
+
+        return decode_json
 
     def read_args(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...]:
         # Made on the caller's thread: the render context (and so the engine) is read there.
@@ -209,9 +232,16 @@ def cached(
 
     async def call_async(*args: Any, **kwargs: Any) -> Any:
         found = read_args(args, kwargs)
-        value, entry, _ = await read_through(*found)
-        record_in_render(entry, found[2])
-        return value
+        life = found[2]
+
+        async def read() -> memo.Result:
+            decoded, entry, _ = await read_through(*found)
+            return decoded, entry
+
+        memo_key = memo.memo_key(found[0], life.revalidate, life.expire, tag_tuple)
+        decoded, entry = await memo.shared(memo.scopes(), memo_key, read)
+        record_in_render(entry, life)
+        return decoded.handout()
 
     if is_async:
         wrapper = functools.wraps(fn)(call_async)
@@ -220,9 +250,16 @@ def cached(
         @functools.wraps(fn)
         def wrapper(*args: Any, **kwargs: Any) -> Any:
             found = read_args(args, kwargs)
-            value, entry, _ = read_through_sync(*found)
-            record_in_render(entry, found[2])
-            return value
+            life = found[2]
+
+            def read() -> memo.Result:
+                decoded, entry, _ = read_through_sync(*found)
+                return decoded, entry
+
+            memo_key = memo.memo_key(found[0], life.revalidate, life.expire, tag_tuple)
+            decoded, entry = memo.shared_sync(memo.scopes(), memo_key, read)
+            record_in_render(entry, life)
+            return decoded.handout()
 
         wrapper.aio = call_async  # type: ignore[attr-defined]
     wrapper.cache_tags = tag_tuple  # type: ignore[attr-defined]

@@ -11,6 +11,11 @@ plain fetch outside any page is not cached.
 Responses are stored as JSON (status, headers, base64 body, URL and method), checked
 field by field when read back: anyone who can write to the store can put bytes
 there, and they must never be more than a response that is refetched.
+
+A stored response is checked and decoded once, then kept beside its entry; identical
+fetches in one render (or one build) share one request, a ``no-store`` GET included
+(Next.js' request memoisation; :mod:`pyisr.data.memo`). Each caller gets an
+``httpx.Response`` of its own over the same body.
 """
 
 from __future__ import annotations
@@ -27,10 +32,12 @@ from typing import Any
 import httpx
 
 from pyisr import lifetimes
-from pyisr.cache.entry import UNSET, Revalidate, validate_revalidate
+from pyisr.cache.entry import UNSET, CacheEntry, EntryKind, Revalidate, validate_revalidate
 from pyisr.cache.tags import validate_tags
 from pyisr.context import current_render
+from pyisr.data import memo
 from pyisr.data._lookup import DataRequest, data_key, read_through, record_in_render
+from pyisr.data.memo import Decoded
 from pyisr.data.serializer import UnreadableEntry
 from pyisr.engine import CacheStatus, Rendered
 from pyisr.lifetimes import Lifetime
@@ -39,6 +46,7 @@ from pyisr.loop_local import LoopLocal
 from pyisr.runtime import run_sync
 
 CACHE_MODES = ("force-cache", "no-store", "no-cache", None)
+_ENCODING_HEADERS = (b"content-encoding", b"transfer-encoding")
 _IGNORED_KEY_HEADERS = {"traceparent", "tracestate"}
 
 
@@ -164,8 +172,28 @@ def _encode(response: httpx.Response) -> bytes:
     return jsonlib.dumps(document, separators=(",", ":"), ensure_ascii=True).encode("ascii")
 
 
+#: A stored response checked and decoded: status, raw headers, body, method, URL.
+_Parts = tuple[int, tuple[tuple[bytes, bytes], ...], bytes, str, str]
+
+
 def _decode(body: bytes) -> httpx.Response:
     """The stored response; :class:`UnreadableEntry` unless every field has the shape we write."""
+    return _response(_parts(body))
+
+
+def _decoded(body: bytes) -> Decoded:
+    parts = _parts(body)
+    return Decoded(parts, len(parts[2]) + 100 * len(parts[1]) + 500, copy=_response)
+
+
+def _response(parts: _Parts) -> httpx.Response:
+    """A new response over checked parts (each caller gets its own object)."""
+    status, headers, raw, method, url = parts
+    return httpx.Response(status, headers=list(headers), content=raw, request=httpx.Request(method, url))
+
+
+def _parts(body: bytes) -> _Parts:
+    """The fields of a stored response; :class:`UnreadableEntry` unless each has the shape we write."""
     try:
         document = jsonlib.loads(body)
     except (ValueError, RecursionError):
@@ -191,14 +219,16 @@ def _decode(body: bytes) -> httpx.Response:
         raise UnreadableEntry("stored response body is not valid base64") from None
     try:
         # The stored body is already decoded; drop encoding headers so httpx does not decode twice.
-        kept = [
+        kept = tuple(
             (k.encode("latin-1"), v.encode("latin-1"))
             for k, v in headers
             if k.lower() not in ("content-encoding", "transfer-encoding")
-        ]
-        return httpx.Response(status, headers=kept, content=raw, request=httpx.Request(method, url))
+        )
+        parts = (status, kept, raw, method, url)
+        _response(parts)  # refused now, not in a caller's hands
     except Exception as exc:  # noqa: BLE001 - e.g. a URL or header httpx refuses
         raise UnreadableEntry(f"stored response is not valid ({type(exc).__name__}: {exc})") from None
+    return parts
 
 
 async def fetch(
@@ -225,17 +255,30 @@ async def fetch(
     seconds = lifetime.revalidate
     ctx = current_render()
     started = time.perf_counter()
-    if seconds == 0:
-        response = await _send(method, full_url, send_headers, body or None, timeout)
-        if ctx is not None and (cache in ("no-store", "no-cache") or revalidate == 0):
-            ctx.record((), 0)  # an explicit no-store makes the page dynamic, as in Next.js
-        _log_fetch(method, full_url, response.status_code, (time.perf_counter() - started) * 1000, "skip")
-        return response
-
     key_headers = sorted(
         (k.lower(), v) for k, v in send_headers.items() if k.lower() not in _IGNORED_KEY_HEADERS
     )
     key = data_key("fetch", method.upper(), full_url, key_headers, body.hex())
+    memo_key = memo.memo_key(key, seconds, lifetime.expire, tag_tuple)
+    if seconds == 0:
+        if ctx is not None and (cache in ("no-store", "no-cache") or revalidate == 0):
+            ctx.record((), 0)  # an explicit no-store makes the page dynamic, as in Next.js
+
+        async def send_uncached() -> memo.Result:
+            response = await _send(method, full_url, send_headers, body or None, timeout)
+            # The body is already decoded; drop encoding headers so httpx does not decode twice.
+            kept = tuple((k, v) for k, v in response.headers.raw if k.lower() not in _ENCODING_HEADERS)
+            content = response.content
+            parts = (response.status_code, kept, content, response.request.method, str(response.url))
+            return Decoded(parts, len(content), copy=_response), _uncached_entry(key)
+
+        if method.upper() in ("GET", "HEAD"):  # only reads are shared, as in Next.js
+            decoded, _ = await memo.shared(memo.scopes(), memo_key, send_uncached)
+        else:
+            decoded, _ = await send_uncached()
+        response = decoded.handout()
+        _log_fetch(method, full_url, response.status_code, (time.perf_counter() - started) * 1000, "skip")
+        return response
 
     async def compute() -> Rendered:
         response = await _send(method, full_url, send_headers, body or None, timeout)
@@ -243,23 +286,36 @@ async def fetch(
             raise UncacheableResponse(response)
         return Rendered(_encode(response))
 
-    try:
-        response, entry, status = await read_through(
+    outcome = "shared"
+
+    async def read() -> memo.Result:
+        nonlocal outcome
+        decoded, entry, status = await read_through(
             key,
             compute,
             lifetime,
             tag_tuple,
             DataRequest.from_context(),
-            _decode,
+            _decoded,
             f"fetch({method} {full_url})",
         )
+        outcome = "hit" if status in (CacheStatus.HIT, CacheStatus.STALE) else "miss"
+        return decoded, entry
+
+    try:
+        decoded, entry = await memo.shared(memo.scopes(), memo_key, read)
     except UncacheableResponse as exc:
         _log_fetch(method, full_url, exc.response.status_code, (time.perf_counter() - started) * 1000, "miss")
         return exc.response
     record_in_render(entry, lifetime)
-    outcome = "hit" if status in (CacheStatus.HIT, CacheStatus.STALE) else "miss"
+    response = decoded.handout()
     _log_fetch(method, full_url, response.status_code, (time.perf_counter() - started) * 1000, outcome)
     return response
+
+
+def _uncached_entry(key: str) -> CacheEntry:
+    """What a shared ``no-store`` response stands on: no tags, never stored."""
+    return CacheEntry(key=key, body=b"", created_at=0.0, revalidate=0, kind=EntryKind.DATA)
 
 
 def fetch_sync(url: str, **options: Any) -> httpx.Response:

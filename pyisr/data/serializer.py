@@ -380,8 +380,9 @@ def dumps_pickle(value: Any, *, data_key: str, secret: bytes) -> bytes:
     return PICKLE_MARKER + _mac(secret, data_key, payload) + payload
 
 
-def loads_pickle(data: bytes, *, data_key: str, secret: bytes) -> Any:
-    """The value :func:`dumps_pickle` stored; unpickles only after the signature verified."""
+def pickle_payload(data: bytes, *, data_key: str, secret: bytes) -> bytes:
+    """The pickle :func:`dumps_pickle` signed for ``data_key``, not yet unpickled;
+    :class:`UnreadableEntry` unless its signature verifies."""
     if not data.startswith(PICKLE_MARKER):
         raise UnreadableEntry("not a signed pickle data entry (unknown format marker)")
     start = len(PICKLE_MARKER)
@@ -390,10 +391,20 @@ def loads_pickle(data: bytes, *, data_key: str, secret: bytes) -> Any:
     mac, payload = data[start : start + _MAC_BYTES], data[start + _MAC_BYTES :]
     if not hmac.compare_digest(mac, _mac(secret, data_key, payload)):
         raise UnreadableEntry("signature does not verify")
+    return payload
+
+
+def unpickle(payload: bytes) -> Any:
+    """A verified payload (:func:`pickle_payload`) unpickled."""
     try:
         return pickle.loads(payload)
     except Exception as exc:  # noqa: BLE001 - e.g. a class renamed since it was stored
         raise UnreadableEntry(f"signed pickle could not be loaded ({type(exc).__name__}: {exc})") from None
+
+
+def loads_pickle(data: bytes, *, data_key: str, secret: bytes) -> Any:
+    """The value :func:`dumps_pickle` stored; unpickles only after the signature verified."""
+    return unpickle(pickle_payload(data, data_key=data_key, secret=secret))
 
 
 # -- one entry point for both -------------------------------------------------------------

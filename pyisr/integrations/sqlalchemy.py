@@ -79,6 +79,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without SQLAlche
 from pyisr.cache.tags import IMPLICIT_PREFIX, MAX_TAG_LENGTH
 from pyisr.context import RenderContext, current_render
 from pyisr.engine import Engine
+from pyisr.provenance import current_source
 from pyisr.runtime import get_engine, run_sync
 
 logger = logging.getLogger("pyisr.sqlalchemy")
@@ -435,11 +436,12 @@ class _Tracker:
         logged, not raised: the data is committed already, and the caller cannot undo it.
         """
         engine = self.engine if self.engine is not None else get_engine()
+        by = commit_label(tags)
         try:
             if _in_greenlet():
-                _await(engine.revalidate_tags(tags))
+                _await(engine.revalidate_tags(tags, by=by))
             else:
-                run_sync(engine.revalidate_tags(tags))
+                run_sync(engine.revalidate_tags(tags, by=by))
         except Exception:
             logger.exception("pyisr could not revalidate %s after a commit: those pages stay stale", tags)
 
@@ -563,6 +565,13 @@ def untracked(view: F | None = None) -> Any:
     return run
 
 
+def commit_label(tags: Iterable[str], most: int = 3) -> str:
+    """Who the store's record says asked: ``SQLAlchemy commit posts, comments`` (the tables)."""
+    tables = [tag for tag in dict.fromkeys(tags) if ":" not in tag]
+    named = ", ".join(tables[:most]) + (f" and {len(tables) - most} more" if len(tables) > most else "")
+    return f"SQLAlchemy commit {named}".rstrip()
+
+
 def revalidate_table(table: Any, pk: Any = None, *, session: Session | None = None) -> None:
     """Revalidate the pages that read ``table`` (a name, ``Table`` or mapped class).
 
@@ -576,13 +585,14 @@ def revalidate_table(table: Any, pk: Any = None, *, session: Session | None = No
     if session is not None:
         _queue(getattr(session, "sync_session", session), tags)
         return
-    run_sync(get_engine().revalidate_tags(tags))
+    # Named here: the bridge's thread, where the write runs, does not know the caller.
+    run_sync(get_engine().revalidate_tags(tags, by=current_source()))
 
 
 async def arevalidate_table(table: Any, pk: Any = None) -> None:
     """The async form of :func:`revalidate_table` (without ``session=``: pass it to the
     sync form, which only queues)."""
-    await get_engine().revalidate_tags(tags_for(table, pk))
+    await get_engine().revalidate_tags(tags_for(table, pk), by=current_source())
 
 
 __all__ = [

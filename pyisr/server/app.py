@@ -50,7 +50,7 @@ from pyisr.http import (
     private_headers,
     served_headers,
 )
-from pyisr.log import configure_fetch_logging, enable_debug_logging
+from pyisr.log import configure_fetch_logging, configure_log_format, enable_debug_logging
 from pyisr.origin import LOCALHOST, CanonicalOrigin, Origin
 from pyisr.paths import BadPath, normalize_path
 from pyisr.runtime import set_engine
@@ -158,6 +158,12 @@ class App:
                 return
             set_engine(self.engine)
             configure_fetch_logging(self.config.log_fetches, self.config.log_fetches_full_url)
+            build_id = self.site.build_id
+            configure_log_format(self.config.log_format, build_id=build_id, cache_log=self.engine.log)
+            if self.config.metrics_secret or self.config.metrics_allow:
+                from pyisr.metrics import enable as enable_metrics
+
+                enable_metrics(self.engine)  # counted from the start, not from the first scrape
             if self.site.read_manifest() is None:
                 # No build (dev, or an app mounted without `pyisr build`): learn the static
                 # paths so fallback rules and known paths behave as after a build.

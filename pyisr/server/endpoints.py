@@ -3,8 +3,10 @@
 - ``POST /_pyisr/revalidate?path=|tag=|type=|stale=``: on-demand revalidation (secret);
 - ``GET /_pyisr/health``: for load balancers (``"degraded"`` while a shared store is down);
 - ``GET /_pyisr/cache?path=``: one entry's state (secret);
+- ``GET /_pyisr/metrics``: Prometheus metrics (``metrics_secret`` or ``metrics_allow``);
 - ``GET /_pyisr/draft?secret=&path=``: draft mode on (``&disable=1``: off), then ``path``;
-- ``GET /_pyisr/data/<build id>/<path>.json``: a Pages page's props (SPEC S-51).
+- ``GET /_pyisr/data/<build id>/<path>.json``: a Pages page's props (SPEC S-51);
+- any other path: the dashboard (``pyisr.dashboard``) when ``dashboard_secret`` is set, else 404.
 
 The revalidation secret is compared in constant time, and only ever accepted from the
 ``Authorization`` header or the query string, never logged.
@@ -25,7 +27,7 @@ from starlette.types import Receive, Scope, Send
 
 from pyisr.cache.entry import CacheEntry
 from pyisr.cache.shareable import visitor_headers
-from pyisr.cache.tags import tags_for_revalidate_path, validate_tags
+from pyisr.cache.tags import validate_tags
 from pyisr.config import Config
 from pyisr.draft import disable_draft_mode, enable_draft_mode
 from pyisr.engine import CacheStatus, Engine, RevalidationError
@@ -56,6 +58,8 @@ class Endpoints:
         self.site = site
         self.engine = engine
         self.config = config
+        #: The dashboard, at every other path under ``/_pyisr/`` (only when a secret is set).
+        self.dashboard = _dashboard(engine, config)
 
     async def __call__(self, path: str, scope: Scope, receive: Receive, send: Send) -> None:
         if path.startswith(PREFIX + "data/"):
@@ -68,8 +72,13 @@ class Endpoints:
             response = self._health(request)
         elif path == PREFIX + "cache":
             response = await self._inspect(request)
+        elif path == PREFIX + "metrics":
+            response = await self._metrics(request)
         elif path == PREFIX + "draft":
             response = self._draft(request)
+        elif self.dashboard is not None:
+            await self.dashboard(scope, receive, send)
+            return
         else:
             response = JSONResponse({"error": "not found"}, status_code=404)
         await response(scope, receive, send)
@@ -147,14 +156,16 @@ class Endpoints:
         stale = _as_flag(params.get("stale"))
         if stale is None:
             return JSONResponse({"error": "stale must be true or false"}, status_code=400)
+        by = _caller(request)
         try:
             if tag:
-                await self.engine.revalidate_tags(validate_tags([tag], where="tag"), stale=stale)
+                tags = validate_tags([tag], where="tag")
+                await self.engine.revalidate_tags(tags, stale=stale, kind="tag", target=tag, by=by)
             if path and (kind or stale):
                 # A route, a subtree, or (stale) one path: marked, each page renders at its next visit.
-                await self.engine.revalidate_tags(tags_for_revalidate_path(path, kind), stale=stale)
+                await self.engine.revalidate_path(path, kind, stale=stale, by=by)
             elif path:
-                await revalidate(path, engine=self.engine)
+                await revalidate(path, engine=self.engine, by=by)
         except ValueError as exc:
             return JSONResponse({"error": str(exc)}, status_code=400)
         except RevalidationError as exc:
@@ -182,6 +193,20 @@ class Endpoints:
                 engine=self.engine.health(),
             )
         return JSONResponse(body, status_code=503 if reasons else 200, headers={"cache-control": NOSTORE})
+
+    async def _metrics(self, request: Request) -> Response:
+        """``GET /_pyisr/metrics``: Prometheus' text format (pyisr.metrics), to a bearer of
+        ``metrics_secret`` or an address in ``metrics_allow``; 404 when neither is set."""
+        from pyisr.metrics import MetricsAccess, metrics_answer
+
+        if request.method not in ("GET", "HEAD"):
+            return JSONResponse({"error": "use GET"}, status_code=405, headers={"allow": "GET, HEAD"})
+        access = MetricsAccess(self.config.metrics_secret, self.config.metrics_allow)
+        client = request.client.host if request.client else None
+        status, headers, body = await metrics_answer(
+            self.engine, access, request.headers.get("authorization"), client
+        )
+        return Response(body, status_code=status, headers={k.decode(): v.decode() for k, v in headers})
 
     async def _inspect(self, request: Request) -> Response:
         if not self._authorized(request):
@@ -241,6 +266,15 @@ class Endpoints:
         await send_response(send, 404 if entry.status == 404 else 200, headers, body, method)
 
 
+def _dashboard(engine: Engine, config: Config) -> Any:
+    """The dashboard's ASGI app when ``dashboard_secret`` is set, else ``None`` (404 as before)."""
+    if not config.dashboard_secret:
+        return None
+    from pyisr.dashboard import dashboard_app  # imported only by sites that turn it on
+
+    return dashboard_app(engine, secret=config.dashboard_secret, mount_path=PREFIX.rstrip("/"))
+
+
 def _as_flag(value: object) -> bool | None:
     """``stale`` as JSON, a query or form field: true/false, 1/0, yes/no, ``max`` (Next.js
     16's profile for it); ``None`` when it is none of these."""
@@ -267,6 +301,20 @@ async def _read_limited(request: Request, limit: int) -> bytes | None:
             return None
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+#: The header a client of the revalidate endpoint may name itself with (``pyisr revalidate``
+#: sends ``pyisr revalidate (CLI)``); only read from a caller that gave the secret.
+BY_HEADER = "x-pyisr-by"
+
+
+def _caller(request: Request) -> str:
+    """Who asked, for the store's record: the endpoint, the client's address, and the name
+    the client gave itself (printable characters only, cut short)."""
+    address = request.client.host if request.client else "an unknown address"
+    said = "".join(c for c in request.headers.get(BY_HEADER, "")[:80] if c.isprintable()).strip()
+    via = f"POST {PREFIX}revalidate from {address}"
+    return f"{said} via {via}" if said else via
 
 
 def describe_entry(entry: CacheEntry, now: float) -> dict[str, Any]:

@@ -16,7 +16,10 @@ worker fails to start (2 failed requests in 6 reloads). Here:
   two requests (``Connection: close``), then exit. If a new worker fails to start, the
   old generation keeps serving and the error is logged;
 - SIGTERM or SIGINT stop every worker with its server's graceful shutdown;
-- a worker that dies is started again (at most once a second per worker).
+- a worker that dies is started again (at most once a second per worker);
+- the workers write their metrics (pyisr/metrics.py) to a private directory made for the
+  run (``PROMETHEUS_MULTIPROC_DIR``): a worker that exits has its gauges dropped, and the
+  directory is removed when the server stops.
 
 Workers are ``python -m pyisr.server.worker`` (see that module), in this process's
 process group, so signalling the group reaches them all.
@@ -32,14 +35,17 @@ pyisr and the site. It adopts those first workers (``exec`` keeps children).
 from __future__ import annotations
 
 import errno
+import glob
 import json
 import logging
 import os
 import select
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from typing import Any
 
@@ -49,6 +55,12 @@ logger = logging.getLogger("pyisr.supervisor")
 SUPERVISOR_ENV = "PYISR_SUPERVISOR"
 #: A worker's settings (JSON: ``pyisr.server.worker.WorkerSpec``), set for each worker.
 WORKER_ENV = "PYISR_WORKER"
+
+#: prometheus_client's multi-process directory (pyisr/metrics.py): where every worker's
+#: metrics are written, so the one answering a scrape adds them all up.
+METRICS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
+#: ``<pid>:<directory>``: the directory the server of that PID made for its run (and removes).
+OWN_METRICS_DIR_ENV = "PYISR_METRICS_DIR"
 
 #: How long a new worker may take to load the site and report ready.
 STARTUP_TIMEOUT = 120.0
@@ -68,6 +80,54 @@ def bind(host: str, port: int, backlog: int) -> socket.socket:
     sock.listen(backlog)
     sock.set_inheritable(True)
     return sock
+
+
+def prepare_metrics_dir() -> str:
+    """The run's directory for the workers' metrics, made fresh and private (0700) on the first
+    call and exported (``PROMETHEUS_MULTIPROC_DIR``) before any worker starts, so each
+    imports ``prometheus_client`` in multi-process mode. ``pyisr start`` calls it before it
+    forks its first workers; the supervisor (the same PID) finds it again.
+
+    Never one left from another run, nor one the environment named: values of workers
+    that are gone would be added to this run's.
+    """
+    pid, _, owned = os.environ.get(OWN_METRICS_DIR_ENV, "").partition(":")
+    if pid == str(os.getpid()) and os.path.isdir(owned) and os.environ.get(METRICS_DIR_ENV) == owned:
+        return owned
+    _remove_orphaned_metrics_dirs()
+    path = tempfile.mkdtemp(prefix=f"pyisr-metrics-{os.getpid()}-")  # mode 0700
+    os.environ[METRICS_DIR_ENV] = path
+    os.environ[OWN_METRICS_DIR_ENV] = f"{os.getpid()}:{path}"
+    return path
+
+
+def _remove_orphaned_metrics_dirs() -> None:
+    """Directories of this user's earlier runs whose server is gone without removing its own
+    (SIGKILL): their PID is in their name."""
+    for path in glob.glob(os.path.join(glob.escape(tempfile.gettempdir()), "pyisr-metrics-*-*")):
+        pid = os.path.basename(path).split("-")[2]
+        try:
+            if not pid.isdigit() or os.stat(path).st_uid != os.getuid():
+                continue
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(path, ignore_errors=True)
+        except OSError:
+            continue  # alive but not ours to signal, or gone meanwhile
+
+
+def mark_dead(pid: int, metrics_dir: str | None) -> None:
+    """Drop the gauges of a worker that exited (its counters stay: they are totals).
+
+    What ``prometheus_client.multiprocess.mark_process_dead`` does, in the standard library:
+    the files of the ``live*`` gauge modes of that PID.
+    """
+    if metrics_dir:
+        for path in glob.glob(os.path.join(glob.escape(metrics_dir), f"gauge_live*_{pid}.db")):
+            try:
+                os.remove(path)
+            except FileNotFoundError:
+                pass
 
 
 class Child:
@@ -211,6 +271,8 @@ class Supervisor:
         self.retiring: list[Worker] = []
         self._stop = False
         self._reload = False
+        #: The run's metrics directory (:func:`prepare_metrics_dir`), removed on exit.
+        self.metrics_dir: str | None = None
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
@@ -241,6 +303,7 @@ class Supervisor:
             sock = bind(self.host, self.port, self.backlog)
         self.listen_fd = sock.fileno()
         self._install_signals()
+        self.metrics_dir = prepare_metrics_dir()
         try:
             self.current = self._start_generation()
             if not self._await_ready(self.current):
@@ -324,6 +387,7 @@ class Supervisor:
                 worker.signal(signal.SIGKILL)
                 worker.proc.wait()
                 worker.close()
+                mark_dead(worker.pid, self.metrics_dir)
             if not self._stop:
                 logger.error("the new workers did not start; the running ones keep serving")
             return
@@ -342,6 +406,7 @@ class Supervisor:
         for worker in list(self.retiring):
             if not worker.alive():
                 self.retiring.remove(worker)
+                mark_dead(worker.pid, self.metrics_dir)
             elif worker.retire_deadline is not None and now > worker.retire_deadline:
                 logger.warning("retired worker pid %d did not exit in time: killing it", worker.pid)
                 worker.signal(signal.SIGKILL)
@@ -352,6 +417,7 @@ class Supervisor:
                 continue
             logger.error("worker pid %d exited (%s): starting another", worker.pid, worker.proc.returncode)
             worker.close()
+            mark_dead(worker.pid, self.metrics_dir)
             self.current[index] = self._spawn(index)
 
     def _shutdown(self, sock: socket.socket) -> None:
@@ -368,6 +434,8 @@ class Supervisor:
                 worker.proc.wait()
             worker.close()
         sock.close()
+        if self.metrics_dir is not None:
+            shutil.rmtree(self.metrics_dir, ignore_errors=True)
         signal.set_wakeup_fd(-1)
         for fd in (self._wake_r, self._wake_w):
             try:

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from pyisr.server.limits import HTTPLimits
-from pyisr.server.supervisor import WORKER_ENV
+from pyisr.server.supervisor import WORKER_ENV, prepare_metrics_dir
 
 SERVERS = ("granian", "uvicorn")
 
@@ -101,6 +101,7 @@ def fork_workers(spec: WorkerSpec, count: int) -> list[tuple[int, int]]:
     fresh interpreters: a deploy may change the code.) Only safe while this process runs
     one thread, which the caller checks.
     """
+    prepare_metrics_dir()  # before the fork: every worker writes its metrics there
     sys.stdout.flush()
     sys.stderr.flush()
     started: list[tuple[int, int]] = []

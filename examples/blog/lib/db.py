@@ -1,9 +1,10 @@
 """The blog's SQLite database: plain functions, no caching (see ``lib/blog.py`` for that).
 
 The file is ``data/blog.db`` next to the site (or ``$BLOG_DB``), created with the 25
-seed posts the first time anything reads it. Each call opens its own connection, so
-the functions are safe from the worker threads pages render in and from several
-processes (the server, the build, ``origin.py``).
+seed posts the first time anything reads it. Reads use one connection per thread (and
+process, and database file), writes open their own, so the functions are safe from the
+worker threads pages render in and from several processes (the server, the build,
+``origin.py``), and a build of thousands of pages does not open thousands of connections.
 """
 
 from __future__ import annotations
@@ -77,27 +78,42 @@ def connect(path: Path | None = None) -> sqlite3.Connection:
     return conn
 
 
+_local = threading.local()
+
+
+def _reader() -> sqlite3.Connection:
+    """This thread's connection for reads, opened once per process and database file."""
+    path = ensure_database()
+    ident = (os.getpid(), str(path), path.stat().st_ino)
+    held = getattr(_local, "reader", None)
+    if held is not None and held[0] == ident:
+        return held[1]
+    if held is not None and held[0][0] == ident[0]:
+        held[1].close()  # the file was replaced: read the new one
+    conn = connect(path)
+    _local.reader = (ident, conn)
+    return conn
+
+
 def _as_dict(row: sqlite3.Row) -> dict[str, Any]:
     return {key: row[key] for key in row.keys()}
 
 
 def all_posts() -> list[dict[str, Any]]:
     """Every post, newest first."""
-    conn = connect()
-    try:
-        rows = conn.execute(f"SELECT {COLUMNS} FROM posts ORDER BY id DESC").fetchall()
-    finally:
-        conn.close()
+    rows = _reader().execute(f"SELECT {COLUMNS} FROM posts ORDER BY id DESC").fetchall()
     return [_as_dict(r) for r in rows]
+
+
+def newest_id() -> int | None:
+    """The id of the newest post (``None`` with no posts): one index lookup, not a scan."""
+    row = _reader().execute("SELECT MAX(id) FROM posts").fetchone()
+    return None if row is None or row[0] is None else int(row[0])
 
 
 def get_post(post_id: int) -> dict[str, Any] | None:
     """One post, or ``None`` if there is no post with this id."""
-    conn = connect()
-    try:
-        row = conn.execute(f"SELECT {COLUMNS} FROM posts WHERE id = ?", (post_id,)).fetchone()
-    finally:
-        conn.close()
+    row = _reader().execute(f"SELECT {COLUMNS} FROM posts WHERE id = ?", (post_id,)).fetchone()
     return _as_dict(row) if row is not None else None
 
 

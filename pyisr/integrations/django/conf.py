@@ -43,6 +43,7 @@ KEYS: dict[str, str] = {
     "debug_cache": "log every cache decision",
     "revalidate_secret": "the secret of on-demand revalidation; draft mode's when draft_secret is unset",
     "draft_secret": "signs draft-mode cookies",
+    "dashboard_secret": "signs in to the dashboard (include pyisr.integrations.django.dashboard_urls)",
     "draft_mode": "honour draft-mode cookies (default: whenever a secret is set)",
     "bypass": "dotted path of a callable(request) -> bool, or None; default: logged-in users",
     "orm_tags": "tag pages with the models they read and revalidate them when those change",

@@ -14,7 +14,8 @@ one of its tags is invalid) keeps that page from being served: the race is gone.
 
 The automatic path never raises: a cache that is down must not make a save fail (the
 admin would answer 500 after the row was committed). It logs instead. Several changes in
-one transaction are revalidated in one write at its commit.
+one transaction are revalidated in one write at its commit, recorded as done by the
+signals that asked (``Django post_save blog.Post``), for ``pyisr cache explain``.
 """
 
 from __future__ import annotations
@@ -25,11 +26,14 @@ from collections.abc import Iterable
 from typing import Any
 
 from pyisr.integrations.django.orm_reads import ANY_SUFFIX, label_of
+from pyisr.provenance import current_source
 from pyisr.runtime import get_engine, run_sync
 
 logger = logging.getLogger("pyisr.django")
 
 _M2M_ACTIONS = frozenset({"post_add", "post_remove", "post_clear"})
+#: Causes named in one commit's record (``Django post_save blog.Post, ...``); the rest counted.
+_MAX_CAUSES = 3
 
 
 def model_tags(model: Any, pk: object = None) -> list[str]:
@@ -70,10 +74,11 @@ def revalidate_model(model: Any, pk: object = None, *, using: str | None = None)
     if pk is None and not isinstance(model, type | str):
         pk = model.pk
     tags = model_tags(model, pk)
+    by = current_source()
     if transaction.get_connection(using).in_atomic_block:
-        after_commit(tags, using)
+        after_commit(tags, using, by=by)
     else:
-        _revalidate(tags)
+        _revalidate(tags, by)
 
 
 async def arevalidate_model(model: Any, pk: object = None) -> None:
@@ -83,8 +88,9 @@ async def arevalidate_model(model: Any, pk: object = None) -> None:
     from asgiref.sync import sync_to_async
 
     tags = await sync_to_async(model_tags)(model, pk)
+    by = current_source()
     for engine in _engines():
-        await engine.revalidate_tags(tags)
+        await engine.revalidate_tags(tags, by=by)
 
 
 # -- one write per transaction, after its commit ----------------------------------------------
@@ -92,14 +98,20 @@ async def arevalidate_model(model: Any, pk: object = None) -> None:
 _pending = threading.local()
 
 
-def after_commit(tags: Iterable[str], using: str | None) -> None:
-    """Revalidate ``tags`` once the transaction of ``using`` commits (now, outside one)."""
+def after_commit(tags: Iterable[str], using: str | None, *, by: str | None = None) -> None:
+    """Revalidate ``tags`` once the transaction of ``using`` commits (now, outside one).
+
+    ``by`` names the cause for the store's record (else the calling code).
+    """
     from django.db import DEFAULT_DB_ALIAS, transaction
 
     alias = using or DEFAULT_DB_ALIAS
     waiting: dict[str, dict[str, None]] = getattr(_pending, "tags", None) or {}
     _pending.tags = waiting
     waiting.setdefault(alias, {}).update(dict.fromkeys(tags))
+    causes: dict[str, dict[str, None]] = getattr(_pending, "causes", None) or {}
+    _pending.causes = causes
+    causes.setdefault(alias, {})[by or current_source()] = None
     # One callback per change: a callback of a rolled-back savepoint is dropped, so every
     # change keeps its own; the first to run takes the tags of all, the rest find none.
     transaction.on_commit(lambda: _flush(alias), using=alias)
@@ -108,17 +120,21 @@ def after_commit(tags: Iterable[str], using: str | None) -> None:
 def _flush(alias: str) -> None:
     waiting: dict[str, dict[str, None]] = getattr(_pending, "tags", None) or {}
     tags = waiting.pop(alias, None)
+    causes = list((getattr(_pending, "causes", None) or {}).pop(alias, None) or ())
     if not tags:
         return
+    by = ", ".join(causes[:_MAX_CAUSES]) or "Django commit"
+    if len(causes) > _MAX_CAUSES:
+        by += f" and {len(causes) - _MAX_CAUSES} more"
     try:
-        _revalidate(list(tags))
+        _revalidate(list(tags), by)
     except Exception:
         logger.exception("pyisr: revalidating %s after a commit failed; those pages stay cached", list(tags))
 
 
-def _revalidate(tags: list[str]) -> None:
+def _revalidate(tags: list[str], by: str) -> None:
     for engine in _engines():
-        run_sync(engine.revalidate_tags(tags))
+        run_sync(engine.revalidate_tags(tags, by=by))
 
 
 #: Engines of @isr views given their own (``@isr(engine=...)``): they are revalidated too.
@@ -137,10 +153,19 @@ def _engines() -> list[Any]:
 # -- the signals -------------------------------------------------------------------------------
 
 
-def on_change(sender: type, instance: Any, using: str | None = None, **_: Any) -> None:
+def _signal_label(signal: Any, sender: type) -> str:
+    """``Django post_save blog.Post``: the signal and the model, as the record shows them."""
+    from django.db.models import signals
+
+    names = {id(signals.post_save): "post_save", id(signals.post_delete): "post_delete"}
+    names[id(signals.m2m_changed)] = "m2m_changed"
+    return f"Django {names.get(id(signal), 'signal')} {sender._meta.label}"  # type: ignore[attr-defined]
+
+
+def on_change(sender: type, instance: Any, using: str | None = None, signal: Any = None, **_: Any) -> None:
     """``post_save`` and ``post_delete``: the row's pages and its model's queries."""
     if instance.pk is not None:
-        after_commit(model_tags(sender, instance.pk), using)
+        after_commit(model_tags(sender, instance.pk), using, by=_signal_label(signal, sender))
 
 
 def on_m2m(
@@ -151,6 +176,7 @@ def on_m2m(
     pk_set: set[Any] | None,
     using: str | None = None,
     reverse: bool = False,
+    signal: Any = None,
     **_: Any,
 ) -> None:
     """``m2m_changed``: the link table's queries and the rows on both sides."""
@@ -163,7 +189,7 @@ def on_m2m(
         tags += [label_of(model)]
     else:
         tags += [tag for pk in pk_set for tag in model_tags(model, pk)]
-    after_commit(tags, using)
+    after_commit(tags, using, by=_signal_label(signal, sender))
 
 
 def connect(models: Iterable[type]) -> None:

@@ -23,7 +23,7 @@ def get_static_props(params):
     if post is None:
         # A 404, cached for the same window: the post may be written later.
         return {"not_found": True, "revalidate": blog.REVALIDATE}
-    newest_id = max((p["id"] for p in db.all_posts()), default=post_id)
+    newest_id = db.newest_id() or post_id
     return {
         "props": {"post": post, "newest_id": newest_id, "rendered_at": blog.rendered_at()},
         # pyisr will invalidate the cache when a request comes in, at most once every 60 seconds.

@@ -25,7 +25,8 @@ async def page(params):
     post = await blog.post(post_id) if post_id is not None else None
     if post is None:
         not_found()
-    newest_id = max((p["id"] for p in await blog.all_posts()), default=post["id"])
+    posts = await blog.all_posts()  # newest first; read once per build or per change
+    newest_id = posts[0]["id"] if posts else post["id"]
     return render_template(
         "post.html",
         post=post,

@@ -7,9 +7,10 @@
     manage.py pyisr revalidate --path /blog/[id] --type page
     manage.py pyisr revalidate --tag posts [--stale]
     manage.py pyisr revalidate --model blog.post [--pk 2]
-    manage.py pyisr cache list [--prefix /blog]
-    manage.py pyisr cache inspect /blog/2/
-    manage.py pyisr cache purge /blog/2/
+    manage.py pyisr cache list [--state stale] [--tag posts] [--sort hits] [--limit 20] [--json]
+    manage.py pyisr cache inspect /blog/2/ [--json]
+    manage.py pyisr cache explain /blog/2/ [--json]
+    manage.py pyisr cache purge /blog/2/ [--json]
 
 They use the project's cache (``PYISR``), so a running server sees what they do. The
 cache commands share their logic with ``pyisr cache`` (``pyisr.cache_tools``).
@@ -24,7 +25,12 @@ from typing import Any
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from pyisr import cache_tools
+from pyisr.explain import SORTS, EntryState
+from pyisr.provenance import invalidated_by
 from pyisr.runtime import get_engine, run_sync
+
+#: Who the store's record says asked (``pyisr cache explain``).
+REVALIDATE_BY = "manage.py pyisr revalidate"
 
 
 class Command(BaseCommand):
@@ -46,22 +52,34 @@ class Command(BaseCommand):
         )
         cache = actions.add_parser("cache", help="List, inspect or purge cached pages.")
         what = cache.add_subparsers(dest="cache_action", required=True)
-        listing = what.add_parser("list", help="List cached keys.")
+        listing = what.add_parser("list", help="List cached entries: key, state, age, size, tags, hits.")
         listing.add_argument("--prefix", default="")
-        what.add_parser("inspect", help="Show what is cached for a path.").add_argument("path")
-        what.add_parser("purge", help="Invalidate a path in every process.").add_argument("path")
+        listing.add_argument("--state", choices=[s.value for s in EntryState])
+        listing.add_argument("--tag")
+        listing.add_argument("--route")
+        listing.add_argument("--sort", choices=list(SORTS), default="age")
+        listing.add_argument("--limit", type=int)
+        listing.add_argument("--json", action="store_true", help="Print JSON, for scripts.")
+        for name, text in (
+            ("inspect", "Show what is cached for a path."),
+            ("explain", "Say why a path is in its state."),
+            ("purge", "Invalidate a path in every process."),
+        ):
+            command = what.add_parser(name, help=text)
+            command.add_argument("path")
+            command.add_argument("--json", action="store_true", help="Print JSON, for scripts.")
 
     def handle(self, *args: Any, **options: Any) -> None:
         from pyisr.integrations.django import conf
 
         conf.checked()
         if options["action"] == "revalidate":
-            self._revalidate(options)
+            with invalidated_by(REVALIDATE_BY):
+                self._revalidate(options)
         else:
             self._cache(options)
 
     def _revalidate(self, options: dict[str, Any]) -> None:
-        from pyisr.cache.tags import tags_for_revalidate_path
         from pyisr.engine import RevalidationError
         from pyisr.integrations.django.invalidation import model_tags
         from pyisr.integrations.django.resolver import resolve_page
@@ -72,18 +90,15 @@ class Command(BaseCommand):
         stale = options["stale"]
         try:
             if options["tag"]:
-                run_sync(engine.revalidate_tag(options["tag"], stale=stale))
+                run_sync(engine.revalidate_tag(options["tag"], stale=stale, by=REVALIDATE_BY))
                 done = f"tag {options['tag']}"
             elif options["model"]:
                 tags = model_tags(options["model"], options["pk"])
-                run_sync(engine.revalidate_tags(tags, stale=stale))
+                run_sync(engine.revalidate_tags(tags, stale=stale, by=REVALIDATE_BY))
                 done = ", ".join(tags)
             elif stale or options["type"]:
-                run_sync(
-                    engine.revalidate_tags(
-                        tags_for_revalidate_path(options["path"], options["type"]), stale=stale
-                    )
-                )
+                path = options["path"]
+                run_sync(engine.revalidate_path(path, options["type"], stale=stale, by=REVALIDATE_BY))
                 done = f"path {options['path']}"
             else:
                 revalidate_sync(options["path"])
@@ -96,25 +111,46 @@ class Command(BaseCommand):
     def _cache(self, options: dict[str, Any]) -> None:
         engine = get_engine()
         action = options["cache_action"]
+        as_json = options["json"]
+        now = time.time()
         if action == "list":
-
-            async def listed() -> list[str]:
-                return [key async for key in cache_tools.keys(engine, options["prefix"])]
-
-            for key in run_sync(listed()):
-                self.stdout.write(key)
+            filters = {k: options[k] for k in ("state", "tag", "route", "sort")}
+            rows = run_sync(cache_tools.rows(engine, now, **filters))
+            every = [row for row in rows if row.key.startswith(options["prefix"])]
+            rows = every[: options["limit"]]
+            if as_json:
+                self.stdout.write(json.dumps([row.to_json() for row in rows], indent=2))
+            else:
+                title = cache_tools.list_title(rows, engine.handler, len(every))
+                self.stdout.write(
+                    cache_tools.render_text(cache_tools.rows_table(rows, title=title)), ending=""
+                )
             return
         try:
             key = cache_tools.cache_key(options["path"])
         except ValueError as exc:
             raise CommandError(f"{options['path']!r}: {exc}") from exc
+        if action == "purge":
+            run_sync(cache_tools.purge(engine, key, by=cache_tools.DJANGO_PURGE_BY))
+            if as_json:
+                self.stdout.write(json.dumps({"key": key, "purged": True}))
+            else:
+                self.stdout.write(f"purged {key}: the next request renders it afresh")
+            return
+        why = run_sync(cache_tools.explain_key(engine, key, now))
         if action == "inspect":
-            info = run_sync(cache_tools.inspect(engine, key, time.time()))
-            self.stdout.write(
-                json.dumps(info if info is not None else {"key": key, "cached": False}, indent=2)
-            )
-            if info is None:
-                raise CommandError(f"nothing is cached for {key}")
+            info = run_sync(cache_tools.inspect(engine, key, now))
+            if as_json:
+                self.stdout.write(
+                    json.dumps(info or {"key": key, "cached": False, "explain": why.text}, indent=2)
+                )
+            else:
+                self.stdout.write(cache_tools.render_text(cache_tools.entry_block(why, info, now)), ending="")
+        elif as_json:
+            self.stdout.write(json.dumps(why.to_json(), indent=2))
         else:
-            run_sync(cache_tools.purge(engine, key))
-            self.stdout.write(f"purged {key}: the next request renders it afresh")
+            self.stdout.write(f"{key}: {why.state.value if why.state else 'not cached'}")
+            for sentence in why.sentences:
+                self.stdout.write(f"  {sentence}")
+        if why.state is None:
+            raise CommandError(f"nothing is cached for {key} in {cache_tools.where(engine.handler)}")
