@@ -29,10 +29,10 @@ import os
 import secrets
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from pyisr.cache.entry import CacheEntry
 from pyisr.cache.files import exclusive_lock
@@ -205,6 +205,9 @@ def _account(timings: BuildTimings, memo: DataMemo, rendering: float, planned_da
     timings.render = max(0.0, rendering - (memo.read_seconds - planned_data))
 
 
+T = TypeVar("T")
+
+
 class PipelinedWrites(CacheHandler):
     """A store that nobody reads yet, written behind the renders.
 
@@ -243,14 +246,29 @@ class PipelinedWrites(CacheHandler):
         #: Wall time with at least one write under way.
         self.busy_seconds = 0.0
         self._busy_since = 0.0
+        #: The build's loop: the condition and the write tasks belong to it. A sync render's
+        #: data call reaches the store from pyisr's bridge loop in another thread; its calls
+        #: are run here (an asyncio condition notified from another thread wakes nobody).
+        self._loop = asyncio.get_running_loop()
+
+    async def _on_own_loop(self, call: Coroutine[Any, Any, T]) -> T:
+        if asyncio.get_running_loop() is self._loop:
+            return await call
+        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(call, self._loop))
 
     async def get(self, key: str) -> CacheEntry | None:
+        return await self._on_own_loop(self._get(key))
+
+    async def _get(self, key: str) -> CacheEntry | None:
         if key not in self._written:
             return None
         last = self._last.get(key)
         return last[0] if last is not None else await self.store.get(key)
 
     async def set(self, entry: CacheEntry) -> bool:
+        return await self._on_own_loop(self._set(entry))
+
+    async def _set(self, entry: CacheEntry) -> bool:
         size = len(entry.body)
         async with self._room:
             await self._room.wait_for(
@@ -289,6 +307,9 @@ class PipelinedWrites(CacheHandler):
 
     async def flush(self) -> list[tuple[str, str]]:
         """Wait for every write handed over; the (key, error) of those that failed."""
+        return await self._on_own_loop(self._flush())
+
+    async def _flush(self) -> list[tuple[str, str]]:
         async with self._room:
             await self._room.wait_for(lambda: self._writing == 0)
         failures, self._failures = self._failures, []

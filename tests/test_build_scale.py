@@ -172,3 +172,22 @@ def test_the_blog_build_reads_its_post_list_once(tmp_path: Path, data_reads: Dat
     assert len(set(list_reads)) <= 1 and len(list_reads) <= 3
     manifest = json.loads((site / ".pyisr" / "builds" / result.build_id / "manifest.json").read_text())
     assert manifest["stats"]["data_shared"] >= 300
+
+
+async def test_writes_handed_over_from_another_threads_loop_are_flushed(tmp_path: Path) -> None:
+    """A sync page's data call reaches the build's store from pyisr's bridge loop in
+    another thread; its write must still wake the build's flush (an asyncio condition
+    notified from a foreign thread wakes nobody: the build hung)."""
+    store = PipelinedWrites([FileSystemCache(tmp_path)])
+
+    def from_another_loop() -> None:
+        async def write() -> None:
+            for n in range(50):
+                await store.set(CacheEntry(key=f"/p/{n}", body=b"x" * 100, created_at=1.0, revalidate=60))
+
+        asyncio.run(write())
+
+    await asyncio.to_thread(from_another_loop)
+    assert await asyncio.wait_for(store.flush(), timeout=10) == []
+    assert (await store.get("/p/49")) is not None
+    await store.close()
