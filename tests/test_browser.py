@@ -2,37 +2,25 @@
 into its page by itself.
 
 Needs the system Chromium (``/usr/bin/chromium``) and the ``playwright`` package; it
-never downloads a browser (no ``playwright install``). Skipped when either is missing.
+never downloads a browser (no ``playwright install``). Skipped when either is missing,
+except under ``CI=true`` (tests/browser_support.py).
 The browser only talks to the example's server on 127.0.0.1.
 """
 
 from __future__ import annotations
 
-import importlib.util
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from browser_support import launched_chromium, require_browser
 from e2e_support import Server, copy_site, run_cli
 
 pytestmark = pytest.mark.slow
 
-CHROMIUM = Path("/usr/bin/chromium")
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "blog"
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
 
-if not CHROMIUM.exists():
-    pytest.skip(f"no Chromium at {CHROMIUM} (apt-get install chromium)", allow_module_level=True)
-if importlib.util.find_spec("playwright") is None:
-    pytest.skip("the playwright package is not installed (pip install playwright)", allow_module_level=True)
+require_browser()
 
 
 @pytest.fixture(scope="module")
@@ -49,14 +37,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator[object]:
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as pw:
-        chromium = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
-        try:
-            yield chromium
-        finally:
-            chromium.close()
+    with launched_chromium() as chromium:
+        yield chromium
 
 
 def _default_font(browser: object) -> str:

@@ -12,7 +12,6 @@ is a failure.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import time
 from collections.abc import Iterator
@@ -20,36 +19,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from browser_support import launched_chromium, require_browser
 from e2e_support import Server, copy_site, run_cli
 
 pytestmark = pytest.mark.slow
 
-CHROMIUM = Path("/usr/bin/chromium")
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "blog"
 SECRET = "browser-dashboard-secret-42"
 #: Seconds until the server has reported what it counted (pyisr.events.REPORT_EVERY, and some).
 REPORTED = 5.5
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
 
-_missing = (
-    f"no Chromium at {CHROMIUM} (apt-get install chromium)"
-    if not CHROMIUM.exists()
-    else "the playwright package is not installed (pip install playwright)"
-    if importlib.util.find_spec("playwright") is None
-    else None
-)
-if _missing is not None:
-    if os.environ.get("CI") == "true":
-        pytest.fail(_missing, pytrace=False)
-    pytest.skip(_missing, allow_module_level=True)
+require_browser()
 
 
 @pytest.fixture(scope="module")
@@ -69,14 +49,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as pw:
-        chromium = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
-        try:
-            yield chromium
-        finally:
-            chromium.close()
+    with launched_chromium() as chromium:
+        yield chromium
 
 
 @pytest.fixture
