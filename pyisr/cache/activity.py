@@ -19,6 +19,8 @@ and Redis stores to merge and trim what they persist.
 from __future__ import annotations
 
 import heapq
+import json
+import math
 from collections import deque
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
@@ -30,6 +32,8 @@ MAX_INVALIDATIONS = 500
 MAX_HIT_KEYS = 10_000
 #: Minutes of per-minute counts kept.
 MINUTES = 60
+#: Longest stored invalidation record; one naming more tags keeps those that fit.
+MAX_RECORD_BYTES = 8192
 #: The per-minute counters (names shared by the server, the stores and the dashboard).
 MINUTE_COUNTERS = ("hits", "stale", "misses", "regenerations", "failures", "invalidations")
 
@@ -68,6 +72,50 @@ class Invalidation:
             by=str(data.get("by", "")),
             stale=bool(data.get("stale", False)),
         )
+
+
+# -- records as stores keep them ------------------------------------------------------------
+
+
+def encode_invalidation(invalidation: Invalidation, max_bytes: int = MAX_RECORD_BYTES) -> bytes:
+    """One record as compact JSON of at most about ``max_bytes`` (tags dropped to fit)."""
+    data = invalidation.to_json()
+    data["target"], data["by"] = data["target"][:2048], data["by"][:512]
+    tags: list[str] = data["tags"]
+    while True:
+        record = json.dumps(data, separators=(",", ":"), ensure_ascii=False).encode("utf-8", "replace")
+        if len(record) <= max_bytes or not tags:
+            return record
+        del tags[len(tags) // 2 :]  # halve until it fits: few passes even for 128 tags
+
+
+def _finite(value: object) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    number = float(value)
+    return number if math.isfinite(number) else None
+
+
+def parse_invalidation(raw: bytes) -> Invalidation | None:
+    """A stored record read back (a line of the file-system log, an item of the Redis list),
+    or ``None`` when it does not hold one: what a store holds is data, checked field by field."""
+    try:
+        data = json.loads(raw)
+    except (ValueError, RecursionError):
+        return None
+    if not isinstance(data, dict):
+        return None
+    at = _finite(data.get("at"))
+    tags = data.get("tags", [])
+    fields = (data.get("kind"), data.get("target"), data.get("by", ""))
+    if at is None or not isinstance(tags, list) or not all(isinstance(f, str) for f in fields):
+        return None
+    if not all(isinstance(t, str) for t in tags):
+        return None
+    try:
+        return Invalidation.from_json(data)
+    except (KeyError, TypeError, ValueError):
+        return None
 
 
 def minute_of(at: float) -> int:

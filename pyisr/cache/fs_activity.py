@@ -10,7 +10,7 @@ two files at the top of the cache directory, next to the tag log::
 * **Invalidations** are appended, one line each, under the lock. Past
   ``2 * MAX_INVALIDATIONS`` lines the file is rewritten with the newest
   ``MAX_INVALIDATIONS`` (an atomic replacement, still under the lock), so it stays
-  between one and two rings long. A line is at most :data:`MAX_LINE_BYTES` (a record
+  between one and two rings long. A line is at most :data:`~pyisr.cache.activity.MAX_RECORD_BYTES` (a record
   naming more tags keeps as many as fit).
 * **Hits and minutes**: each process's report (every few seconds) is merged into
   ``activity.json`` under the lock, trimmed to its bounds (``MAX_HIT_KEYS`` keys,
@@ -33,7 +33,6 @@ import contextlib
 import fcntl
 import json
 import logging
-import math
 import os
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -44,7 +43,9 @@ from pyisr.cache.activity import (
     Activity,
     ActivityReport,
     Invalidation,
+    encode_invalidation,
     merge_report,
+    parse_invalidation,
     trim_minutes,
 )
 from pyisr.cache.files import atomic_write, exclusive_lock, read_file, write_all
@@ -55,8 +56,6 @@ logger = logging.getLogger("pyisr.cache.filesystem")
 INVALIDATIONS_FILE = "activity.log"
 COUNTS_FILE = "activity.json"
 LOCK_FILE = "activity.lock"
-#: Longest line of the invalidation log; a record naming more tags keeps those that fit.
-MAX_LINE_BYTES = 8192
 #: Largest ``activity.json`` read (10,000 keys with long names fit many times over): a
 #: file grown past it by hand is ignored rather than parsed.
 MAX_COUNTS_BYTES = 64 * 1024 * 1024
@@ -161,46 +160,6 @@ class ActivityFiles:
 
 
 # -- reading records back: data, parsed defensively ----------------------------------------
-
-
-def encode_invalidation(invalidation: Invalidation, max_bytes: int = MAX_LINE_BYTES) -> bytes:
-    """One record as compact JSON of at most about ``max_bytes`` (tags dropped to fit)."""
-    data = invalidation.to_json()
-    data["target"], data["by"] = data["target"][:2048], data["by"][:512]
-    tags: list[str] = data["tags"]
-    while True:
-        record = json.dumps(data, separators=(",", ":"), ensure_ascii=False).encode("utf-8", "replace")
-        if len(record) <= max_bytes or not tags:
-            return record
-        del tags[len(tags) // 2 :]  # halve until it fits: few passes even for 128 tags
-
-
-def _finite(value: object) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return None
-    number = float(value)
-    return number if math.isfinite(number) else None
-
-
-def parse_invalidation(raw: bytes) -> Invalidation | None:
-    """One line of the log as a record, or ``None`` when it does not hold one."""
-    try:
-        data = json.loads(raw)
-    except (ValueError, RecursionError):
-        return None
-    if not isinstance(data, dict):
-        return None
-    at = _finite(data.get("at"))
-    tags = data.get("tags", [])
-    fields = (data.get("kind"), data.get("target"), data.get("by", ""))
-    if at is None or not isinstance(tags, list) or not all(isinstance(f, str) for f in fields):
-        return None
-    if not all(isinstance(t, str) for t in tags):
-        return None
-    try:
-        return Invalidation.from_json(data)
-    except (KeyError, TypeError, ValueError):
-        return None
 
 
 def _counts(value: object) -> dict[str, int]:

@@ -32,10 +32,11 @@ from pyisr.cache.activity import (
     Activity,
     ActivityReport,
     Invalidation,
+    encode_invalidation,
     minute_of,
+    parse_invalidation,
     trim_hits,
 )
-from pyisr.cache.fs_activity import encode_invalidation, parse_invalidation
 
 #: Seconds a minute's counts stay in Redis (the record shows :data:`MINUTES`; twice that
 #: covers instances whose clocks differ).
