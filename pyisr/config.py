@@ -16,6 +16,8 @@ from typing import Any
 
 from pyisr.cache.entry import ONE_YEAR
 from pyisr.cache.urls import parse_size, redact_url
+from pyisr.cdn.keys import CACHE_TAG, SURROGATE_KEY, parse_tag_headers
+from pyisr.cdn.urls import parse_cdn_urls
 from pyisr.lifetimes import Lifetime, parse_profiles, validate_expire
 from pyisr.origin import parse_site_url, valid_host
 
@@ -64,6 +66,15 @@ class Config:
     cache_max_bytes: int | None = None
     #: Secret that signs in to the dashboard at ``/_pyisr/`` (pyisr.dashboard); unset turns it off.
     dashboard_secret: str | None = None
+    #: CDNs and reverse proxies purged on every invalidation (pyisr.cdn): URLs, several allowed.
+    cdn: tuple[str, ...] = ()
+    #: Headers that carry a cacheable response's tags to the edge (pyisr.cdn.keys); () for none.
+    cdn_tag_headers: tuple[str, ...] = (SURROGATE_KEY, CACHE_TAG)
+    #: Pages per second this instance re-renders, hottest first, after a wide invalidation
+    #: (pyisr.rewarm); 0 turns it off.
+    rewarm_rate: float = 20.0
+    #: Store gzip and brotli encodings of text responses beside them (pyisr.compression).
+    compress: bool = True
 
 
 def as_networks(value: Any) -> tuple[IPNetwork, ...]:
@@ -181,6 +192,15 @@ def as_dashboard_secret(value: Any) -> str:
     return secret
 
 
+def _as_rate(value: Any) -> float:
+    if isinstance(value, bool):
+        raise ValueError("expected a number of pages per second >= 0")
+    number = float(value)
+    if not number >= 0 or number == float("inf"):
+        raise ValueError("expected a number of pages per second >= 0 (0 turns re-warming off)")
+    return number
+
+
 def _as_str(value: Any) -> str:
     if not isinstance(value, str) or not value:
         raise ValueError("expected a non-empty string")
@@ -206,6 +226,10 @@ PARSERS: dict[str, tuple[Callable[[Any], Any], str]] = {
     "profiles": (_as_profiles, "[profiles.hourly] revalidate = 3600, expire = 86400"),
     "cache_max_bytes": (_as_max_bytes, 'cache_max_bytes = "1GB"'),
     "dashboard_secret": (as_dashboard_secret, 'dashboard_secret = "a-random-string-of-32-characters"'),
+    "cdn": (parse_cdn_urls, 'cdn = ["varnish://127.0.0.1:6081"]'),
+    "cdn_tag_headers": (parse_tag_headers, 'cdn_tag_headers = ["Surrogate-Key"] (or "none")'),
+    "rewarm_rate": (_as_rate, "rewarm_rate = 20 (pages per second; 0 turns it off)"),
+    "compress": (_as_bool, "compress = true"),
 }
 
 

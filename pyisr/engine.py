@@ -28,6 +28,7 @@ refuses (disk full, read-only, down) is still answered, and the failure is count
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -37,7 +38,8 @@ from typing import Any
 from pyisr.cache.activity import Invalidation
 from pyisr.cache.entry import UNSET, CacheEntry
 from pyisr.cache.handler import CacheHandler, as_handler
-from pyisr.cache.tags import stale_tag, tags_for_revalidate_path, validate_tags
+from pyisr.cache.tags import key_tag, stale_tag, tags_for_revalidate_path, validate_tags
+from pyisr.cdn.keys import CACHE_TAG, SURROGATE_KEY
 from pyisr.events import Events
 from pyisr.incidents import Incidents
 from pyisr.log import CacheLog
@@ -64,6 +66,11 @@ from pyisr.render import (
 )
 from pyisr.render_slots import RenderSlots
 
+logger = logging.getLogger("pyisr")
+
+#: Told of an invalidation after the store has it (:meth:`Engine.on_invalidation`).
+InvalidationListener = Callable[[Invalidation], None]
+
 
 @dataclass
 class _LoopState:
@@ -88,6 +95,7 @@ class Engine(Regenerator):
         max_concurrent_renders: int = 16,
         lock_poll: float = 0.02,
         debug: bool | None = None,
+        cdn_tag_headers: tuple[str, ...] = (SURROGATE_KEY, CACHE_TAG),
     ) -> None:
         if render_timeout <= 0:
             raise ValueError(f"render_timeout must be > 0 seconds, not {render_timeout!r}")
@@ -114,9 +122,33 @@ class Engine(Regenerator):
         #: Who can regenerate a path (``revalidate(path)``): the site and each integration
         #: using this engine add theirs; asked in the order they were added.
         self._resolvers: dict[Resolver, None] = {}
+        #: Headers that carry an answer's tags to a CDN (``cdn_tag_headers``; pyisr.cdn.keys).
+        self.cdn_tag_headers = cdn_tag_headers
+        #: Told of every invalidation once this engine's store has it (pyisr.cdn's purges,
+        #: pyisr.rewarm): called on the engine's loop, they must return at once.
+        self._invalidation_listeners: list[InvalidationListener] = []
 
     def _state(self) -> _LoopState:
         return self._states.get()
+
+    # -- who hears of invalidations --------------------------------------------------------
+
+    def on_invalidation(self, listener: InvalidationListener) -> None:
+        """Call ``listener`` after each invalidation this engine makes has reached the store.
+
+        For a tag, a path, a pattern or a layout: once the tag times are written. For
+        ``revalidate(path)``: once the new entry is stored, as an ``Invalidation`` of kind
+        ``regenerate`` whose tags are the key's own tag (``key_tag``). A listener that
+        raises is logged and never fails the caller.
+        """
+        self._invalidation_listeners.append(listener)
+
+    def _tell(self, invalidation: Invalidation) -> None:
+        for listener in self._invalidation_listeners:
+            try:
+                listener(invalidation)
+            except Exception as exc:  # noqa: BLE001 - the invalidation itself is done
+                logger.error("an invalidation listener failed: %s: %s", type(exc).__name__, exc, exc_info=exc)
 
     # -- who can regenerate a path ----------------------------------------------------------
 
@@ -332,13 +364,14 @@ class Engine(Regenerator):
         previous entry to read and no other process holding a copy to tell. ``by`` says
         who asked, for the store's record of invalidations (else the calling code).
         """
+        by = by or current_source()
         previous = None if prerender else await self.handler.get(key)
         mode = Mode.PRERENDER if prerender else Mode.ON_DEMAND
         if not prerender:
-            await self._record(Invalidation(self.clock(), "regenerate", key, (), by or current_source()))
+            await self._record(Invalidation(self.clock(), "regenerate", key, (), by))
         task, _ = self._flight(key, render, policy, previous, mode)
         try:
-            return (await asyncio.shield(task)).entry
+            entry = (await asyncio.shield(task)).entry
         except PrivateRender as exc:
             raise NotShareable(
                 f"Failed to revalidate {key}: {policy.route or key} {exc.reason}, so it is served uncached"
@@ -347,6 +380,9 @@ class Engine(Regenerator):
             raise RenderSlotsExhausted(f"Failed to revalidate {key}: {exc}", exc.retry_after) from exc
         except Exception as exc:
             raise RevalidationError(f"Failed to revalidate {key}: {exc}") from exc
+        if not prerender:
+            self._tell(Invalidation(self.clock(), "regenerate", key, (key_tag(key),), by))
+        return entry
 
     async def revalidate_tags(
         self,
@@ -380,7 +416,9 @@ class Engine(Regenerator):
                 tag, "MARK_STALE" if stale else "INVALIDATE", f"tag revalidated by {by}", kind=kind, by=by
             )
         target = target if target is not None else " ".join(tags)
-        await self._record(Invalidation(at, kind, target, tuple(tags), by, stale))
+        invalidation = Invalidation(at, kind, target, tuple(tags), by, stale)
+        self._tell(invalidation)
+        await self._record(invalidation)
 
     async def _record(self, invalidation: Invalidation) -> None:
         """Count an invalidation and keep it in the store's record; a failure only costs the record."""

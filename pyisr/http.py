@@ -18,6 +18,7 @@ from pyisr.cache.shareable import (
     WRITTEN_BY_PYISR,
     keeps_out_of_shared_caches,
 )
+from pyisr.cdn.keys import tag_headers
 from pyisr.engine import CacheStatus, Served
 
 NOSTORE = "private, no-cache, no-store, max-age=0, must-revalidate"
@@ -114,12 +115,19 @@ def private_headers(headers: Mapping[str, str], fallback: str = NOSTORE) -> Head
 
 
 def entry_headers(
-    entry: CacheEntry, status: CacheStatus, *, regeneration_failed: bool = False, stored: bool = True
+    entry: CacheEntry,
+    status: CacheStatus,
+    *,
+    regeneration_failed: bool = False,
+    stored: bool = True,
+    cdn_tag_headers: tuple[str, ...] = (),
 ) -> Headers:
     """Every header of a response for ``entry`` served with ``status``, except ``Age``.
 
     ``regeneration_failed`` and ``stored`` are the engine's :class:`~pyisr.engine.Served`
-    fields of the same names (see :func:`cache_status`).
+    fields of the same names (see :func:`cache_status`). ``cdn_tag_headers`` names the
+    headers that carry the entry's tags to a CDN (the engine's ``cdn_tag_headers``), on
+    every answer a shared cache may keep.
     """
     if status is CacheStatus.PRIVATE:
         return private_headers(entry.headers)
@@ -137,14 +145,20 @@ def entry_headers(
         ),
         (b"etag", entry.etag.encode()),
     ]
+    if cdn_tag_headers and entry.revalidate != 0:
+        out += tag_headers(entry.tags, cdn_tag_headers)
     return out
 
 
-def served_headers(served: Served) -> Headers:
+def served_headers(served: Served, cdn_tag_headers: tuple[str, ...] = ()) -> Headers:
     """:func:`entry_headers` for what the engine answered (an answer with an entry)."""
     assert served.entry is not None
     return entry_headers(
-        served.entry, served.status, regeneration_failed=served.regeneration_failed, stored=served.stored
+        served.entry,
+        served.status,
+        regeneration_failed=served.regeneration_failed,
+        stored=served.stored,
+        cdn_tag_headers=cdn_tag_headers,
     )
 
 

@@ -41,6 +41,7 @@ def site_engine(site: str | os.PathLike[str], **options: Any) -> Engine:
     options.setdefault("render_timeout", config.render_timeout)
     options.setdefault("max_concurrent_renders", config.render_concurrency)
     options.setdefault("debug", config.debug_cache or None)
+    options.setdefault("cdn_tag_headers", config.cdn_tag_headers)
     return Engine(handler, **options)
 
 

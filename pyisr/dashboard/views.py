@@ -316,7 +316,10 @@ class Dashboard:
         explanation = await explain(engine.handler, key[:_MAX_TARGET], now)
         entry = await engine.inspect(explanation.key)
         headers = (
-            [(n.decode("latin-1"), v.decode("latin-1")) for n, v in entry_headers(entry, CacheStatus.HIT)]
+            [
+                (n.decode("latin-1"), v.decode("latin-1"))
+                for n, v in entry_headers(entry, CacheStatus.HIT, cdn_tag_headers=engine.cdn_tag_headers)
+            ]
             if entry is not None
             else []
         )

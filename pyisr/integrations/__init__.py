@@ -199,7 +199,7 @@ async def serve_page(
         return None
     entry = served.entry
     assert entry is not None, "integrations render unknown paths, so an entry always exists"
-    out = served_headers(served)
+    out = served_headers(served, engine.cdn_tag_headers)
     if served.status is not CacheStatus.BYPASS:
         out.append(age_header(entry, engine.clock()))
         if not_modified(entry, if_none_match):

@@ -123,6 +123,7 @@ class App:
                 render_timeout=self.config.render_timeout,
                 max_concurrent_renders=self.config.render_concurrency,
                 debug=self.config.debug_cache or None,
+                cdn_tag_headers=self.config.cdn_tag_headers,
             )
         self.engine = engine
         self.engine.add_resolver(self._resolve_for_revalidate)
@@ -455,7 +456,7 @@ class App:
         entry = served.entry
         assert entry is not None
         now = self.engine.clock()
-        out = served_headers(served)
+        out = served_headers(served, self.engine.cdn_tag_headers)
         if served.status is CacheStatus.BYPASS or served.status is CacheStatus.PRIVATE:
             await send_response(send, entry.status, out, entry.body, method)
             return
