@@ -63,6 +63,9 @@ from pyisr.site.route import MethodNotAllowed, Route, RouteKind, call_maybe_asyn
 from pyisr.site.site import Site
 from pyisr.site_store import UNBUILT, open_site_cache
 
+#: Seconds shutdown waits for the last activity report to reach the store.
+FINAL_REPORT_WAIT = 2.0
+
 logger = logging.getLogger("pyisr.server")
 
 
@@ -187,8 +190,10 @@ class App:
             await asyncio.gather(self._cleanup, return_exceptions=True)
         await self.engine.drain()
         if self._reporting is not None:
-            self._reporting.cancel()  # it reports what is left as it stops
-            await asyncio.gather(self._reporting, return_exceptions=True)
+            self._reporting.cancel()  # it reports what is left as it stops...
+            # ...but a slow store must not hold up a reload or a deploy: the counts are
+            # worth less than a server that stops when asked.
+            await asyncio.wait([self._reporting], timeout=FINAL_REPORT_WAIT)
         await self.engine.handler.close()
         if self.lease is not None:
             self.lease.release()
