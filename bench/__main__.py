@@ -1,4 +1,5 @@
-"""``python -m bench all | hit | stale | herd | build | build-blog | memory | invalidate | redis | abuse``.
+"""``python -m bench all | hit | stale | herd | build | build-blog | memory | invalidate | redis | abuse |
+edge``.
 
 Each scenario prints a table and writes ``bench/results/<scenario>.json``; every run
 rewrites ``bench/results/summary.md`` from the JSON files there. See bench/README.md.

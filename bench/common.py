@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "results"
 PYISR = [sys.executable, "-m", "pyisr.cli"]
 #: Order of the scenarios in ``all`` and in summary.md.
-SCENARIOS = ("hit", "stale", "herd", "build", "build-blog", "memory", "invalidate", "redis", "abuse")
+SCENARIOS = ("hit", "stale", "herd", "build", "build-blog", "memory", "invalidate", "redis", "abuse", "edge")
 
 
 class Skip(Exception):

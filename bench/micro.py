@@ -3,8 +3,10 @@
 In-process, no server and no sockets: the App is called directly with a prepared ASGI
 scope (and an RSGI stand-in) for a prerendered page, so only pyisr's code is timed.
 Compares the fast path with the full path (route match, engine, tier, headers) that
-serves the same HIT when the fast path is off. Prints a table; writes no JSON (the
-load scenarios are the numbers the targets are judged on).
+serves the same HIT when the fast path is off, each for a request without
+``Accept-Encoding`` (the identity body) and for a browser's (``gzip, deflate, br, zstd``:
+the stored brotli body, pyisr.compression). Prints a table; writes no JSON (the load
+scenarios are the numbers the targets are judged on).
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ from bench import sites
 from pyisr.server.app import App
 
 PATH = "/hit/1"
+#: What a browser sends: the page's stored brotli encoding answers it.
+BROWSER_ACCEPT = "gzip, deflate, br, zstd"
 
 
 class _Headers:
@@ -45,7 +49,12 @@ class _RSGIScope:
     client = "127.0.0.1:50000"
     server = "127.0.0.1:3000"
     authority = None
-    headers = _Headers({"host": "127.0.0.1:3000"})
+
+    def __init__(self, accept: str | None = None) -> None:
+        items = {"host": "127.0.0.1:3000"}
+        if accept is not None:
+            items["accept-encoding"] = accept
+        self.headers = _Headers(items)
 
 
 class _RSGIProto:
@@ -53,7 +62,10 @@ class _RSGIProto:
         pass
 
 
-def _scope() -> dict[str, Any]:
+def _scope(accept: str | None = None) -> dict[str, Any]:
+    headers = [(b"host", b"127.0.0.1:3000")]
+    if accept is not None:
+        headers.append((b"accept-encoding", accept.encode()))
     return {
         "type": "http",
         "asgi": {"version": "3.0"},
@@ -64,13 +76,13 @@ def _scope() -> dict[str, Any]:
         "raw_path": PATH.encode(),
         "query_string": b"",
         "root_path": "",
-        "headers": [(b"host", b"127.0.0.1:3000")],
+        "headers": headers,
         "client": ("127.0.0.1", 50000),
         "server": ("127.0.0.1", 3000),
     }
 
 
-async def _time_asgi(app: App, n: int) -> float:
+async def _time_asgi(app: App, n: int, accept: str | None = None) -> float:
     sent: list[Any] = []
 
     async def receive() -> dict[str, Any]:
@@ -79,7 +91,7 @@ async def _time_asgi(app: App, n: int) -> float:
     async def send(message: Any) -> None:
         sent.append(message)
 
-    scope = _scope()
+    scope = _scope(accept)
     await app(scope, receive, send)  # warm: the first answer makes the page hot
     started = time.perf_counter()
     for _ in range(n):
@@ -88,8 +100,8 @@ async def _time_asgi(app: App, n: int) -> float:
     return (time.perf_counter() - started) / n * 1e6
 
 
-async def _time_rsgi(app: App, n: int) -> float:
-    scope, proto = _RSGIScope(), _RSGIProto()
+async def _time_rsgi(app: App, n: int, accept: str | None = None) -> float:
+    scope, proto = _RSGIScope(accept), _RSGIProto()
     await app.__rsgi__(scope, proto)
     started = time.perf_counter()
     for _ in range(n):
@@ -104,10 +116,25 @@ async def _measure(site: Path, n: int) -> list[tuple[str, float]]:
         await app.startup()
         app.fast.enabled = fast
         rows.append((f"ASGI, {label}", await _time_asgi(app, n)))
+        rows.append((f"ASGI, {label}, brotli", await _time_asgi(app, n, BROWSER_ACCEPT)))
         if fast:
             rows.append((f"RSGI, {label}", await _time_rsgi(app, n)))
+            rows.append((f"RSGI, {label}, brotli", await _time_rsgi(app, n, BROWSER_ACCEPT)))
         await app.shutdown()
     return rows
+
+
+async def _page_sizes(site: Path) -> str:
+    """The HIT page's bytes as sent without ``Accept-Encoding`` and to a browser."""
+    app = App(site)
+    await app.startup()
+    try:
+        entry = await app.engine.handler.get(PATH)
+        assert entry is not None
+        sizes = ", ".join(f"{coding} {len(data)} B" for coding, data in entry.encodings.items())
+        return f"identity {len(entry.body)} B" + (f", {sizes}" if sizes else " (no stored encodings)")
+    finally:
+        await app.shutdown()
 
 
 def _posts(count: int = 2000) -> list[dict[str, Any]]:
@@ -163,8 +190,10 @@ def main() -> int:
         build = [sys.executable, "-m", "pyisr.cli", "build", str(site)]
         subprocess.run(build, check=True, capture_output=True)
         rows = asyncio.run(_measure(site, n))
+        sizes = asyncio.run(_page_sizes(site))
         data_rows = asyncio.run(_measure_cached_hit(Path(tmp) / "data-cache", max(1, n // 5)))
     print(f"pyisr's own time per HIT of a prerendered page, in-process, {n:,} requests each")
+    print(f"(the page: {sizes}; brotli: Accept-Encoding: {BROWSER_ACCEPT})")
     print("| path | µs per request |\n|---|---|")
     for label, micros in rows:
         print(f"| {label} | {micros:.2f} |")

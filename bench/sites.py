@@ -329,3 +329,65 @@ def list_site(root: Path, sizes: tuple[int, ...] = (20, 2000), pages: int = 10) 
                 return _bench.html(f"List page {{params['id']}}", note)
             """
     return _write(root, files)
+
+
+def edge_site(root: Path, zipf_pages: int) -> Path:
+    """The site behind Varnish (``python -m bench edge``), every page prerendered:
+
+    * ``/edge/hit``: a page that stays a HIT (and big enough to be stored compressed);
+    * ``/edge/purge``: shows ``$BENCH_VERSION_FILE``, tagged ``edge-purge``;
+    * ``/z/1`` .. ``/z/N``: all tagged ``zipf``; each render sleeps ``$BENCH_RENDER_MS``
+      (unset while building) and appends the time it finished to ``$BENCH_COUNTS/z-<id>``.
+    """
+    return _write(
+        root,
+        {
+            "app/edge/hit/page.py": """
+            import _bench
+
+            revalidate = 3600
+
+
+            def page(params):
+                return _bench.html("A page at the edge")
+            """,
+            "app/edge/purge/page.py": """
+            import _bench
+
+            revalidate = 3600
+            tags = ["edge-purge"]
+
+
+            def page(params):
+                return _bench.html("Purged", f"version={_bench.version()}")
+            """,
+            "app/z/[id]/page.py": f"""
+            import os
+            import time
+
+            import _bench
+
+            revalidate = 3600
+            tags = ["zipf"]
+
+
+            def generate_static_params():
+                return [{{"id": str(i)}} for i in range(1, {zipf_pages + 1})]
+
+
+            def page(params):
+                delay = float(os.environ.get("BENCH_RENDER_MS", "0")) / 1000
+                if delay:
+                    time.sleep(delay)
+                folder = os.environ.get("BENCH_COUNTS")
+                if folder:
+                    path = os.path.join(folder, "z-" + params["id"])
+                    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+                    try:
+                        os.write(fd, f"{{time.time():.6f}}\\n".encode())
+                    finally:
+                        os.close(fd)
+                return _bench.html(f"Page {{params['id']}}")
+            """,
+        },
+    )

@@ -17,7 +17,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -164,9 +164,17 @@ class WrkResult:
 
 
 def run_wrk(
-    wrk: str, url: str, *, duration: float, connections: int = 50, threads: int = 2, script_dir: Path
+    wrk: str,
+    url: str,
+    *,
+    duration: float,
+    connections: int = 50,
+    threads: int = 2,
+    script_dir: Path,
+    headers: Mapping[str, str] | None = None,
 ) -> WrkResult:
-    """``wrk -tT -cC -dDs --latency URL``, bounded by its duration (plus a hard timeout)."""
+    """``wrk -tT -cC -dDs --latency [-H 'name: value'] URL``, bounded by its duration (plus a
+    hard timeout). ``headers``: sent with every request (``Accept-Encoding: br``: the edge)."""
     if not url.startswith("http://127.0.0.1:"):
         raise ValueError(f"load tests only target 127.0.0.1, not {url}")
     script = script_dir / "report.lua"
@@ -182,6 +190,7 @@ def run_wrk(
         "--latency",
         "-s",
         str(script),
+        *[arg for name, value in (headers or {}).items() for arg in ("-H", f"{name}: {value}")],
         url,
     ]
     try:

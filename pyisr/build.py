@@ -169,6 +169,7 @@ async def _build_locked(
         render_timeout=config.render_timeout,
         max_concurrent_renders=config.render_concurrency,
         debug=config.debug_cache or None,
+        compress=config.compress,
     )
     timings = BuildTimings()
     complete = False

@@ -265,6 +265,9 @@ def entry_block(why: Explanation, info: dict[str, Any] | None, now: float) -> Re
     else:
         grid.add_row("expire", f"{duration(row.expire)} (at {clock_time(expires, now)}, {ago(expires, now)})")
     grid.add_row("size", size_text(row.size))
+    encodings = info.get("encodings") or {}
+    if encodings:
+        grid.add_row("encodings", ", ".join(f"{c} {size_text(n)}" for c, n in encodings.items()))
     grid.add_row("etag", escape(str(info.get("etag", ""))))
     grid.add_row("tags", escape(", ".join(row.tags)) or "-")
     grid.add_row("hits", str(row.hits))

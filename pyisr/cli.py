@@ -25,6 +25,8 @@ console = Console(stderr=True, soft_wrap=True)
 T = TypeVar("T")
 #: Who the store's record says asked, for an invalidation made by ``pyisr revalidate``.
 REVALIDATE_BY = "pyisr revalidate (CLI)"
+#: Seconds ``pyisr cache purge`` waits for the CDNs to take the purge.
+EDGE_WAIT = 10.0
 
 
 def _config(site: Path, **overrides: Any) -> Config:
@@ -33,6 +35,18 @@ def _config(site: Path, **overrides: Any) -> Config:
     except ConfigError as exc:
         console.print(f"[red]Configuration error:[/red] {escape(str(exc))}")
         sys.exit(2)
+
+
+def _check_cdn(config: Config) -> None:
+    """Stop a server before it starts when a CDN it must purge has no token (the variable to set)."""
+    from pyisr.cdn.urls import purger_from_url
+
+    for url in config.cdn:
+        try:
+            purger_from_url(url)
+        except ValueError as exc:
+            console.print(f"[red]Configuration error:[/red] cdn: {escape(str(exc))}")
+            sys.exit(2)
 
 
 def settings_options(command: Callable[..., Any]) -> Callable[..., Any]:
@@ -286,7 +300,7 @@ def start(
     **settings: Any,
 ) -> None:
     """Serve the build of SITE with stale-while-revalidate."""
-    _config(site, **settings)
+    _check_cdn(_config(site, **settings))
     _export(settings)
     from pyisr.deploys import START_PID_ENV, current_manifest_path
 
@@ -396,22 +410,38 @@ def _fail(message: str, as_json: bool, code: int = 2, **details: Any) -> NoRetur
     sys.exit(code)
 
 
-def _run_on_site(site: Path, as_json: bool, work: Callable[[Any], Awaitable[T]]) -> tuple[T, Any]:
+def _run_on_site(
+    site: Path, as_json: bool, work: Callable[[Any], Awaitable[T]], *, purge_edge: bool = False
+) -> tuple[T, Any]:
     """Run ``work(engine)`` over the site's cache, exactly the store and build its server uses;
-    no site, no build or no cache there ends the command with what was looked for, and where."""
+    no site, no build or no cache there ends the command with what was looked for, and where.
+
+    ``purge_edge``: the site's CDNs (``cdn``) are purged of what ``work`` invalidates, and
+    the command waits for them (a few seconds at most) before it ends.
+    """
     from pyisr import cache_tools
+    from pyisr.cdn import attach_cdn
+    from pyisr.cdn.queue import EXIT_WAIT
     from pyisr.engine import Engine
 
+    config = _config(site)
     try:
-        handler = cache_tools.open_site(site, _config(site))
+        handler = cache_tools.open_site(site, config)
     except cache_tools.NoCache as exc:
         _fail(str(exc), as_json, **exc.details)
     engine = Engine(handler, debug=False)
+    if purge_edge:
+        try:
+            attach_cdn(engine, config.cdn)
+        except ValueError as exc:
+            _fail(f"Configuration error: cdn: {exc}", as_json)
 
     async def run() -> T:
         try:
             return await work(engine)
         finally:
+            if engine.cdn is not None:
+                await engine.cdn.aclose(EXIT_WAIT)
             await engine.handler.close()
 
     try:
@@ -535,14 +565,26 @@ def cache_purge(path: str, site: Path, as_json: bool) -> None:
 
     key = _cache_key(path)
 
+    edge: dict[str, Any] = {}
+
     async def work(engine: Any) -> None:
         await cache_tools.purge(engine, key, by=cache_tools.CLI_PURGE_BY)
+        if engine.cdn is not None:
+            await engine.cdn.aflush(EDGE_WAIT)
+            edge.update(engine.cdn.health())
 
-    _, handler = _run_on_site(site, as_json, work)
+    _, handler = _run_on_site(site, as_json, work, purge_edge=True)
     if as_json:
-        click.echo(json.dumps({"key": key, "purged": True, "cache": cache_tools.where(handler)}))
-    else:
-        click.echo(f"purged {key}: the next request renders it afresh")
+        where = cache_tools.where(handler)
+        click.echo(json.dumps({"key": key, "purged": True, "cache": where, "edge": edge}))
+        return
+    click.echo(f"purged {key}: the next request renders it afresh")
+    for name, state in edge.items():
+        if state["sent"] and not (state["pending"] or state["failed"]):
+            click.echo(f"purged at {name}")
+        else:
+            why = state["last_error"] or f"no answer within {EDGE_WAIT:g}s"
+            console.print(f"[red]not purged at {escape(name)}:[/red] {escape(why)}")
 
 
 if __name__ == "__main__":

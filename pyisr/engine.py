@@ -33,7 +33,7 @@ import math
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pyisr.cache.activity import Invalidation
 from pyisr.cache.entry import UNSET, CacheEntry
@@ -46,7 +46,15 @@ from pyisr.log import CacheLog
 from pyisr.loop_local import LoopLocal
 from pyisr.private_keys import PRIVATE_RETRY, PrivateKeys
 from pyisr.provenance import current_source
-from pyisr.regeneration import FORCED, Made, Mode, PrivateRender, Regenerator, past_window
+from pyisr.regeneration import (
+    FORCED,
+    Made,
+    Mode,
+    PrivateRender,
+    Regenerator,
+    answers_fresh,
+    past_window,
+)
 from pyisr.render import (
     DEFAULT_POLICY,
     CacheStatus,
@@ -65,6 +73,9 @@ from pyisr.render import (
     window_end,
 )
 from pyisr.render_slots import RenderSlots
+
+if TYPE_CHECKING:
+    from pyisr.cdn.queue import PurgeQueue
 
 logger = logging.getLogger("pyisr")
 
@@ -96,6 +107,7 @@ class Engine(Regenerator):
         lock_poll: float = 0.02,
         debug: bool | None = None,
         cdn_tag_headers: tuple[str, ...] = (SURROGATE_KEY, CACHE_TAG),
+        compress: bool = True,
     ) -> None:
         if render_timeout <= 0:
             raise ValueError(f"render_timeout must be > 0 seconds, not {render_timeout!r}")
@@ -124,9 +136,17 @@ class Engine(Regenerator):
         self._resolvers: dict[Resolver, None] = {}
         #: Headers that carry an answer's tags to a CDN (``cdn_tag_headers``; pyisr.cdn.keys).
         self.cdn_tag_headers = cdn_tag_headers
+        #: Store gzip and brotli encodings of text pages with them, and serve them to the
+        #: requests that accept them (``compress``; pyisr.compression).
+        self.compress = compress
         #: Told of every invalidation once this engine's store has it (pyisr.cdn's purges,
         #: pyisr.rewarm): called on the engine's loop, they must return at once.
         self._invalidation_listeners: list[InvalidationListener] = []
+        #: Told the key of a page marked stale once a background regeneration replaced it
+        #: (:meth:`~pyisr.regeneration.Regenerator.on_stale_replaced`).
+        self._stale_replaced: list[Callable[[str], None]] = []
+        #: The purges of the CDNs in front of this engine's pages (pyisr.cdn.attach_cdn).
+        self.cdn: PurgeQueue | None = None
 
     def _state(self) -> _LoopState:
         return self._states.get()
@@ -251,6 +271,10 @@ class Engine(Regenerator):
                 # page's regeneration fails and the last good *page* stays instead.
                 return Served(previous, CacheStatus.STALE, regeneration_failed=True)
             raise
+        if made.skipped:
+            # It joined a background regeneration (a re-warm) that found the key locked by
+            # another process: its previous entry is no answer; wait like any request.
+            return await self._blocking(key, render, policy, previous)
         if made.entry.revalidate == 0:
             return Served(made.entry, CacheStatus.BYPASS)
         return Served(made.entry, CacheStatus.MISS, stored=made.stored)
@@ -304,6 +328,40 @@ class Engine(Regenerator):
         state = self._states.peek()
         return state is not None and (key, "normal") in state.inflight
 
+    async def rewarm(self, key: str, render: RenderFn, policy: RenderPolicy = DEFAULT_POLICY) -> Made | None:
+        """Regenerate ``key`` in the background now if its entry needs it (:mod:`pyisr.rewarm`).
+
+        The regeneration a STALE answer starts, awaited: this loop's single flight, the
+        handler's lock (a key another process is rendering is skipped, ``Made.skipped``;
+        one it stored meanwhile is adopted), counted in :attr:`events` like any. Unlike
+        :meth:`revalidate_now` it records no invalidation and tells no listener: it is
+        not one. Its render never takes the last free render slot. Returns ``None`` when
+        nothing was needed: this loop is rendering the key already, or its entry is
+        missing, expired, answers fresh or waits out a failed render's back-off (a
+        missing page stays lazy). Raises what the render raised; the last good entry
+        stays, marked with the failure.
+        """
+        state = self._state()
+        if (key, "normal") in state.inflight:
+            return None
+        previous = await self.handler.get(key)
+        now = self.clock()
+        if previous is None or previous.is_expired(now):
+            return None
+        times = await self._tag_times_for(previous, policy)
+        if answers_fresh(previous, times, policy, now):
+            return None
+        if previous.is_invalidated(times, also=policy.soft_tags):
+            waiting = self._in_failure_backoff(previous, times, now)  # as get() decides
+        else:
+            waiting = previous.retry_at is not None and now < previous.retry_at
+        if waiting:
+            return None
+        task, _ = self._flight(key, render, policy, previous, Mode.REWARM)
+        state.background.add(task)  # drain() waits for it, as for a STALE answer's
+        task.add_done_callback(state.background.discard)
+        return await asyncio.shield(task)
+
     async def drain(self) -> None:
         """Wait for every background regeneration started in this loop (tests, shutdown)."""
         state = self._state()
@@ -313,7 +371,8 @@ class Engine(Regenerator):
     # -- health ---------------------------------------------------------------------------
 
     def health(self) -> dict[str, Any]:
-        """What the engine knows is wrong, JSON-able: store failures per reason, stuck renders."""
+        """What the engine knows is wrong, JSON-able: store failures per reason, stuck renders,
+        the CDN purges (per CDN; empty without one)."""
         now = time.monotonic()
         stuck = self.slots.stuck()
         return {
@@ -325,13 +384,16 @@ class Engine(Regenerator):
                 "stuck": len(stuck),
                 "refused": self.slots.refused,
             },
+            "cdn": self.cdn.health() if self.cdn is not None else {},
         }
 
-    def degraded_reasons(self) -> list[str]:
+    def degraded_reasons(self, *, edge: bool = True) -> list[str]:
         """Why this engine serves worse than it should now; empty when all is well.
 
         Fit to show anyone (a load balancer's health check): the exception type and errno
         name only, never a message, which may name files or hosts (:meth:`health` has them).
+        ``edge=False`` leaves out failing CDN purges: they make the edge serve old pages,
+        not this process serve worse (what a load balancer asks).
         """
         now = self.clock()
         reasons = [
@@ -344,6 +406,8 @@ class Engine(Regenerator):
                 f"all {self.slots.size} render slots are held by renders stuck past their "
                 f"{self.render_timeout:g}s timeout: pages that must render are answered 503"
             )
+        if edge and self.cdn is not None:
+            reasons += self.cdn.degraded_reasons()
         return reasons
 
     # -- on-demand ----------------------------------------------------------------------
@@ -454,6 +518,8 @@ class Engine(Regenerator):
             await self.drain()
         finally:
             self.slots.close()
+            if self.cdn is not None:
+                await self.cdn.aclose()  # its pending purges, for a few seconds at most
             await self.handler.close()
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -82,6 +83,8 @@ class Delta:
     invalidations: dict[str, int] = field(default_factory=dict)
     #: Store operation (``set``, ``lock``, …) → failures.
     store_errors: dict[str, int] = field(default_factory=dict)
+    #: ``(cdn, result)`` → keys purged at the edge (pyisr.cdn.queue: sent, failed, retried, dropped).
+    cdn_purges: dict[tuple[str, str], int] = field(default_factory=dict)
     activity: ActivityReport = field(default_factory=ActivityReport)
 
 
@@ -118,6 +121,9 @@ class Events:
         self._delta = Delta()
         self._reported_at = time.monotonic()
         self._reporting: asyncio.Task[None] | None = None
+        #: CDN purges are counted on the purge queue's thread, hence under a lock of their own.
+        self._cdn_lock = threading.Lock()
+        self._cdn_purges: dict[tuple[str, str], int] = {}
 
     # -- counting (cheap: called on every answer) ---------------------------------------------
 
@@ -156,6 +162,12 @@ class Events:
         delta.invalidations[invalidation.kind] = delta.invalidations.get(invalidation.kind, 0) + 1
         delta.activity.count(invalidation.at, "invalidations")
 
+    def cdn_purged(self, cdn: str, result: str, n: int) -> None:
+        """``n`` keys' purges at ``cdn`` ended with ``result`` (called from the purge queue's thread)."""
+        with self._cdn_lock:
+            slot = (cdn, result)
+            self._cdn_purges[slot] = self._cdn_purges.get(slot, 0) + n
+
     def store_error(self, op: str) -> None:
         errors = self._delta.store_errors
         errors[op] = errors.get(op, 0) + 1
@@ -173,13 +185,10 @@ class Events:
         every few seconds, and the per-minute counts need no clock read per request.
         """
         delta, self._delta = self._delta, Delta()
+        with self._cdn_lock:
+            delta.cdn_purges, self._cdn_purges = self._cdn_purges, {}
         self._reported_at = time.monotonic()
-        for source in self._sources:
-            for key, route, status, n in source():
-                slot = (status, route)
-                delta.requests[slot] = delta.requests.get(slot, 0) + n
-                if key in delta.hits or len(delta.hits) < MAX_KEYS_PER_REPORT:
-                    delta.hits[key] = delta.hits.get(key, 0) + n
+        self._fold_sources(delta)
         activity = delta.activity
         now = self.clock()
         for key, n in delta.hits.items():
@@ -189,6 +198,24 @@ class Events:
             if minute is not None:
                 activity.count(now, minute, n)
         return delta
+
+    def _fold_sources(self, delta: Delta) -> None:
+        """Add what the sources counted since they were last asked to ``delta``."""
+        for source in self._sources:
+            for key, route, status, n in source():
+                slot = (status, route)
+                delta.requests[slot] = delta.requests.get(slot, 0) + n
+                if key in delta.hits or len(delta.hits) < MAX_KEYS_PER_REPORT:
+                    delta.hits[key] = delta.hits.get(key, 0) + n
+
+    def pending_hits(self) -> dict[str, int]:
+        """Hits per key counted since the last report, the sources' included: what the
+        store's record does not have yet (a re-warm, pyisr.rewarm, adds them to it).
+
+        The sources' counts move into the pending ones, so the next report still has them.
+        """
+        self._fold_sources(self._delta)
+        return dict(self._delta.hits)
 
     def due(self) -> bool:
         return time.monotonic() - self._reported_at >= self.report_every

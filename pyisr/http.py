@@ -5,6 +5,12 @@ for ISR responses, ``s-maxage=31536000`` for entries that never expire, and the
 ``private, no-cache, ...`` form for responses that are never cached. ``x-pyisr-cache``
 says HIT / STALE / MISS; ``Cache-Status`` (RFC 9211), ``Age`` and a strong ``ETag``
 come with every cached response.
+
+An entry with stored encodings (:mod:`pyisr.compression`) has one representation per
+coding: a request that accepts one (:func:`answer_coding`) gets it with
+``Content-Encoding`` and that representation's own strong ETag (:func:`coding_etag`),
+and every answer of such an entry, the identity one too, says ``Vary: Accept-Encoding``
+so caches on the way keep the variants apart.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from pyisr.cache.shareable import (
     keeps_out_of_shared_caches,
 )
 from pyisr.cdn.keys import tag_headers
+from pyisr.compression import negotiate
 from pyisr.engine import CacheStatus, Served
 
 NOSTORE = "private, no-cache, no-store, max-age=0, must-revalidate"
@@ -114,6 +121,52 @@ def private_headers(headers: Mapping[str, str], fallback: str = NOSTORE) -> Head
     return [*content_headers(headers, shared=False), (b"cache-control", cache_control.encode())]
 
 
+def offered_codings(entry: CacheEntry, status: CacheStatus) -> tuple[str, ...]:
+    """The stored encodings an answer for ``entry`` with ``status`` may be sent in.
+
+    None for an answer made for one visitor or never stored (PRIVATE, BYPASS): such an
+    answer is always its own identity body, never bytes stored for everyone.
+    """
+    if not entry.encodings or status is CacheStatus.PRIVATE or status is CacheStatus.BYPASS:
+        return ()
+    return tuple(entry.encodings)
+
+
+def answer_coding(entry: CacheEntry, status: CacheStatus, accept_encoding: str | None) -> str | None:
+    """The stored encoding this answer is sent in, or ``None`` for the identity body: one
+    of :func:`offered_codings` the request's ``Accept-Encoding`` accepts (pyisr.compression)."""
+    if not accept_encoding or not entry.encodings:
+        return None  # (the common cases first: no tuple made)
+    offered = offered_codings(entry, status)
+    return negotiate(accept_encoding, offered) if offered else None
+
+
+def answer_body(entry: CacheEntry, coding: str | None) -> bytes:
+    """The bytes of ``entry`` sent in ``coding`` (:func:`answer_coding`): stored, never made here."""
+    return entry.encodings[coding] if coding is not None else entry.body
+
+
+def coding_etag(etag: str, coding: str | None) -> str:
+    """The strong ETag of ``coding``'s representation of a body whose ETag is ``etag``.
+
+    Each encoding is a representation of its own, with bytes of its own, so a strong
+    validator must differ from the identity's and from the other encoding's (RFC 9110,
+    8.8.1): ``"<identity tag>-br"``. A client that holds the brotli bytes thus gets a 304
+    only for a request answered in brotli, never one that would have sent it gzip or
+    identity bytes it does not have. Derived from the identity's tag, so it changes
+    exactly when the body does.
+    """
+    if coding is None:
+        return etag
+    return f'{etag[:-1]}-{coding}"' if etag.endswith('"') else f"{etag}-{coding}"
+
+
+#: Said by every shared answer of an entry with stored encodings. Its own field line: a
+#: page's own ``Vary`` is not stored (pyisr.cache.shareable), and if one ever were, two
+#: ``Vary`` lines are one list (RFC 9110, 5.3), so this one merges with it.
+VARY_ENCODING = (b"vary", b"Accept-Encoding")
+
+
 def entry_headers(
     entry: CacheEntry,
     status: CacheStatus,
@@ -121,13 +174,16 @@ def entry_headers(
     regeneration_failed: bool = False,
     stored: bool = True,
     cdn_tag_headers: tuple[str, ...] = (),
+    coding: str | None = None,
 ) -> Headers:
-    """Every header of a response for ``entry`` served with ``status``, except ``Age``.
+    """Every header of a response for ``entry`` served with ``status``, except ``Age`` and
+    ``Content-Length``.
 
     ``regeneration_failed`` and ``stored`` are the engine's :class:`~pyisr.engine.Served`
     fields of the same names (see :func:`cache_status`). ``cdn_tag_headers`` names the
     headers that carry the entry's tags to a CDN (the engine's ``cdn_tag_headers``), on
-    every answer a shared cache may keep.
+    every answer a shared cache may keep. ``coding`` is the stored encoding the answer is
+    sent in (:func:`answer_coding`), ``None`` for the identity body.
     """
     if status is CacheStatus.PRIVATE:
         return private_headers(entry.headers)
@@ -136,6 +192,9 @@ def entry_headers(
         out.append((b"cache-control", NOSTORE.encode()))
         return out
     word = "MISS" if status is CacheStatus.MISS else status.value
+    if coding is not None and coding not in entry.encodings:
+        coding = None
+    etag = entry.etag if coding is None else coding_etag(entry.etag, coding)
     out += [
         (b"cache-control", cache_control(entry.revalidate, entry.expire).encode()),
         (b"x-pyisr-cache", word.encode()),
@@ -143,14 +202,20 @@ def entry_headers(
             b"cache-status",
             cache_status(status, regeneration_failed=regeneration_failed, stored=stored).encode(),
         ),
-        (b"etag", entry.etag.encode()),
+        (b"etag", etag.encode()),
     ]
+    if entry.encodings:
+        if coding is not None:
+            out.append((b"content-encoding", coding.encode()))
+        out.append(VARY_ENCODING)
     if cdn_tag_headers and entry.revalidate != 0:
         out += tag_headers(entry.tags, cdn_tag_headers)
     return out
 
 
-def served_headers(served: Served, cdn_tag_headers: tuple[str, ...] = ()) -> Headers:
+def served_headers(
+    served: Served, cdn_tag_headers: tuple[str, ...] = (), coding: str | None = None
+) -> Headers:
     """:func:`entry_headers` for what the engine answered (an answer with an entry)."""
     assert served.entry is not None
     return entry_headers(
@@ -159,12 +224,29 @@ def served_headers(served: Served, cdn_tag_headers: tuple[str, ...] = ()) -> Hea
         regeneration_failed=served.regeneration_failed,
         stored=served.stored,
         cdn_tag_headers=cdn_tag_headers,
+        coding=coding,
     )
+
+
+#: Representation metadata a 304 leaves out (RFC 9110, 15.4.5): it describes a body the
+#: 304 does not carry.
+_NOT_IN_304 = (b"content-type", b"content-encoding", b"content-length")
+
+
+def not_modified_headers(headers: Headers) -> Headers:
+    """The headers of a 304 answering for a response with ``headers``."""
+    return [h for h in headers if h[0] not in _NOT_IN_304]
 
 
 def age_header(entry: CacheEntry, now: float) -> tuple[bytes, bytes]:
     return (b"age", str(entry.age(now)).encode())
 
 
-def not_modified(entry: CacheEntry, if_none_match: str | None) -> bool:
-    return if_none_match is not None and entry.status == 200 and etag_matches(if_none_match, entry.etag)
+def not_modified(entry: CacheEntry, if_none_match: str | None, coding: str | None = None) -> bool:
+    """Whether a 304 answers: ``If-None-Match`` names the ETag of the representation the
+    answer would send (``coding``'s: :func:`coding_etag`)."""
+    return (
+        if_none_match is not None
+        and entry.status == 200
+        and etag_matches(if_none_match, coding_etag(entry.etag, coding))
+    )

@@ -13,6 +13,9 @@ route}``
                                            ``adopted`` or ``refused``: no render ran)
 ``pyisr_invalidations_total{kind}``        tag, path, page, layout, regenerate
 ``pyisr_store_errors_total{op}``           set, lock, unlock, record, activity, …
+``pyisr_cdn_purges_total{cdn, result}``    keys purged at each CDN (pyisr.cdn.queue): ``sent``,
+                                           ``failed`` (refused for good), ``retried``, ``dropped``
+                                           (given up after the retries, or at shutdown)
 ``pyisr_renders_in_flight``                render slots held now (sum over workers)
 ``pyisr_renders_stuck``                    renders past their timeout whose thread still runs (sum)
 ``pyisr_store_degraded``                   1 while the store is down or failing, or every render
@@ -152,6 +155,12 @@ class MetricsSink:
         self.store_errors = Counter(
             "pyisr_store_errors", "Store operations that failed, by operation.", ["op"], registry=registry
         )
+        self.cdn_purges = Counter(
+            "pyisr_cdn_purges",
+            "Keys purged at each CDN, by result (sent, failed, retried, dropped).",
+            ["cdn", "result"],
+            registry=registry,
+        )
         self.in_flight = Gauge(
             "pyisr_renders_in_flight",
             "Render slots held now.",
@@ -199,6 +208,8 @@ class MetricsSink:
             self.invalidations.labels(kind=kind).inc(n)
         for op, n in delta.store_errors.items():
             self.store_errors.labels(op=op).inc(n)
+        for (cdn, result), n in delta.cdn_purges.items():
+            self.cdn_purges.labels(cdn=cdn, result=result).inc(n)
         self.set_gauges()
 
     def set_gauges(self) -> None:
@@ -207,7 +218,7 @@ class MetricsSink:
         self.in_flight.set(engine.slots.busy())
         self.stuck.set(len(engine.slots.stuck()))
         info = engine.handler.describe()
-        self.degraded.set(1 if info.get("degraded") or engine.degraded_reasons() else 0)
+        self.degraded.set(1 if info.get("degraded") or engine.degraded_reasons(edge=False) else 0)
         tier = info.get("memory_tier")
         if isinstance(tier, dict):
             self.tier_bytes.set(tier.get("bytes") or 0)

@@ -4,7 +4,8 @@ The engine (:mod:`pyisr.engine`) decides *whether* a key is rendered and who wai
 it; this is the run itself. It takes the handler's cross-process lock (and goes on
 without it when the store cannot lock), adopts an entry another process stored
 meanwhile, renders under a render slot and the timeout (:mod:`pyisr.render_slots`),
-and stores the result. A failed render marks the old entry with the failure and a
+and stores the result (with its gzip and brotli encodings, made here once:
+:mod:`pyisr.compression`). A failed render marks the old entry with the failure and a
 back-off; a result the store refuses is still returned (``Made.stored`` is ``False``)
 and the refusal counted for health (:mod:`pyisr.incidents`). Nothing a store raises
 while recording either of those turns a rendered page into an error.
@@ -13,6 +14,7 @@ while recording either of those turns a rendered page into an error.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Callable, Mapping
 from enum import StrEnum
@@ -22,6 +24,7 @@ from pyisr import context as render_context
 from pyisr.cache.entry import CacheEntry, EntryKind
 from pyisr.cache.handler import CacheHandler
 from pyisr.cache.tags import PATH_TAG, with_stale_tags
+from pyisr.compression import compress_entry
 from pyisr.events import Events, route_label
 from pyisr.incidents import Incidents
 from pyisr.log import CacheLog
@@ -36,6 +39,8 @@ from pyisr.render import (
     window_end,
 )
 from pyisr.render_slots import RenderSlots, run_render
+
+logger = logging.getLogger("pyisr")
 
 
 class PrivateRender(Exception):
@@ -52,10 +57,16 @@ class Mode(StrEnum):
     BACKGROUND = "background"
     ON_DEMAND = "on_demand"
     PRERENDER = "prerender"  # a build filling a store nobody serves yet
+    #: A re-warm after a wide invalidation (pyisr.rewarm): a background regeneration whose
+    #: render never takes the last free render slot, which stays for visitors.
+    REWARM = "rewarm"
 
 
 #: Modes that render whatever else has rendered meanwhile (they never adopt another's entry).
 FORCED = frozenset({Mode.ON_DEMAND, Mode.PRERENDER})
+#: Modes that replace an entry still served meanwhile: when it was marked stale, a cache in
+#: front of pyisr may hold its answer (:meth:`Regenerator.on_stale_replaced`).
+_REFRESHES = frozenset({Mode.BACKGROUND, Mode.REWARM})
 
 
 class Made(NamedTuple):
@@ -63,6 +74,9 @@ class Made(NamedTuple):
 
     entry: CacheEntry
     stored: bool = True
+    #: Nothing was done: another process holds the key's lock (a background regeneration
+    #: skips it), so ``entry`` is the previous one, unchanged.
+    skipped: bool = False
 
 
 #: The "token" of a render that goes on without the handler's lock because the store
@@ -106,6 +120,8 @@ class Regenerator:
     _refusals: Incidents
     events: Events
     _private: PrivateKeys
+    _stale_replaced: list[Callable[[str], None]]
+    compress: bool
 
     async def _tag_times_for(self, entry: CacheEntry, policy: RenderPolicy) -> Mapping[str, float]:
         tags = entry.tags + policy.soft_tags if policy.soft_tags else entry.tags
@@ -149,14 +165,14 @@ class Regenerator:
         # it renders and storing a newer entry that this process's memory tier would
         # never hear of (fencing orders results, it does not tell other tiers).
         token = None if mode is Mode.PRERENDER else await self._lock(key)
-        if token is None and mode is Mode.BACKGROUND:
+        if token is None and mode in (Mode.BACKGROUND, Mode.REWARM):
             self.log.decision(
                 key, "REGENERATE", "skipped: another process is regenerating it", route=route_label(policy)
             )
             self.events.regenerated(route_label(policy), "skipped", 0.0)
             if previous is None:
                 raise RuntimeError(f"{key} is being rendered by another process")
-            return Made(previous)
+            return Made(previous, skipped=True)
         if token is None and mode in (Mode.BLOCKING, Mode.ON_DEMAND):
             deadline = time.monotonic() + self.lock_ttl
             delay = self.lock_poll
@@ -225,7 +241,8 @@ class Regenerator:
             # Data computes run inside page renders: if they took a slot of the limit too,
             # max_concurrent_renders pages waiting for their data would deadlock.
             slots = self.slots if policy.kind is not EntryKind.DATA else None
-            rendered = await run_render(render, ctx, slots, self.render_timeout)
+            spare = 1 if mode is Mode.REWARM else 0
+            rendered = await run_render(render, ctx, slots, self.render_timeout, spare=spare)
             private = private_reason(rendered, policy)
             entry = make_entry(key, rendered, policy, ctx, started_at, private=private is not None)
         except Exception as exc:
@@ -251,7 +268,40 @@ class Regenerator:
             )
             self.events.regenerated(route_label(policy), "ok", elapsed / 1000)
             return Made(entry)
-        return await self._store(entry, mode, word, started_at, elapsed, route_label(policy))
+        if self.compress:
+            # Once per stored render, off the loop: every later answer serves these bytes.
+            entry = await compress_entry(entry)
+        made = await self._store(entry, mode, word, started_at, elapsed, route_label(policy))
+        if self._stale_replaced and made.stored and previous is not None and mode in _REFRESHES:
+            await self._tell_stale_replaced(previous, policy)
+        return made
+
+    def on_stale_replaced(self, listener: Callable[[str], None]) -> None:
+        """Call ``listener`` with a page's key once a background regeneration (or a re-warm)
+        stored a new entry in place of one a tag had marked stale.
+
+        What a cache in front of pyisr needs (pyisr.cdn): while the page regenerated, it
+        may have fetched the stale answer, and would keep it for a whole ``s-maxage``.
+        Called on the engine's loop; it must return at once, and what it raises is logged.
+        """
+        self._stale_replaced.append(listener)
+
+    async def _tell_stale_replaced(self, previous: CacheEntry, policy: RenderPolicy) -> None:
+        if previous.kind is EntryKind.DATA:
+            return  # the pages that read it were marked too, and tell their own
+        try:
+            marked = previous.is_marked_stale(await self._tag_times_for(previous, policy), policy.soft_tags)
+        except Exception:  # noqa: BLE001 - the store's failure is counted where it matters
+            return
+        if not marked:
+            return  # past its window only: its answers said so (Age), no cache kept them fresh
+        for listener in self._stale_replaced:
+            try:
+                listener(previous.key)
+            except Exception as exc:  # noqa: BLE001 - the regeneration itself is done
+                logger.error(
+                    "a stale-replaced listener failed: %s: %s", type(exc).__name__, exc, exc_info=exc
+                )
 
     async def _failed(
         self,

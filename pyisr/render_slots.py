@@ -93,17 +93,20 @@ class RenderSlots:
 
     # -- taking and freeing a slot -----------------------------------------------------------
 
-    async def acquire(self, key: str) -> RenderSlot:
+    async def acquire(self, key: str, *, spare: int = 0) -> RenderSlot:
         """A free slot, waiting while renders that are not stuck hold them all.
 
+        ``spare`` slots are left free for others: a re-warm (pyisr.rewarm) passes 1 and
+        waits rather than take the last free slot, which a visitor's render may need.
         Raises :class:`RenderSlotsExhausted` at once when every slot is stuck, and as soon
         as the last render still running becomes stuck while this one waits.
         """
         self._this_process()
         loop = asyncio.get_running_loop()
+        limit = max(1, self.size - spare)
         while True:
             with self._lock:
-                if len(self._held) < self.size:
+                if len(self._held) < limit:
                     slot = RenderSlot(key, self)
                     self._held.add(slot)
                     return slot
@@ -223,15 +226,16 @@ async def call_in_thread(fn: Callable[..., Any], *args: Any) -> Any:
 
 
 async def run_render(
-    render: RenderFn, ctx: RenderContext, slots: RenderSlots | None, timeout: float
+    render: RenderFn, ctx: RenderContext, slots: RenderSlots | None, timeout: float, *, spare: int = 0
 ) -> Rendered:
-    """Run one render in ``ctx`` under ``timeout``, holding a slot of ``slots`` if given.
+    """Run one render in ``ctx`` under ``timeout``, holding a slot of ``slots`` if given
+    (taken leaving ``spare`` free: :meth:`RenderSlots.acquire`).
 
     An async render runs as a task, a sync one on the render threads (or the shared ones
     without a slot). At the timeout the engine gives the render up; the slot is handed
     back when the render's threads have really ended (:meth:`RenderSlots.end`).
     """
-    slot = await slots.acquire(ctx.key) if slots is not None else None
+    slot = await slots.acquire(ctx.key, spare=spare) if slots is not None else None
     ctx.slot = slot
     run_ctx = contextvars.copy_context()
     run_ctx.run(render_context.enter, ctx)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Iterable
 from concurrent.futures import Future
 from typing import Any, TypeVar
 
@@ -42,7 +42,9 @@ def site_engine(site: str | os.PathLike[str], **options: Any) -> Engine:
     options.setdefault("max_concurrent_renders", config.render_concurrency)
     options.setdefault("debug", config.debug_cache or None)
     options.setdefault("cdn_tag_headers", config.cdn_tag_headers)
-    return Engine(handler, **options)
+    options.setdefault("compress", config.compress)
+    cdn = options.pop("cdn", None)
+    return _with_cdn(Engine(handler, **options), config.cdn if cdn is None else cdn)
 
 
 def _build(cache: object | None, options: dict[str, Any]) -> Engine:
@@ -55,12 +57,28 @@ def _build(cache: object | None, options: dict[str, Any]) -> Engine:
         return site_engine(site, **options)
     tier = options.pop("memory_tier_bytes", os.environ.get("PYISR_MEMORY_TIER", "50MB"))
     base_dir = options.pop("base_dir", ".")
+    cdn = options.pop("cdn", None)
     handler = build_handler(
         cache if cache is not None else os.environ.get("PYISR_CACHE"),
         base_dir=base_dir,
         memory_tier_bytes=parse_size(tier),
     )
-    return Engine(handler, **options)
+    if cdn is None:
+        return _with_cdn(Engine(handler, **options), os.environ.get("PYISR_CDN", ""), "PYISR_CDN")
+    return _with_cdn(Engine(handler, **options), cdn, "configure(cdn=...)")
+
+
+def _with_cdn(engine: Engine, urls: Iterable[str] | str, where: str = "cdn") -> Engine:
+    """``engine``, purging the CDNs ``urls`` name (a list, or ``PYISR_CDN``'s comma-separated
+    form); a bad URL or a missing token is a ``ValueError`` that says ``where`` it was named."""
+    from pyisr.cdn import attach_cdn
+    from pyisr.cdn.urls import parse_cdn_urls
+
+    try:
+        attach_cdn(engine, parse_cdn_urls(urls))
+    except ValueError as exc:
+        raise ValueError(f"{where}: {exc}") from None
+    return engine
 
 
 def configure(
@@ -73,9 +91,10 @@ def configure(
     reaches the running server. Otherwise ``cache`` is a URL or handler; with neither,
     ``PYISR_SITE``, then ``PYISR_CACHE``, then ``.pyisr/cache``. ``memory_tier_bytes``
     sizes the memory tier (``0`` disables it); ``base_dir`` anchors a relative ``file:``
-    URL; other options go to :class:`Engine`. Returns the engine; call it once at
-    start-up. Resolvers registered on the engine it replaces (``@isr`` views decorated
-    earlier) are kept.
+    URL; ``cdn`` names the CDNs every invalidation purges (URLs, as the ``cdn`` setting;
+    else the site's setting, or ``PYISR_CDN``); other options go to :class:`Engine`.
+    Returns the engine; call it once at start-up. Resolvers registered on the engine it
+    replaces (``@isr`` views decorated earlier) are kept.
     """
     global _engine
     engine = _build(cache, {**options, "site": site})

@@ -1,7 +1,8 @@
 """Processes for the ``FileSystemCache`` multi-process tests (started through multiprocessing).
 
-Bodies are built from a counter so a reader can rebuild the exact bytes an entry must
-hold from its headers: any mix of two writes (a torn entry) is detected.
+Bodies (and the stand-in encodings every other write stores with its body) are built
+from a counter so a reader can rebuild the exact bytes an entry must hold from its
+headers: any mix of two writes (a torn entry) is detected.
 """
 
 from __future__ import annotations
@@ -27,6 +28,14 @@ def make_body(key: str, n: int, size: int) -> bytes:
     return (marker * (size // len(marker) + 1))[:size]
 
 
+def make_encodings(key: str, n: int, size: int) -> dict[str, bytes]:
+    """Stand-ins for the stored encodings of write ``n`` (every other write has some):
+    built like bodies, so a mix of two writes' bytes is detected in them too."""
+    if n % 2:
+        return {}
+    return {"br": make_body(key + "|br", n, size // 3 + 1), "gzip": make_body(key + "|gz", n, size // 2 + 1)}
+
+
 def make_entry(key: str, n: int, size: int) -> CacheEntry:
     return CacheEntry(
         key=key,
@@ -35,6 +44,7 @@ def make_entry(key: str, n: int, size: int) -> CacheEntry:
         revalidate=60,
         headers={"x-n": str(n), "x-size": str(size)},
         tags=(f"tag{n % 7}",),
+        encodings=make_encodings(key, n, size),
     )
 
 
@@ -52,6 +62,8 @@ def entry_problem(key: str, entry: CacheEntry) -> str | None:
         return f"{key}: etag {entry.etag} does not match the body"
     if entry.body != make_body(key, n, size):
         return f"{key}: body is not write #{n}"
+    if dict(entry.encodings) != make_encodings(key, n, size):
+        return f"{key}: encodings are not write #{n}'s"
     return None
 
 
@@ -125,7 +137,9 @@ def hold_lock(root: str, key: str, ready: str) -> None:
     asyncio.run(run())
 
 
-def die_between_renames(root: str, key: str, body: bytes, created_at: float) -> None:
+def die_between_renames(
+    root: str, key: str, body: bytes, created_at: float, encodings: dict[str, bytes] | None = None
+) -> None:
     """Store an entry but SIGKILL ourselves after the body rename, before the metadata one."""
     real_replace = os.replace
     calls = 0
@@ -138,7 +152,7 @@ def die_between_renames(root: str, key: str, body: bytes, created_at: float) -> 
             os.kill(os.getpid(), signal.SIGKILL)
 
     filesystem.os.replace = replace  # type: ignore[assignment]
-    entry = CacheEntry(key=key, body=body, created_at=created_at, revalidate=60)
+    entry = CacheEntry(key=key, body=body, created_at=created_at, revalidate=60, encodings=encodings or {})
     asyncio.run(FileSystemCache(root).set(entry))
     sys.exit("still alive after the simulated crash")
 

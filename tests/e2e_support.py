@@ -62,7 +62,9 @@ class Server:
         self.site = site
         self.server = server
         self.extra_args = extra_args
-        self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **env}
+        # No re-warm unless a test asks (PYISR_REWARM_RATE): after an invalidation it renders
+        # hot pages in the background, and the status a test expects next would be a race.
+        self.env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYISR_REWARM_RATE": "0", **env}
         self.workers = workers
         self.port = port or free_port()
         self.command = command

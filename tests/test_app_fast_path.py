@@ -163,7 +163,8 @@ async def test_the_fast_path_index_stays_within_its_own_budget(
     )
     budget = 5 * (2001 + 1024)
     monkeypatch.setattr(fast_path_module, "HOT_BYTES", budget)
-    app = App(site, config=Config())
+    # Bodies alone (stored encodings count too: tests/test_compression.py).
+    app = App(site, config=Config(compress=False))
     transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
         for _ in range(2):

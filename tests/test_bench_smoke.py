@@ -65,3 +65,31 @@ def test_bench_abuse_quick_writes_json(tmp_path: Path) -> None:
     assert {t["target"].split(":")[0] for t in data["targets"]} == {"abuse granian", "abuse uvicorn"}
     assert all(t["met"] in (True, False) for t in data["targets"])
     assert "abuse" in (tmp_path / "summary.md").read_text()
+
+
+@pytest.mark.slow
+def test_bench_edge_quick_writes_json(tmp_path: Path) -> None:
+    """The edge scenario drives a real Varnish: every part reports, whatever the numbers."""
+    from varnish_support import require_varnish
+
+    require_varnish()
+    done = subprocess.run(
+        [sys.executable, "-m", "bench", "edge", "--quick", "--no-install", "--out", str(tmp_path)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    data = json.loads((tmp_path / "edge.json").read_text())
+    assert data["scenario"] == "edge" and data["skipped"] is None, data["skipped"]
+    tables = {row["table"] for row in data["rows"]}
+    assert {"purge", "rewarm"} <= tables
+    purge = next(row for row in data["rows"] if row["table"] == "purge")
+    assert purge["trials"] == data["params"]["purge_trials"] and purge["p99_ms"] > 0
+    rewarm = [row for row in data["rows"] if row["table"] == "rewarm"]
+    assert len(rewarm) == 4
+    if "hit" in tables:  # needs wrk (and nginx for its row)
+        assert any(row["case"] == "varnish br" for row in data["rows"])
+    assert any("purge reaches Varnish" in t["target"] for t in data["targets"])
+    assert "edge" in (tmp_path / "summary.md").read_text()

@@ -109,7 +109,8 @@ def make_app(tmp_path: Path, clock: FakeClock) -> Callable[..., App]:
     site = write_site(tmp_path / "site")
 
     def make(**settings: Any) -> App:
-        config = Config(**settings)
+        # Exact counts: no re-warm renders after the invalidations (pyisr.rewarm).
+        config = Config(**{"rewarm_rate": 0.0, **settings})
         return App(site, config=config, engine=Engine(open_site_cache(site, config), clock=clock))
 
     return make

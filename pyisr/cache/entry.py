@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from typing import Any
@@ -36,8 +36,34 @@ class _Unset:
 #: (``None`` already means "never").
 UNSET: Any = _Unset()
 
-#: Bytes of a CPython ``str`` object beyond its characters (ASCII).
+#: Bytes of a CPython ``str`` object beyond its characters (ASCII), and of a ``bytes`` one.
 _STR_OVERHEAD = 49
+_BYTES_OVERHEAD = 33
+
+
+class _NoEncodings(Mapping[str, bytes]):
+    """The encodings of an entry that has none: one shared empty mapping, not a dict per
+    entry (most entries have none), that nothing can change and that pickles as itself."""
+
+    __slots__ = ()
+
+    def __getitem__(self, coding: str) -> bytes:
+        raise KeyError(coding)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(())
+
+    def __len__(self) -> int:
+        return 0
+
+    def __reduce__(self) -> str:
+        return "NO_ENCODINGS"
+
+    def __repr__(self) -> str:
+        return "{}"
+
+
+NO_ENCODINGS: Mapping[str, bytes] = _NoEncodings()
 
 
 class EntryKind(StrEnum):
@@ -138,6 +164,10 @@ class CacheEntry:
     #: Seconds after ``created_at`` from which the entry is never served (treated as
     #: missing: the next request renders, blocking); ``None``: it never expires.
     expire: int | None = None
+    #: The body's content codings made when the entry was (``"br"``, ``"gzip"``: see
+    #: :mod:`pyisr.compression`), preferred first; served as they are, so a HIT never
+    #: compresses. Stored with the body by every handler, counted in :meth:`size`.
+    encodings: Mapping[str, bytes] = field(default_factory=lambda: NO_ENCODINGS)
 
     def __post_init__(self) -> None:
         if not self.etag:
@@ -209,14 +239,19 @@ class CacheEntry:
         Python objects cost more than their characters: each string's own header, the
         headers dict and the tags tuple are counted too, so a memory tier set to 50 MB
         holds about 50 MB (measured with tracemalloc on typical pages: within ~5%).
+        Every stored encoding counts like the body.
         """
         texts = len(self.key) + len(self.etag) + sum(len(t) for t in self.tags)
         texts += sum(len(k) + len(v) for k, v in self.headers.items())
         strings = 2 + len(self.tags) + 2 * len(self.headers)
         objects = 300 + _STR_OVERHEAD * strings + 8 * len(self.tags) + 100 * len(self.headers)
+        if self.encodings:
+            texts += sum(len(k) + len(v) for k, v in self.encodings.items())
+            # Each: its name (a string), its bytes object's header, a dict slot.
+            objects += 100 + (_STR_OVERHEAD + _BYTES_OVERHEAD + 100) * len(self.encodings)
         return len(self.body) + texts + objects
 
-    # -- serialisation (metadata only: bodies are stored as raw bytes beside it) --------
+    # -- serialisation (metadata only: bodies and encodings are stored as raw bytes) ----
 
     def meta_json(self) -> dict[str, Any]:
         data: dict[str, Any] = {
@@ -236,19 +271,31 @@ class CacheEntry:
             data["retry_at"] = self.retry_at
         if self.last_failure is not None:
             data["last_failure"] = self.last_failure.to_json()
+        if self.encodings:
+            # Each coding's length, in the entry's order: how a reader checks (and the file
+            # system cache splits) the bytes stored beside the body.
+            data["encodings"] = {coding: len(encoded) for coding, encoded in self.encodings.items()}
         return data
 
     def meta_bytes(self) -> bytes:
         return json.dumps(self.meta_json(), separators=(",", ":"), ensure_ascii=False).encode()
 
     @classmethod
-    def from_meta(cls, meta: Mapping[str, Any], body: bytes) -> CacheEntry:
-        """Rebuild an entry; raises ``ValueError`` if the metadata does not match the body."""
+    def from_meta(
+        cls, meta: Mapping[str, Any], body: bytes, encodings: Mapping[str, bytes] | None = None
+    ) -> CacheEntry:
+        """Rebuild an entry; raises ``ValueError`` if the metadata does not match the body
+        or the encodings (those it lists, of the lengths it lists: none for metadata
+        written before encodings existed)."""
         if "size" in meta and int(meta["size"]) != len(body):
             raise ValueError(
                 f"cache entry {meta.get('key')!r} is torn: metadata says {meta['size']} bytes, "
                 f"body has {len(body)}"
             )
+        listed = encoded_sizes(meta)
+        stored = dict(encodings or {})
+        if {coding: len(data) for coding, data in stored.items()} != listed:
+            raise ValueError(f"cache entry {meta.get('key')!r} is torn: its encodings do not match")
         failure = meta.get("last_failure")
         return cls(
             key=str(meta["key"]),
@@ -263,4 +310,17 @@ class CacheEntry:
             retry_at=meta.get("retry_at"),
             last_failure=FailureRecord.from_json(failure) if failure else None,
             expire=meta.get("expire"),
+            encodings={coding: stored[coding] for coding in listed} if listed else NO_ENCODINGS,
         )
+
+
+def encoded_sizes(meta: Mapping[str, Any]) -> dict[str, int]:
+    """The encodings stored metadata lists, with their lengths, in order (``{}`` for none,
+    as in metadata written before encodings existed); ``ValueError`` if malformed."""
+    listed = meta.get("encodings") or {}
+    if not isinstance(listed, Mapping) or not all(
+        isinstance(c, str) and isinstance(n, int) and not isinstance(n, bool) and n >= 0
+        for c, n in listed.items()
+    ):
+        raise ValueError(f"cache entry {meta.get('key')!r} has malformed encodings: {listed!r}")
+    return dict(listed)

@@ -16,7 +16,9 @@ killed between its two renames), so it reads again under the key's flock and, if
 still inconsistent, completes the dead writer's rename from its fsynced temporary
 metadata. Readers therefore never see a torn entry. Temporary files are named
 ``.<final name>.<token>.tmp``; readers and ``keys`` ignore them and
-``sweep_temp_files`` removes those a killed writer left.
+``sweep_temp_files`` removes those a killed writer left. An entry's stored encodings
+(:mod:`pyisr.compression`) follow its body in the same body file, so all of the above
+holds for them unchanged (:mod:`pyisr.cache.fs_entry`).
 
 Regeneration locks are non-blocking flocks on ``locks/<sha1>.lock``: the OS frees one
 if its holder dies. POSIX only (``fcntl.flock``). Their files are removed by their
@@ -66,6 +68,8 @@ from pyisr.cache.fs_entry import (
     ReadInThread,
     Torn,
     body_matches,
+    file_bytes,
+    file_size,
     needs_repair,
     read_entry,
     roll_forward,
@@ -226,10 +230,10 @@ class FileSystemCache(CacheHandler):
 
     def _set_sync(self, entry: CacheEntry) -> bool:
         slot = self.slot(entry.key)
-        body = bytes(entry.body)
+        body = file_bytes(entry)  # the body, then its encodings (fs_entry's docstring)
         meta = entry.meta_json()
         digest = make_etag(body)
-        if entry.etag != digest:  # a custom ETag: keep our own digest for the torn check
+        if entry.etag != digest:  # a custom ETag, or encodings: our own digest for the torn check
             meta["body_etag"] = digest
         if self.staging:
             return self._set_staged(slot, body, meta)
@@ -385,7 +389,7 @@ class FileSystemCache(CacheHandler):
             if expired_at is not None and meta is not None and data is not None:
                 expires = expires_at(meta)
                 if expires is None or expires > expired_at:
-                    size = self.budget.entry_size(int(meta.get("size") or 0), len(data))
+                    size = self.budget.entry_size(file_size(meta) or 0, len(data))
                     self.budget.record(key, size, status=meta.get("status", 200), expires=expires)
                     return False
             for path in (slot.meta, slot.body):

@@ -33,6 +33,17 @@ body, as every read did before. The mtime is there for that last case only: a fi
 edited in place keeps its inode, and its new mtime sends the read to the digest
 (within the file system's timestamp granularity such an edit, which no writer makes,
 is not seen).
+
+**The body file holds the encodings too.** An entry with stored encodings
+(:mod:`pyisr.compression`) has one body file: the body, then each encoding in the order
+the metadata lists them (``"encodings": {"br": n, "gzip": m}``; ``"size"`` stays the
+body's own length). Everything above is about that one file: its size (:func:`file_size`:
+the body's and the encodings' lengths), its stamp and, when the body is not the whole
+file, a digest of the whole file (``body_etag``), so torn or garbled encoding bytes are
+caught exactly like a torn body. Metadata without ``"encodings"`` (an older version's)
+describes a file that is the body alone, and reads as before; an older version reading
+newer metadata finds the file longer than ``"size"`` says and treats the entry as torn
+(missing), never serving the encodings as part of the page.
 """
 
 from __future__ import annotations
@@ -44,7 +55,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from pyisr.cache.entry import CacheEntry, make_etag
+from pyisr.cache.entry import CacheEntry, encoded_sizes, make_etag
 from pyisr.cache.files import TEMP_SUFFIX, fsync_dir, read_file, still_named
 from pyisr.cache.fs_layout import EntryFiles
 
@@ -55,13 +66,29 @@ def _body_digest(meta: Mapping[str, Any]) -> Any:
     return meta.get("body_etag") or meta.get("etag")
 
 
-def consistent(meta: Mapping[str, Any], body: bytes) -> bool:
-    """True when ``body`` is exactly the body ``meta`` was written with (hashes the body)."""
+def file_size(meta: Mapping[str, Any]) -> int | None:
+    """Bytes of the body file ``meta`` was written with: the body, then its encodings;
+    ``None`` when ``meta`` does not say."""
+    size = meta.get("size")
+    if not isinstance(size, int) or isinstance(size, bool):
+        return None
     try:
-        size = int(meta["size"])
-    except (KeyError, TypeError, ValueError):
-        return False
-    return size == len(body) and make_etag(body) == _body_digest(meta)
+        return size + sum(encoded_sizes(meta).values())
+    except ValueError:
+        return None
+
+
+def file_bytes(entry: CacheEntry) -> bytes:
+    """What ``entry``'s body file holds: its body, then each encoding (see the module docstring)."""
+    if not entry.encodings:
+        return bytes(entry.body)
+    return b"".join([entry.body, *entry.encodings.values()])
+
+
+def consistent(meta: Mapping[str, Any], body: bytes) -> bool:
+    """True when ``body`` (the body file's bytes) is exactly the file ``meta`` was written
+    with (hashes it)."""
+    return file_size(meta) == len(body) and make_etag(body) == _body_digest(meta)
 
 
 def stamp(meta: dict[str, Any], body_file: os.stat_result) -> None:
@@ -76,7 +103,7 @@ def _stamped_file(meta: Mapping[str, Any], body_file: os.stat_result) -> bool:
     return (
         meta.get("body_ino") == body_file.st_ino
         and meta.get("body_mtime_ns") == body_file.st_mtime_ns
-        and meta.get("size") == body_file.st_size
+        and file_size(meta) == body_file.st_size
     )
 
 
@@ -110,9 +137,18 @@ def build_entry(key: str, meta: dict[str, Any], body: bytes | None) -> CacheEntr
     return _entry(meta, body)
 
 
-def _entry(meta: dict[str, Any], body: bytes) -> CacheEntry:
+def _entry(meta: dict[str, Any], data: bytes) -> CacheEntry:
+    """The entry from its metadata and its body file's bytes, split into the body and the
+    encodings the metadata lists."""
     try:
-        return CacheEntry.from_meta(meta, body)
+        size = int(meta["size"])
+        encodings: dict[str, bytes] = {}
+        at = size
+        for coding, length in encoded_sizes(meta).items():
+            encodings[coding] = data[at : at + length]
+            at += length
+        # A slice of the whole of a bytes object is that object: no copy without encodings.
+        return CacheEntry.from_meta(meta, data[:size], encodings)
     except (ValueError, KeyError, TypeError) as exc:
         raise Torn from exc
 
@@ -149,8 +185,8 @@ def read_entry(key: str, slot: EntryFiles, *, inline_limit: int | None = None) -
         meta = load_meta(_read_fd(meta_fd, os.fstat(meta_fd).st_size)) or {}
         if meta.get("key") != key:
             return None  # another key shares the path (case-insensitive file system)
-        size = meta.get("size")
-        if inline_limit is not None and isinstance(size, int) and size >= inline_limit:
+        size = file_size(meta)
+        if inline_limit is not None and size is not None and size >= inline_limit:
             raise ReadInThread
         try:
             body_fd = os.open(slot.body, os.O_RDONLY | os.O_CLOEXEC)
@@ -202,7 +238,7 @@ def body_matches(slot: EntryFiles, meta: Mapping[str, Any]) -> bool:
         return False
     if "body_ino" in meta:
         return _stamped_file(meta, body_file)
-    return body_file.st_size == meta.get("size")
+    return body_file.st_size == file_size(meta)
 
 
 def roll_forward(key: str, slot: EntryFiles, *, fsync: bool) -> bool:

@@ -2,7 +2,8 @@
 
 Layout under ``root`` (by default ``<site>/.pyisr/cache``)::
 
-    entries/blog/1.html     body of key ``/blog/1``, raw bytes (open it in a browser)
+    entries/blog/1.html     body of key ``/blog/1``, raw bytes (open it in a browser), then
+                            its gzip and brotli encodings if it has any (``fs_entry``)
     entries/blog/1.json     its metadata (``CacheEntry.meta_json()``)
     entries/index.html      key ``/``
     data/3f/a2....bin       data-cache value of key ``data:3fa2...`` (+ ``.json``)

@@ -3,7 +3,8 @@
 Key layout (``ns`` is ``{prefix}:{build_id}``, so two deployments never read each
 other's pages; ``h`` is the SHA-1 of the cache key)::
 
-    {ns:h}:e        HASH  key, created_at, meta (compact JSON), body (raw bytes)
+    {ns:h}:e        HASH  key, created_at, meta (compact JSON), body (raw bytes), and
+                          enc:<coding> (raw bytes) for each stored encoding the meta lists
     {ns:h}:l        STRING  regeneration lock: a random token, with PX expiry
     {ns}:tags       HASH  tag -> time it was last revalidated (the tag manifest)
     {ns}:tagseq     STRING  counter bumped by every revalidation
@@ -54,7 +55,7 @@ from redis import exceptions as redis_errors
 from redis.asyncio.cluster import RedisCluster
 
 from pyisr.cache.activity import Activity, ActivityReport, Invalidation
-from pyisr.cache.entry import ONE_YEAR, CacheEntry
+from pyisr.cache.entry import ONE_YEAR, CacheEntry, encoded_sizes
 from pyisr.cache.handler import CacheHandler
 from pyisr.cache.redis_activity import RedisActivity
 from pyisr.cache.redis_connection import (
@@ -78,6 +79,8 @@ logger = logging.getLogger("pyisr.cache")
 T = TypeVar("T")
 
 DEFAULT_BUILD_ID = "default"
+#: Prefix of the hash field that holds one stored encoding of an entry (``enc:br``).
+ENCODING_FIELD = "enc:"
 LOCAL_TOKEN_PREFIX = "local:"
 
 #: Seconds an entry stays in Redis past the end of its life: clocks of instances differ,
@@ -306,20 +309,25 @@ class RedisCache(CacheHandler):
     # -- entries ------------------------------------------------------------------------
 
     async def get(self, key: str) -> CacheEntry | None:
-        """The entry from its hash (one HMGET), or ``None`` if missing, unreadable or Redis is down."""
+        """The entry from its hash (one HGETALL: the body and any stored encodings), or
+        ``None`` if missing, unreadable or Redis is down."""
 
-        async def op(state: _LoopState) -> list[Any]:
-            return list(await state.client.hmget(self.entry_key(key), ["meta", "body"]))
+        async def op(state: _LoopState) -> dict[Any, Any]:
+            return dict(await state.client.hgetall(self.entry_key(key)))
 
         fields = await self._call(op, f"get({key!r})")
-        if isinstance(fields, _Down) or fields[0] is None:
+        if isinstance(fields, _Down) or fields.get(b"meta") is None:
             return None
-        meta_raw, body = fields
         try:
-            meta = json.loads(meta_raw)
+            meta = json.loads(fields[b"meta"])
             if meta.get("key") != key:
                 return None
-            return CacheEntry.from_meta(meta, bytes(body or b""))
+            encodings = {}
+            for coding in encoded_sizes(meta):
+                data = fields.get((ENCODING_FIELD + coding).encode())
+                if data is not None:
+                    encodings[coding] = bytes(data)  # one missing: from_meta calls it torn
+            return CacheEntry.from_meta(meta, bytes(fields.get(b"body") or b""), encodings)
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             self._outage.log_error(f"get({key!r}): unreadable entry", exc)
             return None
@@ -331,9 +339,17 @@ class RedisCache(CacheHandler):
         """
         ttl_ms = entry_ttl_ms(entry, time.time(), self.entry_ttl)
 
+        extra = {ENCODING_FIELD + coding: data for coding, data in entry.encodings.items()}
+
         async def op(state: _LoopState) -> bool:
             return await state.scripts.set_entry(
-                self.entry_key(entry.key), entry.key, entry.created_at, entry.meta_bytes(), entry.body, ttl_ms
+                self.entry_key(entry.key),
+                entry.key,
+                entry.created_at,
+                entry.meta_bytes(),
+                entry.body,
+                ttl_ms,
+                extra,
             )
 
         result = await self._call(op, f"set({entry.key!r})")

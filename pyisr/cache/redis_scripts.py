@@ -2,7 +2,9 @@
 
 * storing an entry compares ``created_at`` and writes in one step, so a slow render
   that started before an invalidation never overwrites a newer entry (the fencing
-  rule of :meth:`CacheHandler.set`), however many instances write at once;
+  rule of :meth:`CacheHandler.set`), however many instances write at once; the step
+  replaces the whole hash, so the body, its metadata and its stored encodings are
+  always one write's, and no encoding of an older write outlives it;
 * revalidating raises each tag's time to ``max(old, at)``, bumps the counter and
   publishes, in one step, so an instance cannot record an invalidation and die before
   announcing it, and every message carries the counter value its write made; it also
@@ -20,14 +22,17 @@ restarted or flushed server), which redis-py's registered scripts do by themselv
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from typing import Any
 
 # KEYS[1] entry hash; ARGV: created_at, meta, body, key, ttl in ms (0 = keep for ever, which
-# RedisCache never asks for).
+# RedisCache never asks for), then a field name and its value for each stored encoding.
 _SET_ENTRY = """
 local cur = tonumber(redis.call('HGET', KEYS[1], 'created_at') or '')
 if cur and cur > tonumber(ARGV[1]) then return 0 end
-redis.call('HSET', KEYS[1], 'key', ARGV[4], 'created_at', ARGV[1], 'meta', ARGV[2], 'body', ARGV[3])
+redis.call('DEL', KEYS[1])
+redis.call('HSET', KEYS[1], 'key', ARGV[4], 'created_at', ARGV[1], 'meta', ARGV[2], 'body', ARGV[3],
+  unpack(ARGV, 6))
 local ttl = tonumber(ARGV[5])
 if ttl > 0 then redis.call('PEXPIRE', KEYS[1], ttl) else redis.call('PERSIST', KEYS[1]) end
 return 1
@@ -80,12 +85,21 @@ class Scripts:
         return script
 
     async def set_entry(
-        self, entry_key: str, key: str, created_at: float, meta: bytes, body: bytes, ttl_ms: int
+        self,
+        entry_key: str,
+        key: str,
+        created_at: float,
+        meta: bytes,
+        body: bytes,
+        ttl_ms: int,
+        extra: Mapping[str, bytes] | None = None,
     ) -> bool:
-        """Store the entry unless a newer one is stored; ``False`` when fenced off."""
-        stored = await self._script(_SET_ENTRY)(
-            keys=[entry_key], args=[repr(created_at), meta, body, key, ttl_ms]
-        )
+        """Store the entry (and ``extra`` fields: its encodings) in place of whatever the
+        hash held, unless a newer one is stored; ``False`` when fenced off."""
+        args: list[Any] = [repr(created_at), meta, body, key, ttl_ms]
+        for field, value in (extra or {}).items():
+            args += [field, value]
+        stored = await self._script(_SET_ENTRY)(keys=[entry_key], args=args)
         return int(stored) == 1
 
     async def revalidate(

@@ -19,9 +19,12 @@ class PurgeFailed(Exception):
     token, a malformed request): the queue then gives up on the batch at once.
     """
 
-    def __init__(self, message: str, *, retry: bool = True) -> None:
+    def __init__(self, message: str, *, retry: bool = True, kind: str | None = None) -> None:
         super().__init__(message)
         self.retry = retry
+        #: What went wrong in a word or two, fit to show anyone (``HTTP 403``, ``ConnectError``):
+        #: never a host, a path or a token; the message may name them.
+        self.kind = kind or type(self).__name__
 
 
 class EdgePurger(Protocol):
@@ -31,6 +34,9 @@ class EdgePurger(Protocol):
     name: str
     #: Keys one request may name; the queue splits larger batches.
     max_keys: int
+    #: Bytes the keys of one request may take, one separator each included (they travel
+    #: in a header whose line the CDN limits); ``None``: no limit but ``max_keys``.
+    max_bytes: int | None
 
     async def purge(self, keys: Sequence[str], *, soft: bool) -> None:
         """Purge ``keys``; ``soft``: mark stale, served while refetched (where supported)."""

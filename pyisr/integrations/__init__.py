@@ -30,7 +30,15 @@ from pyisr.cache.tags import implicit_tags, validate_tags
 from pyisr.draft import is_draft_request
 from pyisr.engine import CacheStatus, Engine, RenderFn, RenderPolicy, RenderSlotsExhausted
 from pyisr.events import route_label
-from pyisr.http import NOSTORE, age_header, not_modified, served_headers
+from pyisr.http import (
+    NOSTORE,
+    age_header,
+    answer_body,
+    answer_coding,
+    not_modified,
+    not_modified_headers,
+    served_headers,
+)
 from pyisr.lifetimes import Lifetime
 from pyisr.paths import MAX_KEY_BYTES, normalize_path
 from pyisr.runtime import bridge
@@ -171,13 +179,16 @@ async def serve_page(
     *,
     if_none_match: str | None,
     head: bool,
+    accept_encoding: str | None = None,
 ) -> PageAnswer | None:
     """The one flow of every integration for a cached GET or HEAD.
 
     The engine answers ``key`` (HIT, STALE, MISS...) and the answer becomes a response
-    with pyisr's headers: a 304 when ``If-None-Match`` matches, no body for HEAD (its
-    ``Content-Length`` kept). A failed render with nothing cached answers the app's own
-    5xx (``no-store``, without the render's cookies); any other exception propagates.
+    with pyisr's headers: in a stored encoding ``accept_encoding`` accepts (with its
+    ``Content-Encoding``, so no compressing middleware on the way encodes it again), a
+    304 when ``If-None-Match`` matches, no body for HEAD (its ``Content-Length`` kept).
+    A failed render with nothing cached answers the app's own 5xx (``no-store``, without
+    the render's cookies); any other exception propagates.
     ``None`` means the page belongs to its visitor (``CacheStatus.PRIVATE``): the
     adapter lets the app answer the visitor's real request itself, marked no-store.
     """
@@ -199,12 +210,15 @@ async def serve_page(
         return None
     entry = served.entry
     assert entry is not None, "integrations render unknown paths, so an entry always exists"
-    out = served_headers(served, engine.cdn_tag_headers)
+    # Never for BYPASS (nor PRIVATE, answered above): pyisr.http.offered_codings.
+    coding = answer_coding(entry, served.status, accept_encoding if engine.compress else None)
+    out = served_headers(served, engine.cdn_tag_headers, coding)
+    body = answer_body(entry, coding)
     if served.status is not CacheStatus.BYPASS:
         out.append(age_header(entry, engine.clock()))
-        if not_modified(entry, if_none_match):
-            return PageAnswer(304, [h for h in out if h[0] != b"content-type"] + [_length(b"")], b"")
-    return PageAnswer(entry.status, [*out, _length(entry.body)], b"" if head else entry.body)
+        if not_modified(entry, if_none_match, coding):
+            return PageAnswer(304, [*not_modified_headers(out), _length(b"")], b"")
+    return PageAnswer(entry.status, [*out, _length(body)], b"" if head else body)
 
 
 #: Decides, per request, that the visitor gets a fresh render of their own, never stored

@@ -67,6 +67,7 @@ from pyisr.integrations.asgi_routes import (
 )
 from pyisr.origin import CanonicalOrigin, Origin
 from pyisr.paths import BadPath
+from pyisr.rewarm import Rewarmer
 from pyisr.runtime import get_engine
 
 logger = logging.getLogger("pyisr.integrations")
@@ -309,6 +310,11 @@ class ISRMiddleware:
     says ``private``/``no-store``/``Vary: *`` or touches the session is never stored:
     the app answers each visitor itself (``no-store``) and a shared render is tried
     again a minute later.
+
+    After a wide invalidation (a tag, a route's pages, a layout) the most requested
+    cached pages are rendered again in the background, ``rewarm_rate`` a second at most
+    (:mod:`pyisr.rewarm`; ``0``: off), from the app's lifespan start-up to its shutdown:
+    an app served without lifespan events has none.
     """
 
     def __init__(
@@ -324,8 +330,14 @@ class ISRMiddleware:
         allow_headers: Iterable[str] = DEFAULT_ALLOW_HEADERS,
         site_url: str | None = None,
         allowed_hosts: Iterable[str] = (),
+        rewarm_rate: float = 20.0,
     ) -> None:
         self.app = app
+        if not rewarm_rate >= 0:
+            raise ValueError(f"ISRMiddleware rewarm_rate must be >= 0 pages per second, not {rewarm_rate!r}")
+        self.rewarm_rate = rewarm_rate
+        #: Started once the app's lifespan start-up completed, stopped at its shutdown.
+        self.rewarmer: Rewarmer | None = None
         given: dict[str, object] = (
             dict(routes) if isinstance(routes, Mapping) else dict.fromkeys(routes or (), revalidate)
         )
@@ -419,6 +431,8 @@ class ISRMiddleware:
                 self._lifespan_state = scope["state"]
             if not self.origin.configured:
                 self.origin.warn_once()
+            if self.rewarm_rate > 0:
+                receive, send = self._rewarm_with_lifespan(receive, send)
         self._read_app(scope)  # once: revalidate(path) from any request knows the routes
         if scope["type"] != "http" or scope["method"] not in ("GET", "HEAD"):
             await self.app(scope, receive, send)
@@ -452,12 +466,32 @@ class ISRMiddleware:
             failed,
             if_none_match=_header(scope, b"if-none-match"),
             head=scope["method"] == "HEAD",
+            accept_encoding=_header(scope, b"accept-encoding"),
         )
         if answer is None:
             # The page belongs to its visitor: the app answers this one itself.
             await _send_no_store(self.app, scope, receive, send)
             return
         await self._send_answer(answer, scope, send)
+
+    def _rewarm_with_lifespan(self, receive: Receive, send: Send) -> tuple[Receive, Send]:
+        """The lifespan's channels, watched: the re-warmer starts once the app's start-up
+        completed (its engine is configured by then) and stops when shutdown begins."""
+
+        async def watched_receive() -> Message:
+            message = await receive()
+            if message["type"] == "lifespan.shutdown" and self.rewarmer is not None:
+                rewarmer, self.rewarmer = self.rewarmer, None
+                await rewarmer.stop()
+            return message
+
+        async def watched_send(message: Message) -> None:
+            if message["type"] == "lifespan.startup.complete" and self.rewarmer is None:
+                self.rewarmer = Rewarmer(self._install(), self.rewarm_rate)
+                self.rewarmer.start()
+            await send(message)
+
+        return watched_receive, watched_send
 
     def _bypassed(self, scope: Scope, route: ISRRoute) -> bool:
         """Draft mode, the middleware's ``bypass`` or the route's: the visitor renders fresh."""

@@ -273,7 +273,14 @@ def _answer(app: Any, environ: dict[str, Any]) -> Any:
     if_none_match = request.headers.get("If-None-Match")
     answer = run_sync(
         serve_page(
-            eng, key, _render(app, shared, failed), policy, failed, if_none_match=if_none_match, head=False
+            eng,
+            key,
+            _render(app, shared, failed),
+            policy,
+            failed,
+            if_none_match=if_none_match,
+            head=False,
+            accept_encoding=request.headers.get("Accept-Encoding"),
         )
     )
     if answer is None:

@@ -30,6 +30,7 @@ from starlette.types import Receive, Scope, Send
 
 from pyisr import draft
 from pyisr.cache.shareable import visitor_headers
+from pyisr.cdn import attach_cdn
 from pyisr.config import Config, load_config
 from pyisr.deploys import BuildLease, BuildWatcher, remove_unused_builds
 from pyisr.engine import (
@@ -46,13 +47,17 @@ from pyisr.http import (
     HTML,
     NOSTORE,
     age_header,
+    answer_body,
+    answer_coding,
     not_modified,
+    not_modified_headers,
     private_headers,
     served_headers,
 )
 from pyisr.log import configure_fetch_logging, configure_log_format, enable_debug_logging
 from pyisr.origin import LOCALHOST, CanonicalOrigin, Origin
 from pyisr.paths import BadPath, normalize_path
+from pyisr.rewarm import Rewarmer
 from pyisr.runtime import set_engine
 from pyisr.server import rsgi
 from pyisr.server.endpoints import PREFIX, Endpoints, draft_secret_of
@@ -127,9 +132,13 @@ class App:
                 max_concurrent_renders=self.config.render_concurrency,
                 debug=self.config.debug_cache or None,
                 cdn_tag_headers=self.config.cdn_tag_headers,
+                compress=self.config.compress,
             )
         self.engine = engine
         self.engine.add_resolver(self._resolve_for_revalidate)
+        #: The CDN purges this App attached (closed at shutdown). A dev server attaches none:
+        #: its pages are never cached at an edge, and the site's CDN is production's.
+        self.cdn = None if dev or engine.cdn is not None else attach_cdn(engine, self.config.cdn)
         #: The scheme and host cached route handlers see (site_url / allowed_hosts).
         self.origin = CanonicalOrigin(self.config.site_url, self.config.allowed_hosts)
         if not dev and not self.origin.configured and self._has_cached_handlers():
@@ -148,6 +157,9 @@ class App:
         self._start_lock: asyncio.Lock | None = None
         self._cleanup: asyncio.Task[None] | None = None
         self._reporting: asyncio.Task[None] | None = None
+        #: Renders the hottest pages again after a wide invalidation (pyisr.rewarm); not in
+        #: dev, where every page renders per request.
+        self.rewarmer = Rewarmer(self.engine, self.config.rewarm_rate) if not dev else None
 
     # -- start-up and shutdown ------------------------------------------------------------
 
@@ -180,6 +192,8 @@ class App:
             # The fast path's answers reach the events only when collected: report them
             # on a timer, not when some request happens to take the full path.
             self._reporting = asyncio.get_running_loop().create_task(self.engine.events.run())
+            if self.rewarmer is not None:
+                self.rewarmer.start()
             self.started = True
 
     async def shutdown(self) -> None:
@@ -188,12 +202,16 @@ class App:
             await self.build_watcher.stop()
         if self._cleanup is not None:
             await asyncio.gather(self._cleanup, return_exceptions=True)
+        if self.rewarmer is not None:
+            await self.rewarmer.stop()  # before the drain, which waits for its renders
         await self.engine.drain()
         if self._reporting is not None:
             self._reporting.cancel()  # it reports what is left as it stops...
             # ...but a slow store must not hold up a reload or a deploy: the counts are
             # worth less than a server that stops when asked.
             await asyncio.wait([self._reporting], timeout=FINAL_REPORT_WAIT)
+        if self.cdn is not None:
+            await self.cdn.aclose()  # the last purges, for a few seconds at most
         await self.engine.handler.close()
         if self.lease is not None:
             self.lease.release()
@@ -275,7 +293,10 @@ class App:
             and scope.proto == "http"
             and (self.fast.draft_cookie is None or not self.fast.may_be_draft(scope.headers.get("cookie")))
         ):
-            found = self.fast.answer(hot, scope.method, scope.headers.get("if-none-match"))
+            headers = scope.headers
+            # Accept-Encoding only matters to a page with stored encodings (pyisr.compression).
+            accept = headers.get("accept-encoding") if hot.by_accept is not None else None
+            found = self.fast.answer(hot, scope.method, headers.get("if-none-match"), accept)
             if found is not None:
                 answer, body, age = found
                 proto.response_bytes(answer.status, answer.rsgi_headers(age), body)
@@ -461,18 +482,21 @@ class App:
         entry = served.entry
         assert entry is not None
         now = self.engine.clock()
-        out = served_headers(served, self.engine.cdn_tag_headers)
         if served.status is CacheStatus.BYPASS or served.status is CacheStatus.PRIVATE:
-            await send_response(send, entry.status, out, entry.body, method)
+            await send_response(send, entry.status, served_headers(served), entry.body, method)
             return
+        # A stored encoding the request accepts (pyisr.compression): sent as it is.
+        accept = request_headers.get("accept-encoding") if self.engine.compress else None
+        coding = answer_coding(entry, served.status, accept)
+        out = served_headers(served, self.engine.cdn_tag_headers, coding)
         if served.status is not CacheStatus.STALE and served.stored:
             # (A render the store refused is rendered again by the next request: not hot.)
-            self.fast.remember(scope, entry, out, route)
+            self.fast.remember(scope, entry, route)
         out.append(age_header(entry, now))
-        if not_modified(entry, request_headers.get("if-none-match")):
-            await send_response(send, 304, [h for h in out if h[0] != b"content-type"], b"", "HEAD")
+        if not_modified(entry, request_headers.get("if-none-match"), coding):
+            await send_response(send, 304, not_modified_headers(out), b"", "HEAD")
             return
-        await send_response(send, entry.status, out, entry.body, method)
+        await send_response(send, entry.status, out, answer_body(entry, coding), method)
 
     async def _dynamic(
         self,

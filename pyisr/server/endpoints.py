@@ -176,15 +176,21 @@ class Endpoints:
         """``ok`` (200) or ``degraded`` (503, with the reasons), for load balancers.
 
         Paths, hosts, the build id and the engine's details are shown only with the
-        secret: they tell a stranger where things are.
+        secret: they tell a stranger where things are. Failing CDN purges make the answer
+        ``degraded`` with their reasons but leave it 200: every instance purges the same
+        CDN, and a load balancer that took them all out would answer nothing at all.
         """
         info = self.engine.handler.describe()
-        reasons = list(self.engine.degraded_reasons())
+        serving = list(self.engine.degraded_reasons(edge=False))
         if info.get("degraded"):
-            reasons.insert(0, "the cache store is unreachable")
+            serving.insert(0, "the cache store is unreachable")
+        cdn = self.engine.cdn
+        reasons = serving + (cdn.degraded_reasons() if cdn is not None else [])
         body: dict[str, Any] = {"status": "degraded" if reasons else "ok"}
         if reasons:
             body["reasons"] = reasons
+        if cdn is not None:
+            body["cdn"] = cdn.public_health()
         if self._authorized(request):
             body.update(
                 build_id=self.site.build_id,
@@ -192,7 +198,7 @@ class Endpoints:
                 cache=info,
                 engine=self.engine.health(),
             )
-        return JSONResponse(body, status_code=503 if reasons else 200, headers={"cache-control": NOSTORE})
+        return JSONResponse(body, status_code=503 if serving else 200, headers={"cache-control": NOSTORE})
 
     async def _metrics(self, request: Request) -> Response:
         """``GET /_pyisr/metrics``: Prometheus' text format (pyisr.metrics), to a bearer of
@@ -325,6 +331,8 @@ def describe_entry(entry: CacheEntry, now: float) -> dict[str, Any]:
         "kind": entry.kind.value,
         "status": entry.status,
         "size": len(entry.body),
+        # Bytes of each stored encoding (pyisr.compression), e.g. {"br": 4211, "gzip": 5120}.
+        "encodings": {coding: len(data) for coding, data in entry.encodings.items()},
         "etag": entry.etag,
         "created_at": entry.created_at,
         "age": entry.age(now),

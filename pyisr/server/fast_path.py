@@ -8,6 +8,12 @@ no header building. The index is an optimisation in front of the engine, never a
 source of truth: an answer is given only while it is exactly what the engine would say
 (see :meth:`FastPath.answer`), on the engine's clock.
 
+An entry with stored encodings (:mod:`pyisr.compression`) gets ready answers per
+encoding too, with their own ``Content-Encoding``, ``Content-Length`` and ETag: a
+request picks one by its ``Accept-Encoding``, negotiated once per distinct header value
+and entry and then found with one dictionary lookup of the header's bytes, and is
+answered with bytes stored long before. Nothing here compresses.
+
 It has its own memory budget (it can hold entries the memory tier has evicted), and is
 cleared whole when it is full rather than tracking recency on every hit.
 """
@@ -20,10 +26,20 @@ from typing import Any
 from starlette.types import Scope, Send
 
 from pyisr.cache.entry import CacheEntry
+from pyisr.compression import negotiate
 from pyisr.engine import CacheStatus, Engine, window_end
-from pyisr.http import Headers, cache_status, etag_matches
+from pyisr.http import (
+    Headers,
+    answer_body,
+    cache_status,
+    coding_etag,
+    entry_headers,
+    etag_matches,
+    not_modified_headers,
+)
 
-#: Bounds of the index: bodies plus ~1 KB of ready headers each, outside the tier's budget.
+#: Bounds of the index: bodies (and encodings) plus ~1 KB of ready headers each, outside
+#: the tier's budget.
 HOT_LIMIT = 10_000
 HOT_BYTES = 16 * 1024 * 1024
 
@@ -78,12 +94,28 @@ class HotAnswer:
         return self._rsgi
 
 
+#: The four ready answers of one representation: index ``2 * stale + not_modified``.
+Answers = tuple[HotAnswer, HotAnswer, HotAnswer, HotAnswer]
+#: One representation: its ETag and its ready answers.
+Variant = tuple[str, Answers]
+#: Distinct ``Accept-Encoding`` values whose choice one hot entry remembers, and the
+#: longest remembered: browsers send a handful of short ones (``gzip, deflate, br, zstd``);
+#: anything else is negotiated each time (still no compressing), so a client sending
+#: odd values costs the index at most ~1 kB per page.
+ACCEPT_MEMO = 8
+ACCEPT_MEMO_LENGTH = 64
+
+
 @dataclass(slots=True)
 class HotResponse:
     """A cached page with its responses built once.
 
     ``answers`` holds the 200 (or cached status) and the 304, as HIT and as STALE:
-    index ``2 * stale + not_modified``.
+    index ``2 * stale + not_modified``; ``encoded`` the same for each stored encoding
+    the server serves, with its ETag; ``codings`` names them, preferred first
+    (``encoded`` is ``None`` when there are none: ``Accept-Encoding`` is not even read);
+    ``by_accept`` the variant chosen for each ``Accept-Encoding`` value seen (its bytes
+    from ASGI, its text from RSGI).
     """
 
     entry: CacheEntry
@@ -97,7 +129,25 @@ class HotResponse:
     expires_at: float | None
     tags_version: int
     etag: str
-    answers: tuple[HotAnswer, HotAnswer, HotAnswer, HotAnswer]
+    answers: Answers
+    codings: tuple[str, ...] = ()
+    encoded: dict[str, Variant] | None = None
+    by_accept: dict[bytes | str, Variant] | None = None
+
+    def all_answers(self) -> list[Answers]:
+        """The ready answers of every representation, identity first."""
+        return [self.answers, *(answers for _etag, answers in (self.encoded or {}).values())]
+
+    def variant(self, accept_encoding: bytes | str) -> Variant:
+        """The representation a request with this ``Accept-Encoding`` gets (the entry has
+        stored encodings): negotiated once per value, then remembered."""
+        assert self.encoded is not None and self.by_accept is not None
+        text = accept_encoding.decode("latin-1") if isinstance(accept_encoding, bytes) else accept_encoding
+        coding = negotiate(text, self.codings)
+        chosen = self.encoded[coding] if coding is not None else (self.etag, self.answers)
+        if len(self.by_accept) < ACCEPT_MEMO and len(accept_encoding) <= ACCEPT_MEMO_LENGTH:
+            self.by_accept[accept_encoding] = chosen
+        return chosen
 
 
 def _stale_from(entry: CacheEntry) -> float | None:
@@ -108,8 +158,9 @@ def _stale_from(entry: CacheEntry) -> float | None:
 
 
 def hot_size(entry: CacheEntry) -> int:
-    """What one page costs the index's budget: its body and ~1 KB of ready headers."""
-    return len(entry.body) + 1024
+    """What one page costs the index's budget: its body, its encodings and ~1 KB of ready
+    headers for each."""
+    return len(entry.body) + 1024 + sum(len(data) + 1024 for data in entry.encodings.values())
 
 
 class FastPath:
@@ -144,9 +195,16 @@ class FastPath:
         return self.draft_cookie is not None and self.draft_cookie in (cookie_header or "")
 
     def answer(
-        self, hot: HotResponse, method: str, if_none_match: str | None
+        self,
+        hot: HotResponse,
+        method: str,
+        if_none_match: str | None,
+        accept_encoding: bytes | str | None = None,
     ) -> tuple[HotAnswer, bytes, int] | None:
         """The ready answer to a request for a hot entry, its body and its Age, or ``None``.
+
+        The answer is in the stored encoding ``accept_encoding`` picks, if the entry has
+        any (identity otherwise), and a 304 only for that encoding's ETag.
 
         Valid while the handler's tag state is the one the entry was checked against, and
         while the entry is within its window or this process is regenerating it (the
@@ -166,8 +224,13 @@ class FastPath:
             return None
         if method != "GET" and method != "HEAD":
             return None
-        not_modified = if_none_match is not None and etag_matches(if_none_match, hot.etag)
-        answer = hot.answers[2 * stale + (not_modified and hot.entry.status == 200)]
+        if hot.by_accept is not None and accept_encoding is not None:
+            chosen = hot.by_accept.get(accept_encoding)
+            etag, answers = chosen if chosen is not None else hot.variant(accept_encoding)
+        else:
+            answers, etag = hot.answers, hot.etag
+        not_modified = if_none_match is not None and etag_matches(if_none_match, etag)
+        answer = answers[2 * stale + (not_modified and hot.entry.status == 200)]
         answer.served += 1
         age = max(0, int(now - hot.entry.created_at))
         if self.engine.log.enabled:
@@ -176,16 +239,16 @@ class FastPath:
 
     async def serve_asgi(self, hot: HotResponse, scope: Scope, send: Send) -> bool:
         """Answer from a hot entry; ``False`` when the request must go the full way."""
-        if_none_match = None
+        if_none_match = accept_encoding = None
         draft = self._draft_bytes
         for name, value in scope["headers"]:
             if name == b"if-none-match":
                 if_none_match = value.decode("latin-1")
-                if draft is None:
-                    break
+            elif name == b"accept-encoding":
+                accept_encoding = value
             elif draft is not None and name == b"cookie" and draft in value:
                 return False  # maybe in draft mode: the full way checks the cookie
-        found = self.answer(hot, scope["method"], if_none_match)
+        found = self.answer(hot, scope["method"], if_none_match, accept_encoding)
         if found is None:
             return False
         answer, body, age = found
@@ -209,8 +272,9 @@ class FastPath:
         self.by_path.clear()
         self.bytes = 0
 
-    def remember(self, scope: Scope, entry: CacheEntry, headers: Headers, route: str) -> None:
-        """Keep the responses of ``entry`` (served with ``headers``, route ``route``) for its path."""
+    def remember(self, scope: Scope, entry: CacheEntry, route: str) -> None:
+        """Keep the responses of ``entry`` (of route ``route``) for its path, in every
+        stored encoding the server serves (the engine's ``compress``)."""
         raw = scope.get("raw_path")
         version = self._tags_version()
         if not self.enabled or raw is None or version is None:
@@ -225,31 +289,52 @@ class FastPath:
             # hot come back at their next request.
             self.forget_all()
         self.bytes += size
-        common = [h for h in headers if h[0] != b"x-pyisr-cache" and h[0] != b"cache-status"]
-        skip_in_304 = (b"content-type", b"content-length")
-        answers = []
-        for status in (CacheStatus.HIT, CacheStatus.STALE):
-            full = [
-                *common,
-                (b"content-length", str(len(entry.body)).encode()),
-                (b"x-pyisr-cache", status.value.encode()),
-                (b"cache-status", cache_status(status).encode()),
-            ]
-            bare = [h for h in full if h[0] not in skip_in_304]
-            answers.append(HotAnswer(entry.status, full, entry.body))
-            answers.append(HotAnswer(304, bare, b""))
-        ready: Any = tuple(answers)  # four answers, by construction
-        hot = HotResponse(entry, route, _stale_from(entry), entry.expires_at(), version, entry.etag, ready)
+        codings = tuple(entry.encodings) if self.engine.compress else ()
+        encoded = {c: (coding_etag(entry.etag, c), self._answers(entry, c)) for c in codings}
+        hot = HotResponse(
+            entry,
+            route,
+            _stale_from(entry),
+            entry.expires_at(),
+            version,
+            entry.etag,
+            self._answers(entry, None),
+            codings,
+            encoded or None,
+            {} if encoded else None,
+        )
         self.by_raw_path[raw] = hot
         if b"%2f" not in raw.lower():
             # RSGI hands over the decoded path; an encoded slash would make it ambiguous.
             self.by_path[scope["path"]] = hot
 
+    def _answers(self, entry: CacheEntry, coding: str | None) -> Answers:
+        """The four ready answers of ``entry`` in ``coding`` (``None``: identity), with the
+        headers :func:`pyisr.http.entry_headers` gives every other answer."""
+        headers = entry_headers(
+            entry, CacheStatus.HIT, cdn_tag_headers=self.engine.cdn_tag_headers, coding=coding
+        )
+        common = [h for h in headers if h[0] != b"x-pyisr-cache" and h[0] != b"cache-status"]
+        body = answer_body(entry, coding)
+        answers = []
+        for status in (CacheStatus.HIT, CacheStatus.STALE):
+            full = [
+                *common,
+                (b"content-length", str(len(body)).encode()),
+                (b"x-pyisr-cache", status.value.encode()),
+                (b"cache-status", cache_status(status).encode()),
+            ]
+            answers.append(HotAnswer(entry.status, full, body))
+            answers.append(HotAnswer(304, not_modified_headers(full), b""))
+        ready: Any = tuple(answers)  # four answers, by construction
+        return ready
+
 
 def _uncounted(hot: HotResponse, into: list[tuple[str, str, str, int]]) -> None:
     """Add ``hot``'s answers not yet collected to ``into``, and mark them collected."""
-    for index, answer in enumerate(hot.answers):
-        n = answer.served - answer.counted
-        if n:
-            answer.counted = answer.served
-            into.append((hot.entry.key, hot.route, "STALE" if index >= 2 else "HIT", n))
+    for answers in hot.all_answers():
+        for index, answer in enumerate(answers):
+            n = answer.served - answer.counted
+            if n:
+                answer.counted = answer.served
+                into.append((hot.entry.key, hot.route, "STALE" if index >= 2 else "HIT", n))

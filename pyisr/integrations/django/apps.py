@@ -51,6 +51,7 @@ def configure_engine(settings: Any) -> None:
         render_timeout=settings.render_timeout,
         max_concurrent_renders=settings.render_concurrency,
         debug=settings.debug_cache or None,
+        cdn=settings.cdn,
     )
     engine.add_resolver(resolve_page)
 

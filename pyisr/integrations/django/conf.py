@@ -49,6 +49,8 @@ KEYS: dict[str, str] = {
     "orm_tags": "tag pages with the models they read and revalidate them when those change",
     "orm_tags_max_rows": "row tags a page keeps at most; past it a model is tagged as a whole",
     "orm_tags_ignore": "model labels never tagged nor revalidated (added to the defaults)",
+    "cdn": "CDN URLs every invalidation purges (varnish://, fastly://, cloudflare://, a webhook); "
+    "default PYISR_CDN",
 }
 
 #: Models whose rows change on every login or admin action and that no page shows.
@@ -94,6 +96,8 @@ class ISRSettings:
     orm_tags: bool = True
     orm_tags_max_rows: int = DEFAULT_MAX_ROWS
     orm_tags_ignore: frozenset[str] = frozenset(DEFAULT_ORM_TAGS_IGNORE)
+    #: CDNs purged on every invalidation (pyisr.cdn), their tokens present.
+    cdn: tuple[str, ...] = ()
     problems: tuple[Problem, ...] = field(default=())
 
     @property
@@ -193,7 +197,24 @@ def parse(raw: object, *, base_dir: object, environ: Mapping[str, str]) -> ISRSe
     values["bypass"] = _bypass(raw.get("bypass", AUTHENTICATED), problems)
     values["orm_tags"] = bool(raw.get("orm_tags", True))
     values["orm_tags_ignore"] = _ignored(raw.get("orm_tags_ignore", ()), problems)
+    values["cdn"] = _cdn(raw.get("cdn", environ.get("PYISR_CDN", "")), environ, problems)
     return ISRSettings(**values, problems=tuple(problems))
+
+
+def _cdn(value: object, environ: Mapping[str, str], problems: list[Problem]) -> tuple[str, ...]:
+    """The CDN URLs, each with its token in ``environ`` (a missing one is an error now, not
+    an invalidation that silently never reaches the edge)."""
+    from pyisr.cdn.urls import parse_cdn_urls, purger_from_url
+
+    try:
+        urls = parse_cdn_urls(value)
+        for url in urls:
+            purger_from_url(url, environ)
+    except ValueError as exc:
+        example = 'PYISR["cdn"] = ["varnish://127.0.0.1:6081"]'
+        problems.append(Problem("pyisr.E011", f"PYISR['cdn']: {exc}", f"For example {example}."))
+        return ()
+    return urls
 
 
 def _cache(value: object, base_dir: object, problems: list[Problem]) -> str | None:

@@ -162,7 +162,11 @@ async def _ais_bypassed(request: Any, options: Options, settings: conf.ISRSettin
 
 
 def _conditions(request: Any) -> dict[str, Any]:
-    return {"if_none_match": request.headers.get("If-None-Match"), "head": request.method == "HEAD"}
+    return {
+        "if_none_match": request.headers.get("If-None-Match"),
+        "head": request.method == "HEAD",
+        "accept_encoding": request.headers.get("Accept-Encoding"),
+    }
 
 
 def _sync_wrapper(options: Options) -> View:
