@@ -22,6 +22,10 @@ from pyisr.cache.lru import ByteLRU
 from pyisr.cache.memory import DEFAULT_MEMORY_BYTES
 from pyisr.cache.tags import TagTimes
 
+#: Seconds a tier trusts its mirror of the tag times before it reads the store's again:
+#: how late a process may see another's invalidation (the edge's purges wait this out).
+TAG_REFRESH = 0.5
+
 
 class MemoryTier(CacheHandler):
     def __init__(
@@ -29,7 +33,7 @@ class MemoryTier(CacheHandler):
         backing: CacheHandler,
         max_bytes: int = DEFAULT_MEMORY_BYTES,
         *,
-        tag_refresh: float = 0.5,
+        tag_refresh: float = TAG_REFRESH,
     ) -> None:
         self.backing = backing
         self.name = f"memory+{backing.name}"

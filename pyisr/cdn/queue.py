@@ -6,7 +6,8 @@ at all. So :meth:`PurgeQueue.add` only records the keys and returns, from any th
 any event loop (a request's, the sync bridge's, a Django view's thread, a script's), and
 the purges run on a daemon thread with an event loop of its own. There:
 
-* keys arriving within :data:`WINDOW` are sent together, one batch per CDN and per kind
+* keys arriving within :data:`WINDOW` (after every instance can see the invalidation)
+  are sent together, one batch per CDN and per kind
   (hard, soft), de-duplicated, split by each adapter's ``max_keys`` / ``max_bytes``; a
   hard purge of a key supersedes a pending soft one;
 * a failed request is retried with back-off (:data:`FIRST_RETRY` doubling to
@@ -37,13 +38,18 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from pyisr.cache.tier import TAG_REFRESH
 from pyisr.cdn.base import EdgePurger, PurgeFailed
 from pyisr.log import log_fields
 
 logger = logging.getLogger("pyisr.cdn")
 
-#: Seconds keys wait for others before they are sent together.
-WINDOW = 0.05
+#: Seconds keys wait for others before they are sent together. Longer than a memory tier's
+#: trust in its tag times (:data:`~pyisr.cache.tier.TAG_REFRESH`): an edge purged sooner
+#: could refetch the page from an instance that has not yet seen the invalidation (the
+#: invalidating process is a script, the CLI or another instance) and keep the old page
+#: for a whole ``s-maxage``.
+WINDOW = TAG_REFRESH + 0.1
 #: Seconds before the first retry of a failed purge; doubled at each failure up to MAX_RETRY.
 FIRST_RETRY = 0.5
 MAX_RETRY = 30.0
