@@ -19,6 +19,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -28,7 +29,6 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import httpx
-from e2e_support import free_port, stop_group
 
 REPO = Path(__file__).resolve().parent.parent
 VCL = REPO / "deploy" / "varnish" / "pyisr.vcl"
@@ -47,6 +47,12 @@ def which(name: str) -> str | None:
         if candidate.is_file() and os.access(candidate, os.X_OK):
             return str(candidate)
     return None
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 def compile_vcl(vcl: Path = VCL) -> subprocess.CompletedProcess[str]:
@@ -193,9 +199,14 @@ class Varnish:
         raise RuntimeError(f"varnishd did not start:\n{self.log()[-3000:]}")
 
     def stop(self) -> None:
-        if self.proc is not None:
+        if self.proc is not None and self.proc.poll() is None:
             # Its own process group: the manager and its child, signalled by the manager's PID.
-            stop_group(self.proc, timeout=15)
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
         self.proc = None
 
     def log(self) -> str:
