@@ -20,6 +20,7 @@ from pyisr.cdn.keys import CACHE_TAG, SURROGATE_KEY, parse_tag_headers
 from pyisr.cdn.urls import parse_cdn_urls
 from pyisr.lifetimes import Lifetime, parse_profiles, validate_expire
 from pyisr.origin import parse_site_url, valid_host
+from pyisr.rewarm import DEFAULT_RATE
 
 CONFIG_FILE = "pyisr.toml"
 
@@ -72,7 +73,7 @@ class Config:
     cdn_tag_headers: tuple[str, ...] = (SURROGATE_KEY, CACHE_TAG)
     #: Pages per second this instance re-renders, hottest first, after a wide invalidation
     #: (pyisr.rewarm); 0 turns it off.
-    rewarm_rate: float = 20.0
+    rewarm_rate: float = DEFAULT_RATE
     #: Store gzip and brotli encodings of text responses beside them (pyisr.compression).
     compress: bool = True
 

@@ -108,11 +108,14 @@ class Engine(Regenerator):
         debug: bool | None = None,
         cdn_tag_headers: tuple[str, ...] = (SURROGATE_KEY, CACHE_TAG),
         compress: bool = True,
+        rewarm_rate: float = 0.0,
     ) -> None:
         if render_timeout <= 0:
             raise ValueError(f"render_timeout must be > 0 seconds, not {render_timeout!r}")
         if max_concurrent_renders < 1:
             raise ValueError(f"max_concurrent_renders must be >= 1, not {max_concurrent_renders!r}")
+        if not 0 <= rewarm_rate < math.inf:
+            raise ValueError(f"rewarm_rate must be >= 0 pages per second, not {rewarm_rate!r}")
         self.handler: CacheHandler = as_handler(handler)
         self.clock = clock
         self.render_timeout = render_timeout
@@ -139,6 +142,12 @@ class Engine(Regenerator):
         #: Store gzip and brotli encodings of text pages with them, and serve them to the
         #: requests that accept them (``compress``; pyisr.compression).
         self.compress = compress
+        #: Pages a second re-warmed after a wide invalidation by the integrations that
+        #: start a re-warmer from the engine (Django, Flask: pyisr.rewarm's
+        #: ``rewarm_in_background``); ``configure()`` sets it from the settings, and an
+        #: engine made by hand re-warms nothing unless given one. The site server and
+        #: the ASGI middleware have their own setting.
+        self.rewarm_rate = rewarm_rate
         #: Told of every invalidation once this engine's store has it (pyisr.cdn's purges,
         #: pyisr.rewarm): called on the engine's loop, they must return at once.
         self._invalidation_listeners: list[InvalidationListener] = []

@@ -46,7 +46,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import threading
 import time
+import weakref
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -62,6 +65,9 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("pyisr")
 
+#: Re-warm renders started per second per process when nothing says otherwise
+#: (``rewarm_rate`` of ``pyisr.toml``, Django's ``PYISR``, ``configure()``, the middleware).
+DEFAULT_RATE = 20.0
 #: Invalidation kinds that touch many entries, and so start a run.
 WIDE_KINDS = frozenset({"tag", "page", "layout"})
 #: Re-warm renders started per run at most (the hottest candidates).
@@ -416,3 +422,60 @@ class Rewarmer:
             report.unknown,
             report.examined,
         )
+
+
+# -- re-warming for apps with no lifespan (Django, Flask) ------------------------------------
+
+#: The re-warmers running on pyisr's bridge loop in this process, by engine.
+_background: weakref.WeakKeyDictionary[Engine, Rewarmer] = weakref.WeakKeyDictionary()
+_background_lock = threading.Lock()
+
+
+def rewarm_in_background(engine: Engine) -> None:
+    """Re-warm ``engine``'s pages from now on in this process, on pyisr's bridge loop,
+    at ``engine.rewarm_rate`` (nothing at 0, an engine's default when made by hand).
+
+    Django and Flask views call it as they serve an ``@isr`` request: those apps have no
+    start-up that runs only in a process that serves (``manage.py migrate`` imports the
+    same app), and the first request is the first sure sign of one. The bridge loop is
+    where their requests, regenerations and single-flight state already live. Repeat
+    calls cost a dictionary lookup; after a ``fork`` (gunicorn's pre-loaded workers) the
+    child starts its own.
+    """
+    if engine.rewarm_rate <= 0 or engine in _background:
+        return
+    from pyisr.runtime import bridge
+
+    with _background_lock:
+        if engine in _background:
+            return
+        rewarmer = _background[engine] = Rewarmer(engine, engine.rewarm_rate)
+    bridge.loop().call_soon_threadsafe(rewarmer.start)
+
+
+def stop_rewarm_in_background(engine: Engine) -> None:
+    """Stop the re-warmer :func:`rewarm_in_background` started for ``engine``, if any
+    (a test's engine going away; the process's own runs until the process ends)."""
+    from pyisr.runtime import run_sync
+
+    with _background_lock:
+        rewarmer = _background.pop(engine, None)
+    if rewarmer is not None:
+        run_sync(rewarmer.stop())
+
+
+def background_rewarmer(engine: Engine) -> Rewarmer | None:
+    """The re-warmer :func:`rewarm_in_background` started for ``engine`` (tests, tools)."""
+    return _background.get(engine)
+
+
+def _forget_background_after_fork() -> None:
+    """In a forked child the bridge loop those re-warmers ran on is gone: they stop
+    listening, and the child's first request starts its own."""
+    for rewarmer in list(_background.values()):
+        rewarmer._stopped = True
+    _background.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_background_after_fork)

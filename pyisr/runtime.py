@@ -43,6 +43,7 @@ def site_engine(site: str | os.PathLike[str], **options: Any) -> Engine:
     options.setdefault("debug", config.debug_cache or None)
     options.setdefault("cdn_tag_headers", config.cdn_tag_headers)
     options.setdefault("compress", config.compress)
+    options.setdefault("rewarm_rate", config.rewarm_rate)
     cdn = options.pop("cdn", None)
     return _with_cdn(Engine(handler, **options), config.cdn if cdn is None else cdn)
 
@@ -57,6 +58,7 @@ def _build(cache: object | None, options: dict[str, Any]) -> Engine:
         return site_engine(site, **options)
     tier = options.pop("memory_tier_bytes", os.environ.get("PYISR_MEMORY_TIER", "50MB"))
     base_dir = options.pop("base_dir", ".")
+    _serving_defaults(options)
     cdn = options.pop("cdn", None)
     handler = build_handler(
         cache if cache is not None else os.environ.get("PYISR_CACHE"),
@@ -66,6 +68,23 @@ def _build(cache: object | None, options: dict[str, Any]) -> Engine:
     if cdn is None:
         return _with_cdn(Engine(handler, **options), os.environ.get("PYISR_CDN", ""), "PYISR_CDN")
     return _with_cdn(Engine(handler, **options), cdn, "configure(cdn=...)")
+
+
+def _serving_defaults(options: dict[str, Any]) -> None:
+    """How pages are served (``compress``, ``cdn_tag_headers``, ``rewarm_rate``) when not
+    given: from ``PYISR_COMPRESS``, ``PYISR_CDN_TAG_HEADERS`` and ``PYISR_REWARM_RATE``,
+    read and checked as a site's server reads them, else their defaults."""
+    from pyisr.config import load_config
+
+    names = ("compress", "cdn_tag_headers", "rewarm_rate")
+    if all(name in options for name in names):
+        return
+    config = load_config(None, environ={k: v for k, v in os.environ.items() if k in _SERVING_VARIABLES})
+    for name in names:
+        options.setdefault(name, getattr(config, name))
+
+
+_SERVING_VARIABLES = frozenset({"PYISR_COMPRESS", "PYISR_CDN_TAG_HEADERS", "PYISR_REWARM_RATE"})
 
 
 def _with_cdn(engine: Engine, urls: Iterable[str] | str, where: str = "cdn") -> Engine:

@@ -695,3 +695,100 @@ def test_async_views_raise_into_responses_too(cache: Engine) -> None:
     with override_settings(ROOT_URLCONF=urlconf(path("gone", missing))):
         client = Client()
         assert (client.get("/gone").status_code, client.get("/gone")["x-pyisr-cache"]) == (404, "HIT")
+
+
+# -- how pages are served: re-warm, compression, tag headers -------------------------------------
+
+
+def until(check: Any, within: float = 10.0) -> None:
+    deadline = time.monotonic() + within
+    while not check():
+        assert time.monotonic() < deadline, "not within the time allowed"
+        time.sleep(0.02)
+
+
+def test_hot_pages_are_rewarmed_in_the_background_after_a_wide_invalidation() -> None:
+    from pyisr.rewarm import background_rewarmer
+
+    renders: list[str] = []
+
+    @isr(revalidate=False, tags=["posts"])
+    def post(request: Any, id: str) -> HttpResponse:
+        renders.append(id)
+        return HttpResponse(f"post {id}, render {len(renders)}")
+
+    hot = Engine(MemoryCache(), rewarm_rate=100, max_concurrent_renders=4)
+    with isolated_cache(hot), override_settings(ROOT_URLCONF=urlconf(path("p/<id>", post))):
+        client = Client()
+        for id, visits in (("1", 5), ("2", 3), ("3", 1)):  # the first visit of each is its MISS
+            for _ in range(visits):
+                assert client.get(f"/p/{id}").status_code == 200
+        assert renders == ["1", "2", "3"]
+        rewarmer = background_rewarmer(hot)
+        assert rewarmer is not None, "the first @isr request started it"
+        pyisr.revalidate_tag("posts")
+        until(lambda: len(renders) == 5)  # no visitor asked
+        run_sync(rewarmer.idle())
+        assert renders == ["1", "2", "3", "1", "2"], "the hottest first; the cold one stays lazy"
+        fresh = client.get("/p/1")
+        assert (fresh["x-pyisr-cache"], fresh.content) == ("HIT", b"post 1, render 4")
+        assert client.get("/p/3")["x-pyisr-cache"] == "MISS"
+    assert background_rewarmer(hot) is None, "isolated_cache stops it with its engine"
+
+
+def test_an_engine_made_by_hand_never_rewarms(cache: Engine) -> None:
+    from pyisr.rewarm import background_rewarmer
+
+    @isr(revalidate=False, tags=["posts"])
+    def page(request: Any) -> HttpResponse:
+        return HttpResponse("page")
+
+    with override_settings(ROOT_URLCONF=urlconf(path("page", page))):
+        assert Client().get("/page").status_code == 200
+    assert cache.rewarm_rate == 0 and background_rewarmer(cache) is None
+
+
+def test_serving_settings_reach_the_engine_and_bad_ones_are_named() -> None:
+    from pyisr.integrations.django import conf
+    from pyisr.integrations.django.apps import configure_engine
+    from pyisr.runtime import get_engine, set_engine
+
+    project = get_engine()
+    chosen = {"cache": "memory://", "compress": False, "cdn_tag_headers": "none", "rewarm_rate": 2.5}
+    try:
+        with override_settings(PYISR={"cache": "memory://"}):
+            configure_engine(conf.get())
+            engine = get_engine()
+            assert (engine.compress, engine.rewarm_rate) == (True, 20.0), "the defaults"
+            assert engine.cdn_tag_headers == ("surrogate-key", "cache-tag")
+        with override_settings(PYISR=chosen):
+            settings = conf.get()
+            assert (settings.compress, settings.cdn_tag_headers, settings.rewarm_rate) == (False, (), 2.5)
+            configure_engine(settings)
+            engine = get_engine()
+            assert (engine.compress, engine.cdn_tag_headers, engine.rewarm_rate) == (False, (), 2.5)
+    finally:
+        set_engine(project)
+    bad = {"compress": "false", "rewarm_rate": -1, "cdn_tag_headers": ["X-Tags"]}
+    with override_settings(PYISR=bad):
+        found = [m.msg for m in check_settings() if m.id == "pyisr.E007"]
+        assert len(found) == 3
+        assert any("PYISR['compress']" in m and "'false'" in m for m in found)
+        assert any("PYISR['rewarm_rate']" in m for m in found)
+        assert any("PYISR['cdn_tag_headers']" in m and "x-tags" in m for m in found)
+
+
+def test_compress_false_serves_and_stores_no_encoding() -> None:
+    @isr(revalidate=60)
+    def big(request: Any) -> HttpResponse:
+        return HttpResponse("<p>" + "words " * 2000 + "</p>")
+
+    plain = Engine(MemoryCache(), compress=False, cdn_tag_headers=())
+    with isolated_cache(plain), override_settings(ROOT_URLCONF=urlconf(path("big", big))):
+        client = Client()
+        for _ in range(2):
+            answer = client.get("/big", headers={"accept-encoding": "br, gzip"})
+            assert answer.status_code == 200 and "content-encoding" not in answer
+            assert "surrogate-key" not in answer and "cache-tag" not in answer
+        entry = run_sync(plain.inspect("/big"))
+        assert entry is not None and not entry.encodings

@@ -248,3 +248,43 @@ def test_flask_and_sqlalchemy_pages_refresh_after_an_edit(
     after = client.get("/p/home/")
     assert (after.headers["x-pyisr-cache"], after.get_data(as_text=True)) == ("MISS", "hello again")
     assert {"pages:home", "pages:*"} <= set(run_sync(sync_engine.inspect("/p/home")).tags)  # type: ignore[union-attr]
+
+
+def test_hot_pages_are_rewarmed_in_the_background_after_a_wide_invalidation() -> None:
+    import time
+
+    from pyisr.rewarm import background_rewarmer, stop_rewarm_in_background
+    from pyisr.runtime import set_engine
+
+    engine = Engine(pyisr.MemoryCache(), rewarm_rate=100, max_concurrent_renders=4)
+    set_engine(engine)  # as configure(rewarm_rate=100) makes it
+    renders: list[str] = []
+    app = Flask("pyisr_rewarm")
+
+    @app.get("/p/<id>")
+    @isr(revalidate=False, tags=["posts"])
+    def post(id: str) -> str:
+        renders.append(id)
+        return f"post {id}, render {len(renders)}"
+
+    client = init_app(app).test_client()
+    try:
+        for id, visits in (("1", 5), ("2", 3), ("3", 1)):  # the first visit of each is its MISS
+            for _ in range(visits):
+                assert client.get(f"/p/{id}").status_code == 200
+        rewarmer = background_rewarmer(engine)
+        assert rewarmer is not None and renders == ["1", "2", "3"]
+        run_sync(engine.revalidate_tag("posts"))
+        deadline = time.monotonic() + 10
+        while len(renders) < 5:  # no visitor asks
+            assert time.monotonic() < deadline, renders
+            time.sleep(0.02)
+        run_sync(rewarmer.idle())
+        assert renders == ["1", "2", "3", "1", "2"], "the hottest first; the cold one stays lazy"
+        fresh = client.get("/p/1")
+        assert (fresh.headers["x-pyisr-cache"], fresh.get_data(as_text=True)) == ("HIT", "post 1, render 4")
+        assert client.get("/p/3").headers["x-pyisr-cache"] == "MISS"
+    finally:
+        stop_rewarm_in_background(engine)
+        run_sync(engine.drain())
+        set_engine(None)

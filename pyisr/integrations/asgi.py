@@ -67,7 +67,7 @@ from pyisr.integrations.asgi_routes import (
 )
 from pyisr.origin import CanonicalOrigin, Origin
 from pyisr.paths import BadPath
-from pyisr.rewarm import Rewarmer
+from pyisr.rewarm import DEFAULT_RATE, Rewarmer
 from pyisr.runtime import get_engine
 
 logger = logging.getLogger("pyisr.integrations")
@@ -330,7 +330,7 @@ class ISRMiddleware:
         allow_headers: Iterable[str] = DEFAULT_ALLOW_HEADERS,
         site_url: str | None = None,
         allowed_hosts: Iterable[str] = (),
-        rewarm_rate: float = 20.0,
+        rewarm_rate: float = DEFAULT_RATE,
     ) -> None:
         self.app = app
         if not rewarm_rate >= 0:

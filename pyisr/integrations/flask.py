@@ -68,6 +68,7 @@ from pyisr.integrations import (
 from pyisr.lifetimes import Lifetime
 from pyisr.origin import CanonicalOrigin, Origin
 from pyisr.paths import normalize_path
+from pyisr.rewarm import rewarm_in_background
 from pyisr.runtime import get_engine, run_sync
 
 View = Callable[..., Any]
@@ -265,6 +266,7 @@ def _answer(app: Any, environ: dict[str, Any]) -> Any:
     _remember_site(app, environ)
     eng = options.engine if options.engine is not None else get_engine()
     eng.add_resolver(_resolve)
+    rewarm_in_background(eng)
     key, policy = _key_and_policy(request.script_root, request.path, rule.rule, options)
     failed = FailedResponse()
     origin = options.origin_for(app, request.scheme, request.host)

@@ -45,6 +45,11 @@ def configure_engine(settings: Any) -> None:
     import pyisr
     from pyisr.integrations.django.resolver import resolve_page
 
+    serving = {
+        name: value
+        for name in ("cdn_tag_headers", "compress", "rewarm_rate")
+        if (value := getattr(settings, name)) is not None
+    }
     engine = pyisr.configure(
         settings.cache,
         memory_tier_bytes=settings.memory_tier,
@@ -52,6 +57,7 @@ def configure_engine(settings: Any) -> None:
         max_concurrent_renders=settings.render_concurrency,
         debug=settings.debug_cache or None,
         cdn=settings.cdn,
+        **serving,
     )
     engine.add_resolver(resolve_page)
 

@@ -51,6 +51,11 @@ KEYS: dict[str, str] = {
     "orm_tags_ignore": "model labels never tagged nor revalidated (added to the defaults)",
     "cdn": "CDN URLs every invalidation purges (varnish://, fastly://, cloudflare://, a webhook); "
     "default PYISR_CDN",
+    "cdn_tag_headers": "headers carrying a page's tags to the edge: a list of 'Surrogate-Key', "
+    "'Cache-Tag', or 'none'; default both",
+    "compress": "store and serve brotli and gzip encodings of text pages; default True",
+    "rewarm_rate": "pages a second each process renders again, hottest first, after a wide "
+    "invalidation; 0 turns it off; default 20",
 }
 
 #: Models whose rows change on every login or admin action and that no page shows.
@@ -98,6 +103,11 @@ class ISRSettings:
     orm_tags_ignore: frozenset[str] = frozenset(DEFAULT_ORM_TAGS_IGNORE)
     #: CDNs purged on every invalidation (pyisr.cdn), their tokens present.
     cdn: tuple[str, ...] = ()
+    #: How pages are served; ``None``: not in ``PYISR``, so ``PYISR_CDN_TAG_HEADERS``,
+    #: ``PYISR_COMPRESS``, ``PYISR_REWARM_RATE`` or the default (``pyisr.configure``).
+    cdn_tag_headers: tuple[str, ...] | None = None
+    compress: bool | None = None
+    rewarm_rate: float | None = None
     problems: tuple[Problem, ...] = field(default=())
 
     @property
@@ -198,7 +208,28 @@ def parse(raw: object, *, base_dir: object, environ: Mapping[str, str]) -> ISRSe
     values["orm_tags"] = bool(raw.get("orm_tags", True))
     values["orm_tags_ignore"] = _ignored(raw.get("orm_tags_ignore", ()), problems)
     values["cdn"] = _cdn(raw.get("cdn", environ.get("PYISR_CDN", "")), environ, problems)
+    values.update(_serving(raw, problems))
     return ISRSettings(**values, problems=tuple(problems))
+
+
+def _serving(raw: Mapping[str, Any], problems: list[Problem]) -> dict[str, Any]:
+    """``cdn_tag_headers``, ``compress`` and ``rewarm_rate``, checked by the parsers a
+    site's ``pyisr.toml`` goes through (``compress`` must be a real bool here: the
+    string ``"false"`` in Python code is a mistake, not a choice)."""
+    from pyisr.config import PARSERS
+
+    out: dict[str, Any] = {}
+    for key in ("cdn_tag_headers", "compress", "rewarm_rate"):
+        if key not in raw:
+            continue
+        value = raw[key]
+        try:
+            if key == "compress" and not isinstance(value, bool):
+                raise ValueError("expected True or False")
+            out[key] = PARSERS[key][0](value)
+        except (TypeError, ValueError) as exc:
+            problems.append(Problem("pyisr.E007", f"PYISR[{key!r}]: {exc}, not {value!r}."))
+    return out
 
 
 def _cdn(value: object, environ: Mapping[str, str], problems: list[Problem]) -> tuple[str, ...]:

@@ -34,6 +34,7 @@ from pyisr.integrations.django.responses import build, bypassed, no_store
 from pyisr.integrations.django.shared_request import remember_script, shared_request
 from pyisr.lifetimes import validate_expire
 from pyisr.origin import CanonicalOrigin
+from pyisr.rewarm import rewarm_in_background
 
 
 def isr(
@@ -133,6 +134,7 @@ class _Page:
         remember_script(request)
         self.engine = options.engine_now()
         self.engine.add_resolver(resolve_page)
+        rewarm_in_background(self.engine)
         language, in_key = page_language(request)
         variant = language if in_key else None
         self.key, self.policy = key_and_policy(request, options, variant)

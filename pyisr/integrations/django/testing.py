@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from pyisr.cache.memory import MemoryCache
 from pyisr.engine import Engine
 from pyisr.integrations.django.resolver import resolve_page
+from pyisr.rewarm import stop_rewarm_in_background
 from pyisr.runtime import get_engine, run_sync, set_engine
 
 
@@ -36,6 +37,7 @@ def isolated_cache(engine: Engine | None = None) -> Iterator[Engine]:
         yield own
     finally:
         try:
+            stop_rewarm_in_background(own)
             run_sync(own.drain())
         finally:
             set_engine(previous)
