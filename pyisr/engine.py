@@ -148,6 +148,9 @@ class Engine(Regenerator):
         #: engine made by hand re-warms nothing unless given one. The site server and
         #: the ASGI middleware have their own setting.
         self.rewarm_rate = rewarm_rate
+        #: The build whose pages this engine serves, named on every cacheable answer as an
+        #: edge key so a deploy can purge it (pyisr.cdn.deploys); set by the site server.
+        self.edge_build: str | None = None
         #: Told of every invalidation once this engine's store has it (pyisr.cdn's purges,
         #: pyisr.rewarm): called on the engine's loop, they must return at once.
         self._invalidation_listeners: list[InvalidationListener] = []

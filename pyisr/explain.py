@@ -59,7 +59,7 @@ class EntryRow:
     age: float
     revalidate: Revalidate
     expire: int | None
-    size: int
+    size: int  # bytes stored: the body and each encoding of it
     tags: tuple[str, ...]  # the tags a user gave (implicit ones left out)
     hits: int
     last_failure: FailureRecord | None
@@ -158,7 +158,7 @@ def _row(entry: CacheEntry, tag_times: Mapping[str, float], hits: int, now: floa
         age=max(0.0, now - entry.created_at),
         revalidate=entry.revalidate,
         expire=entry.expire,
-        size=len(entry.body),
+        size=len(entry.body) + sum(len(encoded) for encoded in entry.encodings.values()),
         tags=user_tags(entry.tags),
         hits=hits,
         last_failure=entry.last_failure,

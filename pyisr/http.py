@@ -175,6 +175,7 @@ def entry_headers(
     stored: bool = True,
     cdn_tag_headers: tuple[str, ...] = (),
     coding: str | None = None,
+    build: str | None = None,
 ) -> Headers:
     """Every header of a response for ``entry`` served with ``status``, except ``Age`` and
     ``Content-Length``.
@@ -182,7 +183,8 @@ def entry_headers(
     ``regeneration_failed`` and ``stored`` are the engine's :class:`~pyisr.engine.Served`
     fields of the same names (see :func:`cache_status`). ``cdn_tag_headers`` names the
     headers that carry the entry's tags to a CDN (the engine's ``cdn_tag_headers``), on
-    every answer a shared cache may keep. ``coding`` is the stored encoding the answer is
+    every answer a shared cache may keep, with the key of ``build``, the build that serves
+    it (the engine's ``edge_build``). ``coding`` is the stored encoding the answer is
     sent in (:func:`answer_coding`), ``None`` for the identity body.
     """
     if status is CacheStatus.PRIVATE:
@@ -209,12 +211,15 @@ def entry_headers(
             out.append((b"content-encoding", coding.encode()))
         out.append(VARY_ENCODING)
     if cdn_tag_headers and entry.revalidate != 0:
-        out += tag_headers(entry.tags, cdn_tag_headers)
+        out += tag_headers(entry.tags, cdn_tag_headers, build)
     return out
 
 
 def served_headers(
-    served: Served, cdn_tag_headers: tuple[str, ...] = (), coding: str | None = None
+    served: Served,
+    cdn_tag_headers: tuple[str, ...] = (),
+    coding: str | None = None,
+    build: str | None = None,
 ) -> Headers:
     """:func:`entry_headers` for what the engine answered (an answer with an entry)."""
     assert served.entry is not None
@@ -225,6 +230,7 @@ def served_headers(
         stored=served.stored,
         cdn_tag_headers=cdn_tag_headers,
         coding=coding,
+        build=build,
     )
 
 

@@ -27,6 +27,7 @@ from pyisr.cdn.keys import (
     MAX_KEY_LENGTH,
     OVERFLOW_KEY,
     SURROGATE_KEY,
+    build_key,
     edge_key,
     edge_keys,
     parse_tag_headers,
@@ -124,6 +125,18 @@ def test_few_tags_are_sent_whole_without_the_overflow_key() -> None:
         "_l/blog/[id]",
         "_l/blog/1",
     ]
+
+
+def test_a_builds_key_follows_the_pages_own_keys_and_always_fits() -> None:
+    tags = ("posts", *implicit_tags("/blog/1", "/blog/[id]"))
+    [(_, value)] = tag_headers(tags, (SURROGATE_KEY,), "b1d")
+    assert value.decode().split(" ")[:4] == ["_r/blog/[id]", "_p/blog/1", "_b/b1d", "posts"]
+    [(_, unbuilt)] = tag_headers(tags, (SURROGATE_KEY,))  # an integration's: no build
+    assert build_key("b1d") == "_b/b1d" and b"_b/" not in unbuilt
+    many = tuple(f"tag-{i:04d}-" + "x" * 50 for i in range(300))
+    [(_, full)] = tag_headers((*many, *tags), (CACHE_TAG,), "b1d")
+    kept = full.decode().split(",")
+    assert len(full) <= MAX_HEADER_BYTES and "_b/b1d" in kept[:3] and kept[-1] == OVERFLOW_KEY
 
 
 def test_cdn_tag_headers_setting() -> None:

@@ -596,3 +596,35 @@ def test_the_site_server_purges_what_its_endpoint_invalidates(tmp_path: Path, we
             assert time.monotonic() < deadline, health  # counted once the webhook answered
             time.sleep(0.02)
         assert health["status"] == "ok"
+
+
+def test_a_deploy_purges_the_build_it_replaces(tmp_path: Path, webhook: PurgeServer) -> None:
+    """The current build's server purges the other kept builds as it starts; a server
+    whose build was replaced while it ran purges its own as it stops; one whose build is
+    still current purges nothing."""
+    from e2e_support import run_cli, running
+
+    site = blog_site(tmp_path)
+    env = {"PYISR_CDN": url_of("webhook", webhook), "PYISR_CDN_WEBHOOK_TOKEN": TOKEN}
+
+    def build(*flags: str) -> str:
+        built = run_cli(["build", str(site), *flags], {})
+        assert built.returncode == 0, built.stderr
+        return (site / ".pyisr" / "BUILD_ID").read_text().strip()
+
+    build_a = build()
+    with running(site, env) as server:  # the only build: nothing else to purge
+        assert f"_b/{build_a}" in server.get("/blog/1").headers["surrogate-key"].split(" ")
+        build_b = build()  # B is current now; this server still serves A
+    [request] = webhook.wait_for(1)
+    assert request.problems == [] and request.keys == [f"_b/{build_a}"], "A's server, on its way out"
+    with running(site, env) as server:
+        assert f"_b/{build_b}" in server.get("/blog/1").headers["surrogate-key"].split(" ")
+        [_, request] = webhook.wait_for(2)
+        assert request.keys == [f"_b/{build_a}"], "B's server, as it starts"
+    time.sleep(1)  # past the queue's window: B's server, stopped while current, sent nothing
+    assert len(webhook.requests) == 2
+    assert build("--rollback") == build_a
+    with running(site, env):
+        [*_, request] = webhook.wait_for(3)
+        assert request.keys == [f"_b/{build_b}"], "a rollback purges the build rolled back from"

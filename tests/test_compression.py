@@ -816,8 +816,12 @@ async def test_cache_inspect_shows_the_encodings(clock: FakeClock) -> None:
     entry = await engine.handler.get("/i")
     assert entry is not None
     assert info["encodings"] == {"br": len(entry.encodings["br"]), "gzip": len(entry.encodings["gzip"])}
-    text = render_text(entry_block(await explain(engine.handler, "/i", clock()), info, clock()), width=120)
+    explained = await explain(engine.handler, "/i", clock())
+    text = render_text(entry_block(explained, info, clock()), width=120)
     assert "encodings" in text and "br " in text and "gzip " in text
+    # The size listed (and sorted by) is what the entry takes: the body and each encoding.
+    assert explained.row is not None
+    assert explained.row.size == len(entry.body) + len(entry.encodings["br"]) + len(entry.encodings["gzip"])
 
 
 # -- end to end: pyisr build, pyisr start -----------------------------------------------------------

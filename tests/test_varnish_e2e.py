@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
 import sys
 import threading
@@ -27,7 +28,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from e2e_support import Server, copy_site, run_cli
+from e2e_support import Server, copy_site, free_port, run_cli
 from varnish_support import SECRET_ENV, Link, Varnish, compile_vcl, require_varnish
 
 from pyisr.draft import COOKIE, draft_cookie_value
@@ -504,3 +505,71 @@ def test_a_failed_background_refresh_keeps_the_stale_copy(scripted: tuple[Origin
         assert answer.status_code == 200 and answer.text == "good"
         time.sleep(0.05)
     assert origin.hits["/flaky"] >= 2, "Varnish did ask again"
+
+
+# -- a deploy purges the build it replaces ---------------------------------------------------------
+
+
+def test_a_deploy_purges_the_previous_builds_pages_at_varnish(tmp_path: Path) -> None:
+    """A page cached for an hour at the edge shows the new build as soon as it is live.
+
+    Build A's page is cached at Varnish. Build B goes live while A is still served, and A's
+    server dies without a word (SIGKILL): B's server purges A's pages as it starts. Then
+    build C goes live, and B's server, stopped as a deploy stops it, purges its own.
+    """
+    require_varnish()
+    site = copy_site(SITE, tmp_path / "site")
+    data = tmp_path / "data"
+    data.mkdir()
+    backend = free_port()
+    varnish = Varnish(backend, tmp_path / "varnish", env={SECRET_ENV: PURGE_SECRET}).start()
+    env = {
+        "PYISR_REVALIDATE_SECRET": REVALIDATE_SECRET,
+        "EDGE_DATA": str(data),
+        "PYISR_CDN": f"varnish://127.0.0.1:{varnish.port}",
+        SECRET_ENV: PURGE_SECRET,
+    }
+    client = httpx.Client(timeout=10)
+    servers: list[Server] = []
+
+    def build() -> str:
+        built = run_cli(["build", str(site)], env)
+        assert built.returncode == 0, built.stdout + built.stderr
+        return (site / ".pyisr" / "BUILD_ID").read_text().strip()
+
+    def serve() -> Server:
+        servers.append(Server(site, env, port=backend).start())
+        return servers[-1]
+
+    def at_edge() -> httpx.Response:
+        return client.get(varnish.url + "/c/deploy")
+
+    try:
+        build_a = build()
+        server_a = serve()
+        direct = server_a.get("/c/deploy")
+        assert f"_b/{build_a}" in direct.headers["surrogate-key"].split()
+        assert value(at_edge()) == 0 and is_varnish_hit(at_edge())
+
+        (data / "value-deploy").write_text("1")  # what build B renders
+        build_b = build()
+        assert server_a.proc is not None
+        os.killpg(server_a.proc.pid, signal.SIGKILL)  # no shutdown, no purge of its own
+        server_a.proc.wait()
+        server_a.proc = None
+        assert value(at_edge()) == 0, "still A's page: nothing has purged it"
+
+        server_b = serve()
+        until(lambda: value(at_edge()) == 1)  # B's start purged A's pages
+        assert f"_b/{build_b}" in server_b.get("/c/deploy").headers["surrogate-key"].split()
+        assert is_varnish_hit(at_edge())
+
+        build()  # C is current; B's server is still up, and still B's
+        assert value(at_edge()) == 1 and is_varnish_hit(at_edge())
+        server_b.stop()  # as a deploy stops it: it purges B's pages on its way out
+        until(lambda: at_edge().status_code == 503)  # nothing cached, nobody to ask
+    finally:
+        client.close()
+        for server in servers:
+            server.stop()
+        varnish.stop()

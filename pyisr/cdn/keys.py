@@ -17,7 +17,9 @@ carried. What it must survive:
   with too many tags is then purged by any purge, a few too many, never missed.
 
 Stale marks (``revalidate_tag(tag, stale=True)``) have no key of their own: they purge
-the tag's key (softly where the CDN can).
+the tag's key (softly where the CDN can). A site server's answers also carry the key of
+the build they come from (:func:`build_key`), so a deploy can purge the previous build's
+pages (:mod:`pyisr.cdn.deploys`).
 """
 
 from __future__ import annotations
@@ -35,6 +37,9 @@ MAX_KEY_LENGTH = 128
 MAX_HEADER_BYTES = 4096
 #: The key of every response whose keys did not all fit; named by every purge.
 OVERFLOW_KEY = "_o"
+
+#: The key of every answer of one build: ``_b/`` and the build id (already plain ASCII).
+BUILD_KEY_PREFIX = "_b/"
 
 SURROGATE_KEY = "surrogate-key"
 CACHE_TAG = "cache-tag"
@@ -73,6 +78,11 @@ def purge_keys(tags: Iterable[str]) -> list[str]:
     return [*keys, OVERFLOW_KEY] if keys else []
 
 
+def build_key(build_id: str) -> str:
+    """The key every answer of build ``build_id`` carries, and a purge of that build names."""
+    return BUILD_KEY_PREFIX + build_id
+
+
 def _fit(keys: Sequence[str], separator: str) -> str:
     """Keys joined by ``separator``, within :data:`MAX_HEADER_BYTES` (else ending in the overflow key)."""
     value = separator.join(keys)
@@ -89,23 +99,30 @@ def _fit(keys: Sequence[str], separator: str) -> str:
     return separator.join([*kept, OVERFLOW_KEY])
 
 
-def _entry_order(tags: tuple[str, ...]) -> list[str]:
-    """An entry's own path and route first, then its tags, then its layouts: what must fit."""
+def _entry_order(tags: tuple[str, ...], build: str | None) -> list[str]:
+    """An entry's own path and route first, its build's key, then its tags, then its
+    layouts: what must fit."""
     first = [t for t in tags if t.startswith(PATH_TAG) or t.startswith(PAGE_TAG)]
     layouts = [t for t in tags if t.startswith(LAYOUT_TAG)]
     rest = [t for t in tags if t not in first and t not in layouts]
-    return edge_keys([*first, *rest, *layouts])
+    keys = edge_keys(first)
+    if build is not None:
+        keys.append(build_key(build))
+    return list(dict.fromkeys([*keys, *edge_keys([*rest, *layouts])]))
 
 
 @functools.lru_cache(maxsize=8192)
-def tag_headers(tags: tuple[str, ...], names: tuple[str, ...]) -> tuple[tuple[bytes, bytes], ...]:
-    """The ready header lines (``names``, of :data:`TAG_HEADERS`) for an entry's ``tags``.
+def tag_headers(
+    tags: tuple[str, ...], names: tuple[str, ...], build: str | None = None
+) -> tuple[tuple[bytes, bytes], ...]:
+    """The ready header lines (``names``, of :data:`TAG_HEADERS`) for an entry's ``tags``
+    as build ``build`` serves it.
 
     Memoised: an entry's tags are the same on every answer, so a HIT pays one lookup.
     """
     if not tags or not names:
         return ()
-    keys = _entry_order(tags)
+    keys = _entry_order(tags, build)
     return tuple((name.encode(), _fit(keys, TAG_HEADERS[name]).encode("ascii")) for name in names)
 
 

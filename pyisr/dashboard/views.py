@@ -318,7 +318,9 @@ class Dashboard:
         headers = (
             [
                 (n.decode("latin-1"), v.decode("latin-1"))
-                for n, v in entry_headers(entry, CacheStatus.HIT, cdn_tag_headers=engine.cdn_tag_headers)
+                for n, v in entry_headers(
+                    entry, CacheStatus.HIT, cdn_tag_headers=engine.cdn_tag_headers, build=engine.edge_build
+                )
             ]
             if entry is not None
             else []

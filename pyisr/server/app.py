@@ -31,6 +31,7 @@ from starlette.types import Receive, Scope, Send
 from pyisr import draft
 from pyisr.cache.shareable import visitor_headers
 from pyisr.cdn import attach_cdn
+from pyisr.cdn.deploys import purge_if_superseded, purge_other_builds
 from pyisr.config import Config, load_config
 from pyisr.deploys import BuildLease, BuildWatcher, remove_unused_builds
 from pyisr.engine import (
@@ -139,6 +140,9 @@ class App:
         #: The CDN purges this App attached (closed at shutdown). A dev server attaches none:
         #: its pages are never cached at an edge, and the site's CDN is production's.
         self.cdn = None if dev or engine.cdn is not None else attach_cdn(engine, self.config.cdn)
+        if not dev and build_id is not None:
+            # Every cacheable answer names its build, for the purges that follow a deploy.
+            self.engine.edge_build = build_id
         #: The scheme and host cached route handlers see (site_url / allowed_hosts).
         self.origin = CanonicalOrigin(self.config.site_url, self.config.allowed_hosts)
         if not dev and not self.origin.configured and self._has_cached_handlers():
@@ -187,6 +191,8 @@ class App:
             else:
                 await self._seed_shared_cache()
                 self._cleanup = asyncio.get_running_loop().create_task(self._remove_unused_builds())
+                if self.engine.cdn is not None and self.engine.edge_build is not None:
+                    purge_other_builds(self.engine.cdn, self.site_dir, self.engine.edge_build)
             if self.build_watcher is not None:
                 self.build_watcher.start()
             # The fast path's answers reach the events only when collected: report them
@@ -210,6 +216,8 @@ class App:
             # ...but a slow store must not hold up a reload or a deploy: the counts are
             # worth less than a server that stops when asked.
             await asyncio.wait([self._reporting], timeout=FINAL_REPORT_WAIT)
+        if self.engine.cdn is not None and self.engine.edge_build is not None:
+            purge_if_superseded(self.engine.cdn, self.site_dir, self.engine.edge_build)
         if self.cdn is not None:
             await self.cdn.aclose()  # the last purges, for a few seconds at most
         await self.engine.handler.close()
@@ -488,7 +496,7 @@ class App:
         # A stored encoding the request accepts (pyisr.compression): sent as it is.
         accept = request_headers.get("accept-encoding") if self.engine.compress else None
         coding = answer_coding(entry, served.status, accept)
-        out = served_headers(served, self.engine.cdn_tag_headers, coding)
+        out = served_headers(served, self.engine.cdn_tag_headers, coding, self.engine.edge_build)
         if served.status is not CacheStatus.STALE and served.stored:
             # (A render the store refused is rendered again by the next request: not hot.)
             self.fast.remember(scope, entry, route)

@@ -312,7 +312,11 @@ class FastPath:
         """The four ready answers of ``entry`` in ``coding`` (``None``: identity), with the
         headers :func:`pyisr.http.entry_headers` gives every other answer."""
         headers = entry_headers(
-            entry, CacheStatus.HIT, cdn_tag_headers=self.engine.cdn_tag_headers, coding=coding
+            entry,
+            CacheStatus.HIT,
+            cdn_tag_headers=self.engine.cdn_tag_headers,
+            coding=coding,
+            build=self.engine.edge_build,
         )
         common = [h for h in headers if h[0] != b"x-pyisr-cache" and h[0] != b"cache-status"]
         body = answer_body(entry, coding)
