@@ -234,6 +234,11 @@ PARSERS: dict[str, tuple[Callable[[Any], Any], str]] = {
 }
 
 
+#: The settings of how pages are served that every way in takes: a site's ``pyisr.toml``,
+#: Django's ``PYISR``, and ``pyisr.configure()`` (with their ``PYISR_*`` variables).
+SERVING_KEYS = ("compress", "cdn_tag_headers", "rewarm_rate")
+
+
 def _apply(config: Config, values: Mapping[str, Any], source: Callable[[str], str]) -> None:
     for key, raw in values.items():
         if raw is None:

@@ -74,17 +74,14 @@ def _serving_defaults(options: dict[str, Any]) -> None:
     """How pages are served (``compress``, ``cdn_tag_headers``, ``rewarm_rate``) when not
     given: from ``PYISR_COMPRESS``, ``PYISR_CDN_TAG_HEADERS`` and ``PYISR_REWARM_RATE``,
     read and checked as a site's server reads them, else their defaults."""
-    from pyisr.config import load_config
+    from pyisr.config import SERVING_KEYS, load_config
 
-    names = ("compress", "cdn_tag_headers", "rewarm_rate")
-    if all(name in options for name in names):
+    if all(name in options for name in SERVING_KEYS):
         return
-    config = load_config(None, environ={k: v for k, v in os.environ.items() if k in _SERVING_VARIABLES})
-    for name in names:
+    variables = {f"PYISR_{name.upper()}" for name in SERVING_KEYS}
+    config = load_config(None, environ={k: v for k, v in os.environ.items() if k in variables})
+    for name in SERVING_KEYS:
         options.setdefault(name, getattr(config, name))
-
-
-_SERVING_VARIABLES = frozenset({"PYISR_COMPRESS", "PYISR_CDN_TAG_HEADERS", "PYISR_REWARM_RATE"})
 
 
 def _with_cdn(engine: Engine, urls: Iterable[str] | str, where: str = "cdn") -> Engine:

@@ -43,13 +43,10 @@ def configure_engine(settings: Any) -> None:
     """The process's default engine over the project's cache; ``revalidate(path)`` finds
     the URLconf's ``@isr`` views through it before any view module is imported."""
     import pyisr
+    from pyisr.config import SERVING_KEYS
     from pyisr.integrations.django.resolver import resolve_page
 
-    serving = {
-        name: value
-        for name in ("cdn_tag_headers", "compress", "rewarm_rate")
-        if (value := getattr(settings, name)) is not None
-    }
+    serving = {name: value for name in SERVING_KEYS if (value := getattr(settings, name)) is not None}
     engine = pyisr.configure(
         settings.cache,
         memory_tier_bytes=settings.memory_tier,

@@ -216,10 +216,10 @@ def _serving(raw: Mapping[str, Any], problems: list[Problem]) -> dict[str, Any]:
     """``cdn_tag_headers``, ``compress`` and ``rewarm_rate``, checked by the parsers a
     site's ``pyisr.toml`` goes through (``compress`` must be a real bool here: the
     string ``"false"`` in Python code is a mistake, not a choice)."""
-    from pyisr.config import PARSERS
+    from pyisr.config import PARSERS, SERVING_KEYS
 
     out: dict[str, Any] = {}
-    for key in ("cdn_tag_headers", "compress", "rewarm_rate"):
+    for key in SERVING_KEYS:
         if key not in raw:
             continue
         value = raw[key]
