@@ -303,11 +303,13 @@ def start(
     _check_cdn(_config(site, **settings))
     _export(settings)
     from pyisr.deploys import START_PID_ENV, current_manifest_path
+    from pyisr.rewarm import WORKERS_ENV
 
     if current_manifest_path(site) is None:  # BUILD_ID and that build's own manifest
         console.print(f"[red]No build found in {site / '.pyisr'}.[/red] Run `pyisr build {site}` first.")
         sys.exit(1)
     os.environ[START_PID_ENV] = str(os.getpid())  # whom a worker tells to `kill -HUP` for a new build
+    os.environ[WORKERS_ENV] = str(workers)  # they share the instance's rewarm_rate
     try:
         from pyisr.site.site import Site
 

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from pyisr.cache.activity import ActivityReport, Invalidation
 from pyisr.cache.entry import EntryKind
+from pyisr.recent_hits import RecentHits
 from pyisr.render import RenderPolicy
 
 if TYPE_CHECKING:
@@ -124,6 +125,8 @@ class Events:
         #: CDN purges are counted on the purge queue's thread, hence under a lock of their own.
         self._cdn_lock = threading.Lock()
         self._cdn_purges: dict[tuple[str, str], int] = {}
+        #: Hits per key in this process, the older the less (what a re-warm orders by).
+        self.recent = RecentHits()
 
     # -- counting (cheap: called on every answer) ---------------------------------------------
 
@@ -191,6 +194,7 @@ class Events:
         self._fold_sources(delta)
         activity = delta.activity
         now = self.clock()
+        self.recent.add(delta.hits, now)
         for key, n in delta.hits.items():
             activity.hits[key] = n
         for (status, _route), n in delta.requests.items():
@@ -208,14 +212,18 @@ class Events:
                 if key in delta.hits or len(delta.hits) < MAX_KEYS_PER_REPORT:
                     delta.hits[key] = delta.hits.get(key, 0) + n
 
-    def pending_hits(self) -> dict[str, int]:
-        """Hits per key counted since the last report, the sources' included: what the
-        store's record does not have yet (a re-warm, pyisr.rewarm, adds them to it).
+    def recent_hits(self) -> dict[str, float]:
+        """This process's hits per key, each counting less as it ages (:mod:`pyisr.recent_hits`),
+        the ones not taken yet included at full weight: what a re-warm (pyisr.rewarm)
+        orders by.
 
         The sources' counts move into the pending ones, so the next report still has them.
         """
         self._fold_sources(self._delta)
-        return dict(self._delta.hits)
+        hits = self.recent.counts(self.clock())
+        for key, n in self._delta.hits.items():
+            hits[key] = hits.get(key, 0.0) + n
+        return hits
 
     def due(self) -> bool:
         return time.monotonic() - self._reported_at >= self.report_every

@@ -25,9 +25,11 @@ What starts a run:
   view of the tag times shows the change: the engine decides by that view, and a
   memory tier mirrors another process's invalidations only within its refresh.
 
-A run (:meth:`Rewarmer._run`) goes through the keys by hits, most first (the store's
-record, which every process reports to, plus this process's counts not reported yet),
-and re-renders those whose stored entry one of its tags invalidated or marked stale
+A run (:meth:`Rewarmer._run`) goes through the keys by recent hits, most first: this
+process's own, each hit counting half every ten minutes (:mod:`pyisr.recent_hits`; with
+a load balancer, one process's traffic is a fair sample of the site's), then, for keys
+it has not served lately, the store's record of every process's hits since the build.
+It re-renders those whose stored entry one of its tags invalidated or marked stale
 and that a resolver knows (:meth:`Engine.resolve`), at most :data:`MAX_RENDERS` of them
 and never more than ``rate`` starts per second. Each is :meth:`Engine.rewarm`: the
 engine's single flight and the store's lock, so a key another process is rendering is
@@ -45,6 +47,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
 import logging
 import os
 import threading
@@ -68,6 +71,8 @@ logger = logging.getLogger("pyisr")
 #: Re-warm renders started per second per process when nothing says otherwise
 #: (``rewarm_rate`` of ``pyisr.toml``, Django's ``PYISR``, ``configure()``, the middleware).
 DEFAULT_RATE = 20.0
+#: How many worker processes share one instance's rate (``pyisr start --workers N`` sets it).
+WORKERS_ENV = "PYISR_START_WORKERS"
 #: Invalidation kinds that touch many entries, and so start a run.
 WIDE_KINDS = frozenset({"tag", "page", "layout"})
 #: Re-warm renders started per run at most (the hottest candidates).
@@ -112,6 +117,17 @@ class RunReport:
     #: A newer invalidation cancelled it.
     superseded: bool = False
     done: bool = False
+
+
+def process_share(rate: float) -> float:
+    """One worker process's part of an instance's ``rewarm_rate``: ``pyisr start
+    --workers 4`` at 20 pages a second re-warms 5 a second in each worker, so the instance
+    renders 20 a second at most whatever its number of workers."""
+    try:
+        workers = int(os.environ.get(WORKERS_ENV) or 1)
+    except ValueError:
+        workers = 1
+    return rate / max(1, workers)
 
 
 def is_wide_tag(tag: str) -> bool:
@@ -311,8 +327,7 @@ class Rewarmer:
         try:
             handler = self.engine.handler
             times = await self._tag_times(report.tags, known)
-            hits = await self._hits() if times else {}
-            hottest = sorted(hits, key=lambda k: (-hits[k], k))[:MAX_EXAMINED]
+            hottest = await self._hottest() if times else []
             for key in hottest:
                 if len(report.started) >= self.limit:
                     break
@@ -390,8 +405,11 @@ class Rewarmer:
             else:
                 return
 
-    async def _hits(self) -> dict[str, int]:
-        """Hits per key: the store's record (every process's reports) and ours not sent yet."""
+    async def _hottest(self) -> list[str]:
+        """Keys hottest first: by this process's recent hits (pyisr.recent_hits), then, for
+        keys it has not served lately (a process just started), by the store's record of
+        every process's hits since the build."""
+        recent = self.engine.events.recent_hits()
         now = self.clock()
         if self._store_hits is None or now - self._store_hits[0] >= HITS_FRESH_FOR:
             try:
@@ -400,10 +418,9 @@ class Rewarmer:
             except Exception as exc:  # noqa: BLE001 - this process's own counts still order the run
                 logger.debug("re-warm: reading the store's hits failed: %s: %s", type(exc).__name__, exc)
                 self._store_hits = (now, {})
-        hits = dict(self._store_hits[1])
-        for key, n in self.engine.events.pending_hits().items():
-            hits[key] = hits.get(key, 0) + n
-        return hits
+        stored = self._store_hits[1]
+        keys = set(recent).union(stored)
+        return heapq.nsmallest(MAX_EXAMINED, keys, key=lambda k: (-recent.get(k, 0.0), -stored.get(k, 0), k))
 
     @staticmethod
     def _log(report: RunReport, seconds: float) -> None:

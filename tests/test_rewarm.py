@@ -238,6 +238,48 @@ async def test_unreported_hits_count_too(setup: tuple[Engine, Pages], clock: Fak
     assert pages.rendered() == ["/p/12", *HOTTEST]
 
 
+async def test_recent_hits_outrank_old_ones(setup: tuple[Engine, Pages], clock: FakeClock) -> None:
+    """Yesterday's front page (/p/13, 1,000 hits then) comes after today's (/p/14, 10 hits)."""
+    engine, pages = setup
+    for _ in range(1000):
+        await pages.visit(engine, "/p/13")
+    engine.events.take()  # reported, as every few seconds
+    clock.advance(24 * 3600)
+    for _ in range(10):
+        await pages.visit(engine, "/p/14")
+    rewarmer = Rewarmer(engine, 100, poll_every=None, clock=clock, sleep=fake_sleep(clock))
+    rewarmer.start()
+    await engine.revalidate_tag("posts")
+    await rewarmer.idle()
+    assert pages.rendered()[:2] == ["/p/14", "/p/13"], "recent first, then what was hot once"
+    assert pages.rendered()[2:] == HOTTEST, "then the store's record, for keys not served here lately"
+
+
+def test_recent_hits_halve_every_half_life_and_stay_bounded() -> None:
+    from pyisr.recent_hits import RecentHits
+
+    recent = RecentHits(half_life=600, limit=3)
+    assert recent.counts(0) == {}
+    recent.add({"/a": 8}, now=1000)
+    recent.add({"/b": 2}, now=1600)
+    counts = recent.counts(1600)
+    assert counts["/a"] == pytest.approx(4) and counts["/b"] == pytest.approx(2)
+    assert recent.counts(2200)["/a"] == pytest.approx(2)
+    # Past 64 half-lives the weights are scaled back: the counts are unchanged by it, and
+    # what no longer counts at all (/a, 8 hits 65 half-lives ago) is let go.
+    recent.add({"/d": 4}, now=1000 + 600 * 63)
+    later = 1000 + 600 * 65
+    recent.add({"/c": 1}, now=later)
+    assert recent.counts(later)["/c"] == pytest.approx(1)
+    assert recent.counts(later)["/d"] == pytest.approx(1)
+    assert "/a" not in recent.counts(later)
+    for i in range(10):  # past twice the limit, the most requested are kept
+        recent.add({f"/k{i}": 100 + i}, now=later)
+    assert len(recent) <= 6 and "/k9" in recent.counts(later)
+    with pytest.raises(ValueError, match="half_life"):
+        RecentHits(half_life=0)
+
+
 async def test_rate_zero_does_nothing(setup: tuple[Engine, Pages], clock: FakeClock) -> None:
     engine, pages = setup
     rewarmer = Rewarmer(engine, 0, poll_every=0.01, clock=clock, sleep=fake_sleep(clock))
@@ -654,6 +696,20 @@ async def test_an_app_starts_and_stops_its_rewarmer(rewarm_site: Path) -> None:
         assert (await client.get("/p/1")).headers["x-pyisr-cache"] == "HIT"
         await app.shutdown()
     assert app.rewarmer._poller is None
+
+
+def test_an_instances_workers_share_its_rate(rewarm_site: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``rewarm_rate`` is per instance: ``pyisr start --workers 4`` gives each worker a quarter."""
+    from pyisr.rewarm import WORKERS_ENV, process_share
+    from pyisr.server.app import App
+
+    built = run_cli(["build", str(rewarm_site)], {})
+    assert built.returncode == 0, built.stdout + built.stderr
+    monkeypatch.setenv(WORKERS_ENV, "4")
+    app = App(rewarm_site)
+    assert app.rewarmer is not None and app.rewarmer.rate == 5
+    monkeypatch.setenv(WORKERS_ENV, "not a number")
+    assert process_share(20) == 20
 
 
 # -- the ASGI middleware -------------------------------------------------------------------

@@ -58,7 +58,7 @@ from pyisr.http import (
 from pyisr.log import configure_fetch_logging, configure_log_format, enable_debug_logging
 from pyisr.origin import LOCALHOST, CanonicalOrigin, Origin
 from pyisr.paths import BadPath, normalize_path
-from pyisr.rewarm import Rewarmer
+from pyisr.rewarm import Rewarmer, process_share
 from pyisr.runtime import set_engine
 from pyisr.server import rsgi
 from pyisr.server.endpoints import PREFIX, Endpoints, draft_secret_of
@@ -163,7 +163,7 @@ class App:
         self._reporting: asyncio.Task[None] | None = None
         #: Renders the hottest pages again after a wide invalidation (pyisr.rewarm); not in
         #: dev, where every page renders per request.
-        self.rewarmer = Rewarmer(self.engine, self.config.rewarm_rate) if not dev else None
+        self.rewarmer = Rewarmer(self.engine, process_share(self.config.rewarm_rate)) if not dev else None
 
     # -- start-up and shutdown ------------------------------------------------------------
 
