@@ -250,19 +250,19 @@ def test_flask_and_sqlalchemy_pages_refresh_after_an_edit(
     assert {"pages:home", "pages:*"} <= set(run_sync(sync_engine.inspect("/p/home")).tags)  # type: ignore[union-attr]
 
 
-def test_hot_pages_are_rewarmed_in_the_background_after_a_wide_invalidation() -> None:
+def test_views_with_an_engine_of_their_own_are_rewarmed_and_revalidated() -> None:
+    """``@isr(engine=...)``: re-warms and ``revalidate(path)`` asked of that engine find the
+    view (and the default engine's do not)."""
     import time
 
     from pyisr.rewarm import background_rewarmer, stop_rewarm_in_background
-    from pyisr.runtime import set_engine
 
     engine = Engine(pyisr.MemoryCache(), rewarm_rate=100, max_concurrent_renders=4)
-    set_engine(engine)  # as configure(rewarm_rate=100) makes it
     renders: list[str] = []
     app = Flask("pyisr_rewarm")
 
     @app.get("/p/<id>")
-    @isr(revalidate=False, tags=["posts"])
+    @isr(revalidate=False, tags=["posts"], engine=engine)
     def post(id: str) -> str:
         renders.append(id)
         return f"post {id}, render {len(renders)}"
@@ -284,7 +284,17 @@ def test_hot_pages_are_rewarmed_in_the_background_after_a_wide_invalidation() ->
         fresh = client.get("/p/1")
         assert (fresh.headers["x-pyisr-cache"], fresh.get_data(as_text=True)) == ("HIT", "post 1, render 4")
         assert client.get("/p/3").headers["x-pyisr-cache"] == "MISS"
+
+        from pyisr.integrations import flask as flask_integration
+        from pyisr.revalidation import revalidate
+
+        run_sync(revalidate("/p/2", engine=engine))  # rendered now, through the app
+        again = client.get("/p/2")
+        assert (again.headers["x-pyisr-cache"], again.get_data(as_text=True)) == ("HIT", "post 2, render 7")
+        default = Engine(pyisr.MemoryCache())  # the default engine's views are others
+        default.add_resolver(flask_integration._resolve)
+        with pytest.raises(pyisr.RevalidationError, match="/p/2"):
+            run_sync(revalidate("/p/2", engine=default))
     finally:
         stop_rewarm_in_background(engine)
         run_sync(engine.drain())
-        set_engine(None)

@@ -135,7 +135,7 @@ def isr(
 
     def decorate(view: View) -> View:
         # revalidate(path) can reach this view now (and from every engine it later serves with).
-        (engine if engine is not None else get_engine()).add_resolver(_resolve)
+        (engine if engine is not None else get_engine()).add_resolver(_resolver_for(engine))
 
         @functools.wraps(view)
         def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -265,7 +265,7 @@ def _answer(app: Any, environ: dict[str, Any]) -> Any:
         return "bypass"
     _remember_site(app, environ)
     eng = options.engine if options.engine is not None else get_engine()
-    eng.add_resolver(_resolve)
+    eng.add_resolver(_resolver_for(options.engine))
     rewarm_in_background(eng)
     key, policy = _key_and_policy(request.script_root, request.path, rule.rule, options)
     failed = FailedResponse()
@@ -397,8 +397,29 @@ def _current_app() -> Any:
     return ref() if ref is not None else None
 
 
-async def _resolve(key: str) -> tuple[str, Any, RenderPolicy] | None:
-    """``pyisr.revalidate(path)`` for Flask: the @isr view the app routes ``key`` to.
+#: The resolver of the views caching in an engine of their own (``@isr(engine=...)``), by
+#: engine: ``revalidate(path)`` and re-warms asked of that engine find them, and only them.
+_own_engine_resolvers: weakref.WeakKeyDictionary[Engine, Callable[[str], Any]] = weakref.WeakKeyDictionary()
+
+
+def _resolver_for(engine: Engine | None) -> Callable[[str], Any]:
+    """The resolver to register on ``engine`` (``None``: the default engine's views)."""
+    if engine is None:
+        return _resolve
+    found = _own_engine_resolvers.get(engine)
+    if found is None:
+        owner = weakref.ref(engine)
+
+        async def resolve_own(key: str) -> tuple[str, Any, RenderPolicy] | None:
+            return await _resolve(key, owner())
+
+        found = _own_engine_resolvers[engine] = resolve_own
+    return found
+
+
+async def _resolve(key: str, engine: Engine | None = None) -> tuple[str, Any, RenderPolicy] | None:
+    """``pyisr.revalidate(path)`` for Flask: the @isr view the app routes ``key`` to, if
+    it caches in ``engine`` (``None``: the default engine).
 
     Keys have no trailing slash; a rule that has one (``/docs/<name>/``) is found with it.
     """
@@ -409,10 +430,10 @@ async def _resolve(key: str) -> tuple[str, Any, RenderPolicy] | None:
     path = path_info_for(key, script)
     if path is None:
         return None
-    found = _view_options(app, path, script)
+    found = _view_options(app, path, script, engine)
     if found is None and not path.endswith("/"):
         path += "/"
-        found = _view_options(app, path, script)
+        found = _view_options(app, path, script, engine)
     if found is None:
         return None
     options, rule = found
@@ -421,9 +442,9 @@ async def _resolve(key: str) -> tuple[str, Any, RenderPolicy] | None:
     return resolved, _render(app, environ, FailedResponse()), policy
 
 
-def _view_options(app: Any, path: str, script: str) -> tuple[_Options, str] | None:
+def _view_options(app: Any, path: str, script: str, engine: Engine | None) -> tuple[_Options, str] | None:
     """The ``@isr`` options and URL rule of the view ``path`` routes to (exactly: a
-    redirect to the slashed rule is no match), if it is one of this engine's."""
+    redirect to the slashed rule is no match), if it caches in ``engine``."""
     from werkzeug.exceptions import HTTPException
 
     adapter = app.url_map.bind("localhost", script_name=script or None)
@@ -432,8 +453,8 @@ def _view_options(app: Any, path: str, script: str) -> tuple[_Options, str] | No
     except (HTTPException, Exception):  # noqa: BLE001 - no route, a redirect, or 405
         return None
     options = getattr(app.view_functions.get(rule.endpoint), "__pyisr_isr__", None)
-    if not isinstance(options, _Options) or options.engine not in (None, get_engine()):
-        return None  # not an @isr view, or one caching in an engine of its own
+    if not isinstance(options, _Options) or options.engine is not engine:
+        return None  # not an @isr view, or one caching in another engine
     return options, rule.rule
 
 
