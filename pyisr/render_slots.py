@@ -225,6 +225,20 @@ async def call_in_thread(fn: Callable[..., Any], *args: Any) -> Any:
     return await asyncio.wrap_future(shared_pool().submit(call))
 
 
+async def _within(job: asyncio.Future[Any], timeout: float, key: str) -> Any:
+    """``job``'s result, or :class:`RenderTimeout` once ``timeout`` seconds have passed.
+
+    A ``TimeoutError`` the render raised itself (a backend it called timed out) is the
+    render's failure, told as it is: only the engine's own deadline is a render timeout.
+    """
+    try:
+        return await asyncio.wait_for(job, timeout)
+    except TimeoutError as exc:
+        if job.done() and not job.cancelled() and job.exception() is not None:
+            raise
+        raise RenderTimeout(f"render of {key} took longer than {timeout:g}s") from exc
+
+
 async def run_render(
     render: RenderFn, ctx: RenderContext, slots: RenderSlots | None, timeout: float, *, spare: int = 0
 ) -> Rendered:
@@ -240,20 +254,17 @@ async def run_render(
     run_ctx = contextvars.copy_context()
     run_ctx.run(render_context.enter, ctx)
     try:
-        job: Awaitable[Any]
+        job: asyncio.Future[Any]
         if _is_async(render):
             job = asyncio.create_task(render(), context=run_ctx)  # type: ignore[arg-type]
         elif slot is not None:
-            job = slot.call(run_ctx.run, render)
+            job = asyncio.ensure_future(slot.call(run_ctx.run, render))
         else:
             job = asyncio.wrap_future(shared_pool().submit(run_ctx.run, render))
-        try:
-            result = await asyncio.wait_for(job, timeout)
-        except TimeoutError as exc:
-            raise RenderTimeout(f"render of {ctx.key} took longer than {timeout:g}s") from exc
+        result = await _within(job, timeout, ctx.key)
         if inspect.isawaitable(result):
             # A sync callable that returned a coroutine (e.g. a lambda around an async def).
-            result = await asyncio.wait_for(asyncio.create_task(_awaited(result), context=run_ctx), timeout)
+            result = await _within(asyncio.create_task(_awaited(result), context=run_ctx), timeout, ctx.key)
     finally:
         if slot is not None:
             assert slots is not None

@@ -297,6 +297,33 @@ async def test_hanging_render_times_out_and_keeps_old(clock, page_factory, caplo
     assert (await engine.get("/slow", page, policy)).entry.body == b"render 3"
 
 
+@pytest.mark.parametrize("sync", [False, True], ids=["async", "sync"])
+async def test_a_timeout_the_page_raises_is_its_failure_not_a_render_timeout(clock, sync):
+    """A backend the page calls timing out is the page's error, told as it is: never
+    "took longer than 30s", which would send the operator after render_timeout."""
+    engine = Engine(MemoryCache(), clock=clock, render_timeout=30)
+    calls = []
+
+    def fail() -> Rendered:
+        calls.append(1)
+        if len(calls) > 1:
+            raise TimeoutError("the catalogue API did not answer in 2s")
+        return Rendered("render 1")
+
+    async def afail() -> Rendered:
+        return fail()
+
+    policy = policy_for("/t", "/t")
+    await engine.get("/t", fail if sync else afail, policy)
+    clock.advance(40)
+    assert (await engine.get("/t", fail if sync else afail, policy)).status is CacheStatus.STALE
+    await engine.drain()
+    entry = await engine.inspect("/t")
+    assert entry.body == b"render 1" and entry.last_failure.exc_type == "TimeoutError"
+    assert entry.last_failure.message == "the catalogue API did not answer in 2s"
+    assert [r.result for r in engine.events.take().regenerations][-1] == "failed"
+
+
 async def test_sync_render_runs_in_a_thread(engine):
     import threading
 
