@@ -599,9 +599,9 @@ def test_the_site_server_purges_what_its_endpoint_invalidates(tmp_path: Path, we
 
 
 def test_a_deploy_purges_the_build_it_replaces(tmp_path: Path, webhook: PurgeServer) -> None:
-    """The current build's server purges the other kept builds as it starts; a server
-    whose build was replaced while it ran purges its own as it stops; one whose build is
-    still current purges nothing."""
+    """The current build's server purges the other kept builds, and those that served
+    lately, as it starts; a server whose build was replaced while it ran purges its own as
+    it stops; one whose build is still current purges nothing."""
     from e2e_support import run_cli, running
 
     site = blog_site(tmp_path)
@@ -628,3 +628,12 @@ def test_a_deploy_purges_the_build_it_replaces(tmp_path: Path, webhook: PurgeSer
     with running(site, env):
         [*_, request] = webhook.wait_for(3)
         assert request.keys == [f"_b/{build_b}"], "a rollback purges the build rolled back from"
+    # Two builds while no server runs: A and B are no longer kept, yet their pages may
+    # still be at the edge. The record of builds that served names them.
+    build_c, build_d = build(), build()
+    assert sorted(p.name for p in (site / ".pyisr" / "builds").iterdir() if p.is_dir()) == sorted(
+        [build_c, build_d]
+    )
+    with running(site, env):
+        [*_, request] = webhook.wait_for(4)
+        assert sorted(request.keys) == sorted(f"_b/{b}" for b in (build_a, build_b, build_c))

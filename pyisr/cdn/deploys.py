@@ -6,9 +6,11 @@ Every cacheable answer of a site server therefore carries the key of the build i
 from (``_b/<build id>``: :func:`pyisr.cdn.keys.build_key`), and two purges follow a
 deploy by themselves wherever ``cdn`` is set:
 
-* **at start**: a server of the site's current build purges every other build kept in
-  ``.pyisr/builds`` (the previous one, and a newer one after a rollback), so the edge
-  fetches the new build's pages from then on;
+* **at start**: a server of the site's current build purges every other build an edge
+  may still hold: those kept in ``.pyisr/builds`` (the previous one, a newer one after a
+  rollback) and the last builds whose servers sent pages to an edge, listed in
+  ``.pyisr/builds/.edge-builds`` (a build removed by two builds in a row while no server
+  ran is purged all the same). The edge fetches the new build's pages from then on;
 * **at stop**: a server of a build that is no longer current purges its own build. In a
   rolling deploy, instances still serving the old build answer the edge's refetches
   after the first purge; the last of them to stop purges what they gave it.
@@ -21,22 +23,30 @@ from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 
+from pyisr.cache.files import atomic_write
 from pyisr.cdn.keys import build_key
 from pyisr.cdn.queue import PurgeQueue
-from pyisr.deploys import kept_builds
-from pyisr.site_store import read_build_id
+from pyisr.deploys import BUILDS_DIR, dot_dir, kept_builds, registry_lock
+from pyisr.site_store import is_valid_build_id, read_build_id
 
 logger = logging.getLogger("pyisr")
 
 
 def purge_other_builds(queue: PurgeQueue, site_dir: str | os.PathLike[str], build_id: str) -> list[str]:
-    """At a server's start: purge every kept build but ``build_id``, when it is the
-    site's current build (an old build's server restarting purges nothing). Returns the
-    builds purged."""
+    """At a server's start: purge every kept or recently served build but ``build_id``,
+    when it is the site's current build (an old build's server restarting purges
+    nothing), and record ``build_id`` as served. Returns the builds purged."""
     if read_build_id(site_dir) != build_id:
         return []
-    others = [other for other in kept_builds(site_dir) if other != build_id]
+    with registry_lock(site_dir):
+        record = _record(site_dir)
+        sent = _read_record(record)
+        others = [other for other in dict.fromkeys([*sent, *kept_builds(site_dir)]) if other != build_id]
+        served = [*(other for other in sent if other != build_id), build_id][-RECORD_LENGTH:]
+        if served != sent:
+            atomic_write(record, "".join(f"{one}\n" for one in served).encode())
     if others:
         queue.add([build_key(other) for other in others])
         named = ", ".join(others)
@@ -53,3 +63,24 @@ def purge_if_superseded(queue: PurgeQueue, site_dir: str | os.PathLike[str], bui
     queue.add([build_key(build_id)])
     logger.info("purging the edge's pages of build %s: build %s is current", build_id, current)
     return True
+
+
+#: The builds that served the edge lately, oldest first: each start purges them again, so
+#: pages an old instance gave the edge after the first purge go at the next deploy at the
+#: latest, even if that instance died without its own purge.
+EDGE_RECORD = ".edge-builds"
+#: Builds the record keeps (a key each per purge: cheap for every CDN).
+RECORD_LENGTH = 10
+
+
+def _record(site_dir: str | os.PathLike[str]) -> Path:
+    return dot_dir(site_dir) / BUILDS_DIR / EDGE_RECORD
+
+
+def _read_record(path: Path) -> list[str]:
+    """The build ids in the record (an unreadable line is no build: never a key to send)."""
+    try:
+        lines = path.read_text(encoding="utf-8").split()
+    except OSError:
+        return []
+    return [line for line in dict.fromkeys(lines) if is_valid_build_id(line)]
