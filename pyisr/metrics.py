@@ -185,11 +185,16 @@ class MetricsSink:
             registry=registry,
             multiprocess_mode="livesum",
         )
-        self.entries = Gauge(
-            "pyisr_entries",
-            "Entries in the store, as the file-system cache's index (or a memory:// store) counts them.",
-            registry=registry,
-            multiprocess_mode="livemax",
+        #: Only for a store that counts its entries: a gauge never set would say 0.
+        self.entries = (
+            Gauge(
+                "pyisr_entries",
+                "Entries in the store, as the file-system cache's index (or a memory:// store) counts them.",
+                registry=registry,
+                multiprocess_mode="livemax",
+            )
+            if counts_entries(engine.handler.describe())
+            else None
         )
         self.set_gauges()
 
@@ -225,8 +230,14 @@ class MetricsSink:
         elif info.get("handler") == "memory":
             self.tier_bytes.set(info.get("bytes") or 0)
         entries = _entries(info)
-        if entries is not None:
+        if entries is not None and self.entries is not None:
             self.entries.set(entries)
+
+
+def counts_entries(info: dict[str, Any]) -> bool:
+    """Whether the store described by ``info`` knows its number of entries cheaply: the
+    file-system cache (its cap's index) and a memory store do; Redis would need a scan."""
+    return isinstance(info.get("budget"), dict) or info.get("handler") == "memory"
 
 
 def _entries(info: dict[str, Any]) -> int | None:

@@ -24,6 +24,7 @@ import pytest
 from conftest import FakeClock
 from e2e_support import Server, copy_site, run_cli
 from prometheus_client.parser import text_string_to_metric_families
+from redis_support import redis_url  # noqa: F401 - a fixture
 from starlette.applications import Starlette
 from starlette.routing import Mount
 
@@ -282,6 +283,26 @@ async def test_known_traffic_gives_known_values(make_app: Callable[..., App], cl
         again = await scrape(client)  # counters go on from where they were
     assert total(again, "pyisr_requests_total", route="/p") == 12 + 3
     await app.shutdown()
+
+
+async def test_a_redis_store_exports_no_entry_count_rather_than_zero(redis_url: str) -> None:  # noqa: F811
+    from redis_support import unique_prefix
+
+    from pyisr.cache.urls import build_handler
+
+    engine = Engine(build_handler(f"{redis_url}?prefix={unique_prefix()}", memory_tier_bytes=10**6))
+
+    async def render() -> Rendered:
+        return Rendered("<p>x</p>", revalidate=60)
+
+    for key in ("/a", "/b"):
+        await engine.get(key, render)
+    sink = enable(engine)
+    await engine.events.report()
+    found = samples(render_body(sink))
+    assert "pyisr_entries" not in {name for name, _labels in found}, "unknown, not 0"
+    assert value(found, "pyisr_tier_bytes") > 0
+    await engine.close()
 
 
 async def test_entries_and_tier_bytes_of_a_memory_store(clock: FakeClock) -> None:
