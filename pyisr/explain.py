@@ -27,7 +27,7 @@ from enum import StrEnum
 from typing import Any
 
 from pyisr.cache.activity import MAX_INVALIDATIONS, Invalidation
-from pyisr.cache.entry import CacheEntry, FailureRecord, Revalidate
+from pyisr.cache.entry import CacheEntry, EntrySummary, FailureRecord, Revalidate
 from pyisr.cache.handler import CacheHandler
 from pyisr.cache.tags import LAYOUT_TAG, PAGE_TAG, PATH_TAG, STALE_TAG, with_stale_tags
 from pyisr.regeneration import past_window
@@ -147,7 +147,8 @@ def user_tags(tags: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(t for t in tags if not t.startswith((PATH_TAG, PAGE_TAG, LAYOUT_TAG, STALE_TAG)))
 
 
-def _row(entry: CacheEntry, tag_times: Mapping[str, float], hits: int, now: float) -> EntryRow:
+def _row(summary: EntrySummary, tag_times: Mapping[str, float], hits: int, now: float) -> EntryRow:
+    entry = summary.entry
     return EntryRow(
         key=entry.key,
         kind=entry.kind.value,
@@ -158,7 +159,7 @@ def _row(entry: CacheEntry, tag_times: Mapping[str, float], hits: int, now: floa
         age=max(0.0, now - entry.created_at),
         revalidate=entry.revalidate,
         expire=entry.expire,
-        size=len(entry.body) + sum(len(encoded) for encoded in entry.encodings.values()),
+        size=summary.stored_bytes,
         tags=user_tags(entry.tags),
         hits=hits,
         last_failure=entry.last_failure,
@@ -166,13 +167,15 @@ def _row(entry: CacheEntry, tag_times: Mapping[str, float], hits: int, now: floa
     )
 
 
-async def _entries(handler: CacheHandler) -> list[CacheEntry]:
-    entries = []
+async def _summaries(handler: CacheHandler) -> list[EntrySummary]:
+    """Every entry's metadata and stored size: never a body, so listing a cache of any
+    size holds a few hundred bytes per entry, not the pages (:meth:`CacheHandler.summary`)."""
+    found = []
     async for key in handler.keys():
-        entry = await handler.reload(key)
-        if entry is not None:
-            entries.append(entry)
-    return entries
+        summary = await handler.summary(key)
+        if summary is not None:
+            found.append(summary)
+    return found
 
 
 async def list_rows(
@@ -197,18 +200,18 @@ async def list_rows(
     wanted = EntryState(state) if state else None
     if sort not in SORTS:
         raise ValueError(f"unknown sort {sort!r}: use one of {', '.join(SORTS)}")
-    entries = await _entries(handler)
+    summaries = await _summaries(handler)
     if tag:
-        entries = [e for e in entries if tag in e.tags]
+        summaries = [s for s in summaries if tag in s.entry.tags]
     if route:
-        entries = [e for e in entries if route_of(e) == route or e.key.startswith(route)]
+        summaries = [s for s in summaries if route_of(s.entry) == route or s.entry.key.startswith(route)]
     if search:
         needle = search.lower()
-        entries = [e for e in entries if needle in e.key.lower()]
-    all_tags = {t for e in entries for t in with_stale_tags(e.tags)}
+        summaries = [s for s in summaries if needle in s.entry.key.lower()]
+    all_tags = {t for s in summaries for t in with_stale_tags(s.entry.tags)}
     times = await handler.tag_times(sorted(all_tags)) if all_tags else {}
     hits = (await handler.activity(now)).hits
-    rows = [_row(e, times, hits.get(e.key, 0), now) for e in entries]
+    rows = [_row(s, times, hits.get(s.entry.key, 0), now) for s in summaries]
     if wanted is not None:
         rows = [r for r in rows if r.state is wanted]
     if sort == "key":
@@ -451,7 +454,7 @@ async def explain(handler: CacheHandler, key: str, now: float) -> Explanation:
         return Explanation(key, None, said, None, [], regenerating)
     tag_times = await handler.tag_times(with_stale_tags(entry.tags)) if entry.tags else {}
     state = entry_state(entry, tag_times, now)
-    row = _row(entry, tag_times, activity.hits.get(key, 0), now)
+    row = _row(EntrySummary.of(entry), tag_times, activity.hits.get(key, 0), now)
     touching = _touching(entry, activity.invalidations)
     said = _sentences(entry, state, tag_times, touching, now)
     if regenerating:

@@ -169,3 +169,45 @@ async def test_keys_lists_stored_keys_by_prefix(handler: CacheHandler) -> None:
     assert await listed(handler, "/blog/") == {"/blog/1", "/blog/2"}
     assert await listed(handler) == {"/blog/1", "/blog/2", "/about", data_key}
     assert await listed(handler, "/nope") == set()
+
+
+async def test_a_summary_is_the_metadata_and_the_stored_size_without_the_body(handler: CacheHandler) -> None:
+    from dataclasses import replace
+
+    original = entry(
+        "/big",
+        body=b"<p>" + b"x" * 5000 + b"</p>",
+        tags=("posts",),
+        headers={"content-type": "text/html"},
+        encodings={"br": b"B" * 40, "gzip": b"G" * 60},
+        last_failure=FailureRecord(at=1001.0, exc_type="ValueError", message="boom", count=1),
+        retry_at=1030.0,
+    )
+    assert await handler.set(original) is True
+    summary = await handler.summary("/big")
+    assert summary is not None
+    assert summary.stored_bytes == len(original.body) + 100
+    assert summary.entry.body == b"" and not summary.entry.encodings
+    assert summary.entry == replace(original, body=b"", encodings={}), "every other field as stored"
+    assert await handler.summary("/nothing/here") is None
+
+
+async def test_listing_a_cache_never_holds_its_pages_in_memory(handler: CacheHandler) -> None:
+    """``pyisr cache list`` and the dashboard read every entry: with 24 pages of 512 kB
+    (12 MB), the listing allocates a few hundred kB, not the pages."""
+    import time
+    import tracemalloc
+
+    from pyisr.explain import list_rows
+
+    body = b"x" * (512 * 1024)
+    for i in range(24):
+        assert await handler.set(entry(f"/p/{i}", body=body, created_at=time.time(), tags=("posts",)))
+    tracemalloc.start()
+    try:
+        rows = await list_rows(handler, time.time(), sort="size")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert len(rows) == 24 and all(row.size == len(body) for row in rows)
+    assert peak < 2 * 1024 * 1024, f"the listing allocated {peak / 1e6:.1f} MB"

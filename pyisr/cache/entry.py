@@ -314,6 +314,37 @@ class CacheEntry:
         )
 
 
+@dataclass(frozen=True, slots=True)
+class EntrySummary:
+    """An entry as a listing shows it: its metadata, and the bytes it stores.
+
+    Why not the entry: ``pyisr cache list`` and the dashboard look at every entry, and
+    reading every body (and its encodings) would read the whole cache into memory to
+    draw a table: gigabytes for a big site. ``entry`` is the entry with an empty body
+    and no encodings (its ETag, headers, tags, times and failure as stored).
+    """
+
+    entry: CacheEntry
+    #: The body and every stored encoding, in bytes.
+    stored_bytes: int
+
+    @classmethod
+    def of(cls, entry: CacheEntry) -> EntrySummary:
+        """The summary of an entry read whole."""
+        stored = len(entry.body) + sum(len(encoded) for encoded in entry.encodings.values())
+        return cls(replace(entry, body=b"", encodings=NO_ENCODINGS), stored)
+
+    @classmethod
+    def from_meta(cls, meta: Mapping[str, Any]) -> EntrySummary:
+        """The summary from stored metadata alone; ``ValueError`` (or ``KeyError``,
+        ``TypeError``) when it is malformed."""
+        stored = int(meta["size"]) + sum(encoded_sizes(meta).values())
+        bare = {name: value for name, value in meta.items() if name not in ("size", "encodings")}
+        if not bare.get("etag"):
+            raise ValueError(f"cache entry {meta.get('key')!r} has no ETag in its metadata")
+        return cls(CacheEntry.from_meta(bare, b""), stored)
+
+
 def encoded_sizes(meta: Mapping[str, Any]) -> dict[str, int]:
     """The encodings stored metadata lists, with their lengths, in order (``{}`` for none,
     as in metadata written before encodings existed); ``ValueError`` if malformed."""

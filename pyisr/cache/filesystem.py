@@ -52,7 +52,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 from pyisr.cache.activity import Activity, ActivityReport, Invalidation
-from pyisr.cache.entry import CacheEntry, make_etag
+from pyisr.cache.entry import CacheEntry, EntrySummary, make_etag
 from pyisr.cache.files import (
     TEMP_SUFFIX,
     exclusive_lock,
@@ -72,6 +72,7 @@ from pyisr.cache.fs_entry import (
     file_size,
     needs_repair,
     read_entry,
+    read_summary,
     roll_forward,
     stamp,
     try_load_meta,
@@ -197,6 +198,11 @@ class FileSystemCache(CacheHandler):
         if entry is not None:
             self.budget.touch(key)
         return entry
+
+    async def summary(self, key: str) -> EntrySummary | None:
+        """``key``'s metadata file and a ``stat`` of its body, never the body (a listing's
+        read: :func:`~pyisr.cache.fs_entry.read_summary`). Not counted as a use for eviction."""
+        return read_summary(key, self.slot(key))
 
     def touch(self, key: str) -> None:
         """Count ``key`` as used now, for eviction; no I/O. ``get`` does it; a memory tier

@@ -55,7 +55,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from pyisr.cache.entry import CacheEntry, encoded_sizes, make_etag
+from pyisr.cache.entry import CacheEntry, EntrySummary, encoded_sizes, make_etag
 from pyisr.cache.files import TEMP_SUFFIX, fsync_dir, read_file, still_named
 from pyisr.cache.fs_layout import EntryFiles
 
@@ -239,6 +239,21 @@ def body_matches(slot: EntryFiles, meta: Mapping[str, Any]) -> bool:
     if "body_ino" in meta:
         return _stamped_file(meta, body_file)
     return body_file.st_size == file_size(meta)
+
+
+def read_summary(key: str, slot: EntryFiles) -> EntrySummary | None:
+    """``key``'s metadata, for a listing: the metadata file, and a ``stat`` of the body
+    showing it is the one that metadata was written with (:func:`body_matches`). The
+    body itself is never read; ``None`` when there is no entry or the pair is torn (as
+    :func:`read_entry` would find, save for a body rewritten in place to the same size
+    without a stamp, which only a hand could do)."""
+    meta = try_load_meta(read_file(slot.meta))
+    if meta is None or meta.get("key") != key or not body_matches(slot, meta):
+        return None
+    try:
+        return EntrySummary.from_meta(meta)
+    except (ValueError, KeyError, TypeError):
+        return None
 
 
 def roll_forward(key: str, slot: EntryFiles, *, fsync: bool) -> bool:

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pyisr.cache.activity import Activity, ActivityLog, ActivityReport, Invalidation
-from pyisr.cache.entry import CacheEntry
+from pyisr.cache.entry import CacheEntry, EntrySummary
 
 
 class CacheHandler(ABC):
@@ -58,6 +58,16 @@ class CacheHandler(ABC):
         process stored meanwhile instead of rendering again.
         """
         return await self.get(key)
+
+    async def summary(self, key: str) -> EntrySummary | None:
+        """``key``'s metadata and stored size, for listings (``pyisr cache list``, the
+        dashboard), bypassing any in-process copy as :meth:`reload` does.
+
+        The default reads the whole entry; a store that keeps metadata apart (the file
+        system, Redis) reads it alone, so listing a big cache never reads its bodies.
+        """
+        entry = await self.reload(key)
+        return EntrySummary.of(entry) if entry is not None else None
 
     async def tag_changes(self, cursor: Any) -> tuple[Any, Mapping[str, float]] | None:
         """Tag times recorded since ``cursor`` (``None`` = all), and the cursor to pass next.
@@ -205,6 +215,12 @@ class _DuckHandler(CacheHandler):
             await self._inner.release_lock(key, token)
         else:
             await super().release_lock(key, token)
+
+    async def summary(self, key: str) -> EntrySummary | None:
+        if hasattr(self._inner, "summary"):
+            found: EntrySummary | None = await self._inner.summary(key)
+            return found
+        return await super().summary(key)
 
     async def keys(self, prefix: str = "") -> AsyncIterator[str]:
         if hasattr(self._inner, "keys"):

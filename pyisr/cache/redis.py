@@ -55,7 +55,7 @@ from redis import exceptions as redis_errors
 from redis.asyncio.cluster import RedisCluster
 
 from pyisr.cache.activity import Activity, ActivityReport, Invalidation
-from pyisr.cache.entry import ONE_YEAR, CacheEntry, encoded_sizes
+from pyisr.cache.entry import ONE_YEAR, CacheEntry, EntrySummary, encoded_sizes
 from pyisr.cache.handler import CacheHandler
 from pyisr.cache.redis_activity import RedisActivity
 from pyisr.cache.redis_connection import (
@@ -330,6 +330,25 @@ class RedisCache(CacheHandler):
             return CacheEntry.from_meta(meta, bytes(fields.get(b"body") or b""), encodings)
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             self._outage.log_error(f"get({key!r}): unreadable entry", exc)
+            return None
+
+    async def summary(self, key: str) -> EntrySummary | None:
+        """``key``'s metadata field alone (one HGET: never the body or its encodings), for
+        a listing; ``None`` if missing, unreadable or Redis is down."""
+
+        async def op(state: _LoopState) -> Any:
+            return await state.client.hget(self.entry_key(key), "meta")
+
+        raw = await self._call(op, f"summary({key!r})")
+        if isinstance(raw, _Down) or raw is None:
+            return None
+        try:
+            meta = json.loads(raw)
+            if meta.get("key") != key:
+                return None
+            return EntrySummary.from_meta(meta)
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            self._outage.log_error(f"summary({key!r}): unreadable entry", exc)
             return None
 
     async def set(self, entry: CacheEntry) -> bool:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pyisr.cache.activity import Activity, ActivityReport, Invalidation
-from pyisr.cache.entry import CacheEntry
+from pyisr.cache.entry import CacheEntry, EntrySummary
 from pyisr.cache.handler import CacheHandler
 from pyisr.cache.lru import ByteLRU
 from pyisr.cache.memory import DEFAULT_MEMORY_BYTES
@@ -113,6 +113,14 @@ class MemoryTier(CacheHandler):
         its copies so this instance goes on serving, and rendering once, from memory.
         """
         return bool(getattr(self.backing, "degraded", False))
+
+    async def summary(self, key: str) -> EntrySummary | None:
+        """The backing store's summary (its metadata alone); this tier's copy while it is down."""
+        found = await self.backing.summary(key)
+        if found is None and self._backing_down():
+            entry = self._entries.peek(key)
+            return EntrySummary.of(entry) if entry is not None else None
+        return found
 
     async def reload(self, key: str) -> CacheEntry | None:
         entry = await self.backing.get(key)
