@@ -637,3 +637,13 @@ def test_a_deploy_purges_the_build_it_replaces(tmp_path: Path, webhook: PurgeSer
     with running(site, env):
         [*_, request] = webhook.wait_for(4)
         assert sorted(request.keys) == sorted(f"_b/{b}" for b in (build_a, build_b, build_c))
+    # A record that cannot be written never stops a server: it purges what it knows.
+    record = site / ".pyisr" / "builds" / ".edge-builds"
+    record.unlink()
+    record.mkdir()
+    build_e = build()
+    with running(site, env) as server:
+        assert server.get("/blog/1").status_code == 200
+        [*_, request] = webhook.wait_for(5)
+        assert request.keys == [f"_b/{build_d}"], f"the kept build, not {build_e} itself"
+        assert "cannot record build" in server.log()

@@ -40,13 +40,17 @@ def purge_other_builds(queue: PurgeQueue, site_dir: str | os.PathLike[str], buil
     nothing), and record ``build_id`` as served. Returns the builds purged."""
     if read_build_id(site_dir) != build_id:
         return []
-    with registry_lock(site_dir):
-        record = _record(site_dir)
-        sent = _read_record(record)
-        others = [other for other in dict.fromkeys([*sent, *kept_builds(site_dir)]) if other != build_id]
-        served = [*(other for other in sent if other != build_id), build_id][-RECORD_LENGTH:]
-        if served != sent:
-            atomic_write(record, "".join(f"{one}\n" for one in served).encode())
+    record = _record(site_dir)
+    sent: list[str] = []
+    try:
+        with registry_lock(site_dir):
+            sent = _read_record(record)
+            served = [*(other for other in sent if other != build_id), build_id][-RECORD_LENGTH:]
+            if served != sent:
+                atomic_write(record, "".join(f"{one}\n" for one in served).encode())
+    except OSError as exc:  # the server starts all the same, and purges what it knows
+        logger.warning("pyisr: cannot record build %s as served at the edge: %s", build_id, exc)
+    others = [other for other in dict.fromkeys([*sent, *kept_builds(site_dir)]) if other != build_id]
     if others:
         queue.add([build_key(other) for other in others])
         named = ", ".join(others)
