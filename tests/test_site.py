@@ -208,3 +208,56 @@ async def test_two_sites_in_one_process_render_their_own_templates(tmp_path: Pat
         entry = await app.engine.revalidate_now("/", *(await app.engine.resolve("/"))[1:])
         assert entry.body == f"site {name}".encode()
         await app.engine.close()
+
+
+def stale_bytecode(path: Path, new_text: str) -> None:
+    """Cache ``path``'s code the way Python does, then change the file the way a quick
+    editor save does: the same size, within the same second (the ``.pyc`` is trusted)."""
+    import os
+    import py_compile
+
+    py_compile.compile(str(path), invalidation_mode=py_compile.PycInvalidationMode.TIMESTAMP, doraise=True)
+    stat = path.stat()
+    assert len(new_text.encode()) == stat.st_size
+    path.write_text(new_text)
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+
+
+def test_a_quick_same_size_edit_is_loaded_not_its_cached_bytecode(tmp_path: Path) -> None:
+    """``pyisr dev`` reloads after an edit; Python trusts a ``.pyc`` whose source kept
+    its size and its mtime in whole seconds, so the old page and helper would run."""
+    import sys
+    import uuid
+
+    helper = f"words_{uuid.uuid4().hex}"
+    page = f"from {helper} import WORD\nTITLE = 'version one'\ndef page(p):\n    return TITLE\n"
+    root = write(
+        tmp_path,
+        {
+            "app/page.py": page,
+            f"{helper}.py": "WORD = 'alpha'\n",
+        },
+    )
+    stale_bytecode(root / "app" / "page.py", (root / "app" / "page.py").read_text().replace("one", "two"))
+    stale_bytecode(root / f"{helper}.py", "WORD = 'omega'\n")
+    try:
+        (route,) = Site.load(root).routes
+        assert route.module.TITLE == "version two"
+        assert route.module.WORD == "omega"
+    finally:
+        sys.modules.pop(helper, None)
+
+
+def test_packages_installed_inside_the_site_folder_keep_their_bytecode(tmp_path: Path) -> None:
+    """A virtualenv kept in the site folder is not the site's code: compiling every
+    installed package at each start would cost seconds."""
+    from pyisr.site.loader import FreshSourceLoader, SiteSourceFinder
+
+    packages = tmp_path / ".venv" / "lib" / "python3.11" / "site-packages"
+    write(packages, {"somelib_for_test.py": "X = 1\n"})
+    write(tmp_path, {"own_helper_for_test.py": "X = 2\n"})
+    finder = SiteSourceFinder(tmp_path.resolve())
+    assert finder.find_spec("somelib_for_test", [str(packages)]) is None
+    own = finder.find_spec("own_helper_for_test", [str(tmp_path)])
+    assert own is not None and isinstance(own.loader, FreshSourceLoader)
+    assert finder.find_spec("json") is None

@@ -10,13 +10,14 @@ from __future__ import annotations
 import ast
 import difflib
 import hashlib
+import importlib.machinery
 import importlib.util
 import sys
 import traceback
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType
+from types import CodeType, ModuleType
 
 from pyisr import lifetimes
 from pyisr.cache.tags import validate_tags
@@ -57,12 +58,66 @@ NEXT_NAMES = {
 }
 
 
+class FreshSourceLoader(importlib.machinery.SourceFileLoader):
+    """Compiles the file as it is now, never from a cached ``.pyc``.
+
+    Python trusts a ``.pyc`` while the source's mtime, in whole seconds, and its size
+    are unchanged: an edit saved within the second that keeps the size (``'one'`` to
+    ``'two'``) would run the old code after ``pyisr dev`` reloads, or after a deploy
+    that rewrites a file. A site's modules are few and compile in milliseconds.
+    """
+
+    def get_code(self, fullname: str) -> CodeType:
+        path = self.get_filename(fullname)
+        return self.source_to_code(self.get_data(path), path)
+
+
+class SiteSourceFinder:
+    """Loads the site's own helpers (``from lib.db import posts``) with
+    :class:`FreshSourceLoader` too; every other import is left to Python."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def find_spec(
+        self, fullname: str, path: Sequence[str] | None = None, target: ModuleType | None = None
+    ) -> importlib.machinery.ModuleSpec | None:
+        spec = importlib.machinery.PathFinder.find_spec(fullname, path, target)
+        if (
+            spec is None
+            or spec.origin is None
+            or not isinstance(spec.loader, importlib.machinery.SourceFileLoader)
+        ):
+            return None
+        origin = Path(spec.origin)
+        if not origin.is_relative_to(self.root) or _installed(origin):
+            return None
+        spec.loader = FreshSourceLoader(fullname, spec.origin)
+        return spec
+
+
+def _installed(origin: Path) -> bool:
+    """A package installed in a virtualenv kept inside the site folder (``.venv/``)
+    keeps its ``.pyc`` files: compiling Django at every start would cost seconds."""
+    return origin.is_relative_to(sys.prefix) or bool(_PACKAGE_DIRS.intersection(origin.parts))
+
+
+_PACKAGE_DIRS = frozenset({"site-packages", "dist-packages"})
+
+
+def import_from_source(site_root: Path) -> None:
+    """Make the site's helper modules load by :class:`FreshSourceLoader` (once per root)."""
+    root = site_root.resolve()
+    if not any(isinstance(f, SiteSourceFinder) and f.root == root for f in sys.meta_path):
+        sys.meta_path.insert(0, SiteSourceFinder(root))
+
+
 def load_module(path: Path, site_root: Path) -> ModuleType:
     """Import ``path`` under a unique private name (brackets in file names are fine)."""
     rel = path.relative_to(site_root).as_posix()
     digest = hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:10]
     name = f"pyisr_site_{digest}_" + "".join(c if c.isalnum() else "_" for c in rel[:-3])
-    spec = importlib.util.spec_from_file_location(name, path)
+    spec = importlib.util.spec_from_file_location(name, path, loader=FreshSourceLoader(name, str(path)))
     if spec is None or spec.loader is None:
         raise ImportError(f"cannot load {path}")
     module = importlib.util.module_from_spec(spec)

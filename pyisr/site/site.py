@@ -22,7 +22,7 @@ from pyisr.config import load_config
 from pyisr.deploys import read_manifest
 from pyisr.site.api_route import ApiRoute
 from pyisr.site.app_page import AppPage
-from pyisr.site.loader import SiteError, SiteLoadError, import_error, load_module
+from pyisr.site.loader import SiteError, SiteLoadError, import_error, import_from_source, load_module
 from pyisr.site.pages_page import PagesPage
 from pyisr.site.route import Route
 from pyisr.site.route_handler import RouteHandler
@@ -88,6 +88,7 @@ class Site:
         # Pages import the site's own helpers (`from lib.db import posts`), as in Next.js.
         if str(root) not in sys.path:
             sys.path.insert(0, str(root))
+        import_from_source(root)
         site.templates = make_environment([root / "templates"], live=dev)
         errors: list[SiteError] = []
         routes: list[Route] = []
