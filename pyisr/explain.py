@@ -170,12 +170,7 @@ def _row(summary: EntrySummary, tag_times: Mapping[str, float], hits: int, now: 
 async def _summaries(handler: CacheHandler) -> list[EntrySummary]:
     """Every entry's metadata and stored size: never a body, so listing a cache of any
     size holds a few hundred bytes per entry, not the pages (:meth:`CacheHandler.summary`)."""
-    found = []
-    async for key in handler.keys():
-        summary = await handler.summary(key)
-        if summary is not None:
-            found.append(summary)
-    return found
+    return [summary async for summary in handler.summaries()]
 
 
 async def list_rows(

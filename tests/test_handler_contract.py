@@ -192,6 +192,21 @@ async def test_a_summary_is_the_metadata_and_the_stored_size_without_the_body(ha
     assert await handler.summary("/nothing/here") is None
 
 
+async def test_summaries_list_every_entry_by_prefix_as_summary_reads_it(handler: CacheHandler) -> None:
+    """Listings read summaries in batches (Redis: one round trip per 200 entries); what
+    they list is exactly what :meth:`summary` reads key by key."""
+    keys = [f"/blog/{i}" for i in range(450)] + ["/about"]
+    for i, key in enumerate(keys):
+        assert await handler.set(entry(key, body=b"x" * i, tags=("posts",)))
+    listed_all = {s.entry.key: s async for s in handler.summaries()}
+    assert set(listed_all) == set(keys)
+    for key in ("/blog/0", "/blog/449", "/about"):
+        assert listed_all[key] == await handler.summary(key)
+    blog = [s.entry.key async for s in handler.summaries("/blog/")]
+    assert sorted(blog) == sorted(keys[:-1]) and len(blog) == 450
+    assert [s async for s in handler.summaries("/nope")] == []
+
+
 async def test_listing_a_cache_never_holds_its_pages_in_memory(handler: CacheHandler) -> None:
     """``pyisr cache list`` and the dashboard read every entry: with 24 pages of 512 kB
     (12 MB), the listing allocates a few hundred kB, not the pages."""

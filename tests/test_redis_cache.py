@@ -454,8 +454,11 @@ async def test_an_unreachable_redis_at_start_never_fails_a_call(instances: Insta
     result = await cache.tag_changes(None)
     assert result is not None and dict(result[1]) == {"t": 5.0}
     assert cache.degraded
-    with pytest.raises(redis_module.RedisUnavailableError):
+    with pytest.raises(redis_module.RedisUnavailableError) as listing:
         [k async for k in cache.keys()]
+    assert str(listing.value).count("Redis unreachable") == 1, "said once, with the reason"
+    with pytest.raises(redis_module.RedisUnavailableError):
+        [s async for s in cache.summaries()]  # the dashboard's listing: never "empty"
 
 
 # -- Redis Cluster -------------------------------------------------------------------------

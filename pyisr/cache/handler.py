@@ -69,6 +69,18 @@ class CacheHandler(ABC):
         entry = await self.reload(key)
         return EntrySummary.of(entry) if entry is not None else None
 
+    async def summaries(self, prefix: str = "") -> AsyncIterator[EntrySummary]:
+        """The summary of every stored key starting with ``prefix``, for listings.
+
+        The default asks :meth:`summary` key by key; a remote store answers many keys per
+        round trip (Redis: one pipeline per batch), so listing 100,000 entries is not
+        100,000 waits for the network.
+        """
+        async for key in self.keys(prefix):
+            found = await self.summary(key)
+            if found is not None:
+                yield found
+
     async def tag_changes(self, cursor: Any) -> tuple[Any, Mapping[str, float]] | None:
         """Tag times recorded since ``cursor`` (``None`` = all), and the cursor to pass next.
 
@@ -226,6 +238,14 @@ class _DuckHandler(CacheHandler):
         if hasattr(self._inner, "keys"):
             async for key in self._inner.keys(prefix):
                 yield key
+
+    async def summaries(self, prefix: str = "") -> AsyncIterator[EntrySummary]:
+        if hasattr(self._inner, "summaries"):
+            async for found in self._inner.summaries(prefix):
+                yield found
+        else:
+            async for found in super().summaries(prefix):
+                yield found
 
     async def is_locked(self, key: str) -> bool | None:
         if hasattr(self._inner, "is_locked"):

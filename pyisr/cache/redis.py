@@ -342,6 +342,11 @@ class RedisCache(CacheHandler):
         raw = await self._call(op, f"summary({key!r})")
         if isinstance(raw, _Down) or raw is None:
             return None
+        return self._summary_of(key, raw)
+
+    def _summary_of(self, key: str, raw: bytes) -> EntrySummary | None:
+        """``key``'s summary from its stored metadata; ``None`` if it names another key
+        or cannot be read (logged: a listing shows what can be read)."""
         try:
             meta = json.loads(raw)
             if meta.get("key") != key:
@@ -388,25 +393,55 @@ class RedisCache(CacheHandler):
         Raises :class:`RedisUnavailableError` when Redis is down: an empty listing
         would say the cache is empty, which it is not.
         """
+        state = self._listable_state()
+        try:
+            async for batch in self._entry_batches(state):
+                for key in await self._key_names(state, batch):
+                    if key.startswith(prefix):
+                        yield key
+        except OUTAGE_ERRORS as exc:
+            self._went_down(exc, state)
+            raise self._unavailable(exc) from exc
+
+    async def summaries(self, prefix: str = "") -> AsyncIterator[EntrySummary]:
+        """Every entry's metadata field, 200 entries per round trip (one pipeline of
+        HMGETs); an unreadable entry is logged and left out. Raises
+        :class:`RedisUnavailableError` when Redis is down, as :meth:`keys` does."""
+        state = self._listable_state()
+        try:
+            async for batch in self._entry_batches(state):
+                pipe = state.client.pipeline(transaction=False)
+                for redis_key in batch:
+                    pipe.hmget(redis_key, "key", "meta")
+                for name, raw in await pipe.execute():
+                    if name is None or raw is None:
+                        continue  # expired or deleted since the scan
+                    key = name.decode("utf-8", "surrogatepass")
+                    if key.startswith(prefix) and (found := self._summary_of(key, raw)) is not None:
+                        yield found
+        except OUTAGE_ERRORS as exc:
+            self._went_down(exc, state)
+            raise self._unavailable(exc) from exc
+
+    def _listable_state(self) -> _LoopState:
+        """This loop's client, unless Redis is known to be down: a listing then raises
+        :class:`RedisUnavailableError` at once (an empty one would say the cache is empty)."""
         state = self._state()
         if self._outage.down:
             self._ensure_probe(state)
             raise self._unavailable(self._outage.last_error)
+        return state
+
+    async def _entry_batches(self, state: _LoopState) -> AsyncIterator[list[str]]:
+        """This build's entry hashes, by batches of 200 Redis key names."""
         batch: list[str] = []
-        try:
-            async for name in self._scan_per_key(state, "}:e"):
-                batch.append(name)
-                if len(batch) >= 200:
-                    for key in await self._key_names(state, batch):
-                        if key.startswith(prefix):
-                            yield key
-                    batch = []
-            for key in await self._key_names(state, batch):
-                if key.startswith(prefix):
-                    yield key
-        except OUTAGE_ERRORS as exc:
-            self._went_down(exc, state)
-            raise self._unavailable(exc) from exc
+        async for name in self._scan_per_key(state, "}:e"):
+            batch.append(name)
+            if len(batch) >= 200:
+                yield batch
+                batch = []
+        if batch:
+            yield batch
 
     def _unavailable(self, reason: object) -> RedisUnavailableError:
         return RedisUnavailableError(f"Redis unreachable at {redact_url(self._url)}: {reason}")

@@ -189,6 +189,10 @@ class MemoryTier(CacheHandler):
         async for key in self.backing.keys(prefix):
             yield key
 
+    async def summaries(self, prefix: str = "") -> AsyncIterator[EntrySummary]:
+        async for found in self.backing.summaries(prefix):
+            yield found
+
     async def is_locked(self, key: str) -> bool | None:
         return await self.backing.is_locked(key)
 
