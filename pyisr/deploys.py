@@ -247,7 +247,7 @@ class BuildLease:
 
 
 @contextlib.contextmanager
-def _if_unused(lock_path: Path) -> Iterator[bool]:
+def if_unused(lock_path: Path) -> Iterator[bool]:
     """Yield whether nobody holds ``lock_path`` (holding it exclusively meanwhile).
 
     A missing build directory means nobody can hold it; it is not created.
@@ -295,7 +295,7 @@ def remove_unused_builds(site_dir: str | os.PathLike[str], config: Config, *, wa
         for build_id in sorted(candidates - keep):
             if not is_valid_build_id(build_id):
                 continue
-            with _if_unused(builds / build_id / IN_USE) as unused:
+            with if_unused(builds / build_id / IN_USE) as unused:
                 if not unused:
                     continue
                 roots = [default_root] + ([configured_root] if configured_root is not None else [])

@@ -75,6 +75,7 @@ from pyisr.render import (
 from pyisr.render_slots import RenderSlots
 
 if TYPE_CHECKING:
+    from pyisr.app_builds import AppBuild
     from pyisr.cdn.queue import PurgeQueue
 
 logger = logging.getLogger("pyisr")
@@ -149,8 +150,13 @@ class Engine(Regenerator):
         #: the ASGI middleware have their own setting.
         self.rewarm_rate = rewarm_rate
         #: The build whose pages this engine serves, named on every cacheable answer as an
-        #: edge key so a deploy can purge it (pyisr.cdn.deploys); set by the site server.
+        #: edge key so a deploy can purge it (pyisr.cdn.deploys); set by the site server,
+        #: and by ``configure(build_id=)`` for an app.
         self.edge_build: str | None = None
+        #: An app's build (``configure(build_id=)``): its record of the builds that
+        #: served, and its purges (pyisr.app_builds); ``None`` for a site's server,
+        #: whose builds are pyisr.deploys'.
+        self.app_build: AppBuild | None = None
         #: Told of every invalidation once this engine's store has it (pyisr.cdn's purges,
         #: pyisr.rewarm): called on the engine's loop, they must return at once.
         self._invalidation_listeners: list[InvalidationListener] = []

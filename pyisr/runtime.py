@@ -55,19 +55,38 @@ def _build(cache: object | None, options: dict[str, Any]) -> Engine:
     if site is not None:
         if cache is not None:
             raise ValueError("configure(): give a cache or a site, not both (the site names its cache)")
+        if options.get("build_id") is not None:
+            raise ValueError("configure(): a site has builds of its own (pyisr build): give no build_id")
+        options.pop("build_id", None)
         return site_engine(site, **options)
     tier = options.pop("memory_tier_bytes", os.environ.get("PYISR_MEMORY_TIER", "50MB"))
     base_dir = options.pop("base_dir", ".")
     _serving_defaults(options)
     cdn = options.pop("cdn", None)
-    handler = build_handler(
-        cache if cache is not None else os.environ.get("PYISR_CACHE"),
-        base_dir=base_dir,
-        memory_tier_bytes=parse_size(tier),
-    )
+    build_id = options.pop("build_id", None)
+    where = "configure(build_id=...)"
+    if build_id is None and os.environ.get("PYISR_BUILD_ID"):
+        build_id, where = os.environ["PYISR_BUILD_ID"], "PYISR_BUILD_ID"
+    url = cache if cache is not None else os.environ.get("PYISR_CACHE")
+    if build_id is None:
+        engine = Engine(build_handler(url, base_dir=base_dir, memory_tier_bytes=parse_size(tier)), **options)
+    else:
+        from pyisr.app_builds import AppBuild, check_build_id, record_for, scope_cache
+
+        if url is not None and not isinstance(url, str):
+            raise ValueError(f"{where}: a build scopes a cache named by URL; scope your own handler yourself")
+        check_build_id(build_id, where)
+        try:
+            scoped = scope_cache(url, build_id, base_dir)
+        except ValueError as exc:
+            raise ValueError(f"{where}: {exc}") from None
+        handler = build_handler(scoped, base_dir=base_dir, memory_tier_bytes=parse_size(tier))
+        engine = Engine(handler, **options)
+        engine.edge_build = build_id
+        engine.app_build = AppBuild(build_id, record_for(url, handler, base_dir))
     if cdn is None:
-        return _with_cdn(Engine(handler, **options), os.environ.get("PYISR_CDN", ""), "PYISR_CDN")
-    return _with_cdn(Engine(handler, **options), cdn, "configure(cdn=...)")
+        return _with_cdn(engine, os.environ.get("PYISR_CDN", ""), "PYISR_CDN")
+    return _with_cdn(engine, cdn, "configure(cdn=...)")
 
 
 def _serving_defaults(options: dict[str, Any]) -> None:
@@ -108,7 +127,9 @@ def configure(
     ``PYISR_SITE``, then ``PYISR_CACHE``, then ``.pyisr/cache``. ``memory_tier_bytes``
     sizes the memory tier (``0`` disables it); ``base_dir`` anchors a relative ``file:``
     URL; ``cdn`` names the CDNs every invalidation purges (URLs, as the ``cdn`` setting;
-    else the site's setting, or ``PYISR_CDN``); other options go to :class:`Engine`.
+    else the site's setting, or ``PYISR_CDN``); ``build_id`` (else ``PYISR_BUILD_ID``)
+    names an app's deploy, whose pages then never mix with another's, in the cache or at
+    the edge (:mod:`pyisr.app_builds`); other options go to :class:`Engine`.
     Returns the engine; call it once at start-up. Resolvers registered on the engine it
     replaces (``@isr`` views decorated earlier) are kept.
     """

@@ -77,28 +77,39 @@ def local_cache_root(site_dir: str | os.PathLike[str], config: Config) -> Path |
     ``None`` when the cache is not a local directory (Redis, ``memory://``). A relative
     ``file:`` path is relative to the site, as the handler URL would be.
     """
-    url = config.cache
+    return cache_root(config.cache, site_dir)
+
+
+def cache_root(url: str | None, base_dir: str | os.PathLike[str]) -> Path | None:
+    """The directory a cache URL names (``None``: ``base_dir/.pyisr/cache``), a relative
+    one under ``base_dir``; ``None`` when it is no local directory (Redis, memory)."""
     if not url:
-        return default_cache_dir(site_dir)
+        return default_cache_dir(base_dir)
     parsed = urlparse(url)
     if parsed.scheme not in ("", "file"):
         return None
     path = Path((parsed.netloc + parsed.path) if parsed.scheme else url)
-    return path if path.is_absolute() else Path(site_dir).resolve() / path
+    return path if path.is_absolute() else Path(base_dir).resolve() / path
+
+
+def scoped_cache_url(url: str | None, namespace: str, base_dir: str | os.PathLike[str]) -> str:
+    """The handler URL of ``namespace`` (a build id) in the cache ``url`` names: a local
+    directory keeps it in ``<root>/<namespace>/``, a shared store carries it in its keys
+    (``build_id=``), and ``memory://`` (one process, one build) is left as it is."""
+    root = cache_root(url, base_dir)
+    if root is not None:
+        query = urlparse(url).query if url and url.startswith("file:") else ""
+        # The handler's options (``?max_bytes=``) go with every namespace.
+        return f"file://{root / namespace}?{query}" if query else str(root / namespace)
+    scoped = url or ""
+    if is_shared_cache(scoped) and "build_id=" not in scoped:
+        scoped += ("&" if "?" in scoped else "?") + f"build_id={namespace}"
+    return scoped
 
 
 def site_cache_url(site_dir: str | os.PathLike[str], config: Config, build_id: str | None) -> str:
     """The handler URL of the site's cache, scoped to ``build_id`` (``None``: :data:`UNBUILT`)."""
-    namespace = build_id or UNBUILT
-    root = local_cache_root(site_dir, config)
-    if root is not None:
-        query = urlparse(config.cache).query if config.cache and config.cache.startswith("file:") else ""
-        # The handler's options (``?max_bytes=``) go with every namespace.
-        return f"file://{root / namespace}?{query}" if query else str(root / namespace)
-    url = config.cache or ""
-    if is_shared_cache(url) and "build_id=" not in url:
-        url += ("&" if "?" in url else "?") + f"build_id={namespace}"
-    return url
+    return scoped_cache_url(config.cache, build_id or UNBUILT, site_dir)
 
 
 def open_site_cache(

@@ -778,6 +778,38 @@ def test_serving_settings_reach_the_engine_and_bad_ones_are_named() -> None:
         assert any("PYISR['cdn_tag_headers']" in m and "x-tags" in m for m in found)
 
 
+def test_a_build_id_gives_the_deploy_a_cache_of_its_own_and_an_edge_key(tmp_path: Path) -> None:
+    from pyisr.integrations.django import conf
+    from pyisr.integrations.django.apps import configure_engine
+    from pyisr.runtime import get_engine, set_engine
+
+    @isr(revalidate=False)
+    def home(request: Any) -> HttpResponse:
+        return HttpResponse("home")
+
+    project = get_engine()
+    try:
+        with override_settings(
+            PYISR={"cache": str(tmp_path / "cache"), "build_id": "release-42", "rewarm_rate": 0},
+            ROOT_URLCONF=urlconf(path("", home)),
+        ):
+            configure_engine(conf.get())
+            answer = Client().get("/")
+            assert answer["x-pyisr-cache"] == "MISS"
+            assert "_b/release-42" in answer["surrogate-key"].split(" ")
+            assert (tmp_path / "cache" / "release-42").is_dir()
+            assert get_engine().app_build is not None
+    finally:
+        set_engine(project)
+    for bad, why in (("../up", "must be 1 to 64 letters"), (42, "must be 1 to 64 letters")):
+        with override_settings(PYISR={"build_id": bad}):
+            [found] = [m for m in check_settings() if m.id == "pyisr.E012"]
+            assert why in found.msg and "PYISR['build_id']" in found.msg
+    with override_settings(PYISR={"cache": "redis://127.0.0.1:6379/0?build_id=x", "build_id": "y"}):
+        [found] = [m for m in check_settings() if m.id == "pyisr.E012"]
+        assert "in one place" in found.msg
+
+
 def test_compress_false_serves_and_stores_no_encoding() -> None:
     @isr(revalidate=60)
     def big(request: Any) -> HttpResponse:

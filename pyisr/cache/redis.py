@@ -10,6 +10,7 @@ other's pages; ``h`` is the SHA-1 of the cache key)::
     {ns}:tagseq     STRING  counter bumped by every revalidation
     {ns}:inval      pub/sub channel: {"seq": n, "tags": [...], "at": t}
     {ns}:activity:* recent invalidations, hits, counts per minute (:mod:`pyisr.cache.redis_activity`)
+    {prefix}:builds LIST  the builds of an app that served lately, newest last (:mod:`pyisr.app_builds`)
 
 Every key expires by itself (``PTTL`` is never -1), so the keys of an old build, whose
 id is in the prefix, vanish with no one deleting them:
@@ -195,6 +196,8 @@ class RedisCache(CacheHandler):
         self.namespace = f"{self.prefix}:{self.build_id}"
         self._tags_key = f"{{{self.namespace}}}:tags"
         self._seq_key = f"{{{self.namespace}}}:tagseq"
+        #: The builds of this prefix that served lately (:meth:`record_served_build`).
+        self._builds_key = f"{{{self.prefix}}}:builds"
         self.channel = f"{{{self.namespace}}}:inval"
         self._activity_keys = RedisActivity(self.namespace, int(TAG_TTL * 1000))
 
@@ -464,6 +467,40 @@ class RedisCache(CacheHandler):
             pipe.hget(redis_key, "key")
         names = await pipe.execute()
         return [n.decode("utf-8", "surrogatepass") for n in names if n is not None]
+
+    async def record_served_build(self, keep: int) -> tuple[list[str], bool] | None:
+        """Record this handler's build as the newest that served (``{prefix}:builds``, a
+        list shared by every build of the prefix, the last ``keep`` kept); returns the
+        builds recorded before it, oldest first, and whether it was not the newest yet.
+        ``None`` while Redis is down (:mod:`pyisr.app_builds` asks again next start)."""
+
+        async def op(state: _LoopState) -> Any:
+            # Not a transaction (a cluster client has none): two processes starting at
+            # once may both find themselves newer, and both purge: harmless.
+            pipe = state.client.pipeline(transaction=False)
+            pipe.lrange(self._builds_key, 0, -1)
+            pipe.lrem(self._builds_key, 0, self.build_id)
+            pipe.rpush(self._builds_key, self.build_id)
+            pipe.ltrim(self._builds_key, -keep, -1)
+            pipe.pexpire(self._builds_key, int(TAG_TTL * 1000))
+            return await pipe.execute()
+
+        found = await self._call(op, "record_served_build()")
+        if isinstance(found, _Down):
+            return None
+        before = [b.decode("utf-8", "replace") if isinstance(b, bytes) else str(b) for b in found[0]]
+        return before, before[-1:] != [self.build_id]
+
+    async def newest_served_build(self) -> str | None:
+        """The build :meth:`record_served_build` recorded last (``None``: none, or Redis down)."""
+
+        async def op(state: _LoopState) -> Any:
+            return await state.client.lindex(self._builds_key, -1)
+
+        found = await self._call(op, "newest_served_build()")
+        if isinstance(found, _Down) or found is None:
+            return None
+        return found.decode("utf-8", "replace") if isinstance(found, bytes) else str(found)
 
     async def clear(self) -> int:
         """Delete every key of this build (entries, locks, manifest); returns how many."""

@@ -15,8 +15,9 @@ deploy by themselves wherever ``cdn`` is set:
   rolling deploy, instances still serving the old build answer the edge's refetches
   after the first purge; the last of them to stop purges what they gave it.
 
-Only the site server does this: a Django or Flask deploy has no build ids, and its pages
-are purged by the invalidations that change them.
+This is the site server's. An app (Django, Flask, Starlette) has builds only when its
+settings name one (``build_id``), and then :mod:`pyisr.app_builds` does the same from
+a record kept in its store.
 """
 
 from __future__ import annotations

@@ -212,7 +212,7 @@ async def serve_page(
     assert entry is not None, "integrations render unknown paths, so an entry always exists"
     # Never for BYPASS (nor PRIVATE, answered above): pyisr.http.offered_codings.
     coding = answer_coding(entry, served.status, accept_encoding if engine.compress else None)
-    out = served_headers(served, engine.cdn_tag_headers, coding)
+    out = served_headers(served, engine.cdn_tag_headers, coding, engine.edge_build)
     body = answer_body(entry, coding)
     if served.status is not CacheStatus.BYPASS:
         out.append(age_header(entry, engine.clock()))

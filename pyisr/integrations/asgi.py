@@ -452,6 +452,8 @@ class ISRMiddleware:
             await _send_bypass(self.app, scope, receive, send)
             return
         engine = self._install()
+        if engine.app_build is not None:
+            engine.app_build.begin_serving(engine)
         failed = FailedResponse()
         if self._trusted is None:
             self._trusted = _trusted_hosts(scope)

@@ -47,6 +47,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without Flask
         "pyisr.integrations.flask needs Flask: pip install 'pyisr[flask]' (or 'flask>=3')"
     ) from exc
 
+from pyisr.app_builds import begin_serving
 from pyisr.engine import Engine, Rendered, RenderPolicy
 from pyisr.http import private_cache_control
 from pyisr.integrations import (
@@ -68,7 +69,6 @@ from pyisr.integrations import (
 from pyisr.lifetimes import Lifetime
 from pyisr.origin import CanonicalOrigin, Origin
 from pyisr.paths import normalize_path
-from pyisr.rewarm import rewarm_in_background
 from pyisr.runtime import get_engine, run_sync
 
 View = Callable[..., Any]
@@ -266,7 +266,7 @@ def _answer(app: Any, environ: dict[str, Any]) -> Any:
     _remember_site(app, environ)
     eng = options.engine if options.engine is not None else get_engine()
     eng.add_resolver(_resolver_for(options.engine))
-    rewarm_in_background(eng)
+    begin_serving(eng)
     key, policy = _key_and_policy(request.script_root, request.path, rule.rule, options)
     failed = FailedResponse()
     origin = options.origin_for(app, request.scheme, request.host)

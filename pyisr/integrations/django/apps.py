@@ -54,6 +54,7 @@ def configure_engine(settings: Any) -> None:
         max_concurrent_renders=settings.render_concurrency,
         debug=settings.debug_cache or None,
         cdn=settings.cdn,
+        build_id=settings.build_id,
         **serving,
     )
     engine.add_resolver(resolve_page)

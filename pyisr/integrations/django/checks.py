@@ -12,6 +12,7 @@
 ``pyisr.E009``  a ``bypass`` that cannot be imported or called
 ``pyisr.E010``  ``orm_tags_ignore`` is not a list of labels
 ``pyisr.E011``  a bad ``cdn`` URL, or a CDN whose token is not in the environment
+``pyisr.E012``  a bad ``build_id``, or one named twice (also in the cache URL)
 ``pyisr.W001``  ``memory://``: each process has a cache of its own
 ``pyisr.W002``  ``orm_tags_ignore`` names a model that does not exist
 ``pyisr.W003``  (``--deploy``) no ``site_url``: renders see a host from ALLOWED_HOSTS

@@ -56,6 +56,8 @@ KEYS: dict[str, str] = {
     "compress": "store and serve brotli and gzip encodings of text pages; default True",
     "rewarm_rate": "pages a second each process renders again, hottest first, after a wide "
     "invalidation; 0 turns it off; default 20",
+    "build_id": "names the deploy (a commit hash): its pages never mix with another deploy's, "
+    "in the cache or at the edge; default PYISR_BUILD_ID, else none",
 }
 
 #: Models whose rows change on every login or admin action and that no page shows.
@@ -108,6 +110,8 @@ class ISRSettings:
     cdn_tag_headers: tuple[str, ...] | None = None
     compress: bool | None = None
     rewarm_rate: float | None = None
+    #: The deploy's build id (pyisr.app_builds); ``None``: pages outlive deploys.
+    build_id: str | None = None
     problems: tuple[Problem, ...] = field(default=())
 
     @property
@@ -209,7 +213,26 @@ def parse(raw: object, *, base_dir: object, environ: Mapping[str, str]) -> ISRSe
     values["orm_tags_ignore"] = _ignored(raw.get("orm_tags_ignore", ()), problems)
     values["cdn"] = _cdn(raw.get("cdn", environ.get("PYISR_CDN", "")), environ, problems)
     values.update(_serving(raw, problems))
+    values["build_id"] = _build_id(
+        raw.get("build_id") or environ.get("PYISR_BUILD_ID"), values["cache"], problems
+    )
     return ISRSettings(**values, problems=tuple(problems))
+
+
+def _build_id(value: object, cache: str | None, problems: list[Problem]) -> str | None:
+    """The deploy's build id, checked now rather than at the first request."""
+    if value is None or value == "":
+        return None
+    from pyisr.app_builds import check_build_id, scope_cache
+
+    try:
+        build_id = check_build_id(value, "PYISR['build_id']")
+        scope_cache(cache, build_id, ".")
+    except ValueError as exc:
+        example = 'PYISR["build_id"] = os.environ.get("GIT_COMMIT")'
+        problems.append(Problem("pyisr.E012", f"{exc}.", f"For example {example}."))
+        return None
+    return build_id
 
 
 def _serving(raw: Mapping[str, Any], problems: list[Problem]) -> dict[str, Any]:

@@ -11,6 +11,7 @@ import functools
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from pyisr.app_builds import begin_serving
 from pyisr.draft import is_draft_request
 from pyisr.engine import Engine
 from pyisr.integrations import (
@@ -34,7 +35,6 @@ from pyisr.integrations.django.responses import build, bypassed, no_store
 from pyisr.integrations.django.shared_request import remember_script, shared_request
 from pyisr.lifetimes import validate_expire
 from pyisr.origin import CanonicalOrigin
-from pyisr.rewarm import rewarm_in_background
 
 
 def isr(
@@ -134,7 +134,7 @@ class _Page:
         remember_script(request)
         self.engine = options.engine_now()
         self.engine.add_resolver(resolve_page)
-        rewarm_in_background(self.engine)
+        begin_serving(self.engine)
         language, in_key = page_language(request)
         variant = language if in_key else None
         self.key, self.policy = key_and_policy(request, options, variant)
