@@ -376,3 +376,67 @@ def test_draft_mode_from_a_staff_preview_link(site: Site) -> None:
     visitor = httpx.Client(base_url=site.runserver, cookies={"__pyisr_draft": cookie})
     assert visitor.get("/").headers["x-pyisr-cache"] == "BYPASS"
     assert httpx.get(f"{site.runserver}/").headers["x-pyisr-cache"] in ("MISS", "HIT")
+
+
+def test_a_deploy_with_a_build_id_serves_its_own_templates_at_once(database_url: str, tmp_path: Path) -> None:
+    """gunicorn serves build a1 and caches its pages for good (``revalidate=False``); a
+    deploy edits the base template and starts build b2 over the same cache: its visitors
+    get the new template, never a1's cached pages."""
+    import shutil
+
+    project = tmp_path / "project"
+    shutil.copytree(EXAMPLE, project, ignore=shutil.ignore_patterns("__pycache__", ".pyisr", "*.sqlite3"))
+    env = {
+        **os.environ,
+        "DATABASE_URL": database_url,
+        "PYISR_CACHE": str(tmp_path / "cache"),
+        "PYISR_REWARM_RATE": "0",
+        "DJANGO_DEBUG": "0",
+        "DJANGO_SECRET_KEY": secrets.token_hex(16),
+    }
+    done = subprocess.run(  # a deploy's migration runs with its build id too
+        [sys.executable, "manage.py", "migrate", "--noinput", "-v", "0"],
+        cwd=project,
+        env={**env, "PYISR_BUILD_ID": "a1"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+
+    @contextlib.contextmanager
+    def deployed(build: str) -> Iterator[str]:
+        base = f"http://127.0.0.1:{_free_port()}"
+        command = [sys.executable, "-m", "gunicorn", "mysite.wsgi:application", "-w", "2", "-b", base[7:]]
+        process = subprocess.Popen(
+            command,
+            cwd=project,
+            env={**env, "PYISR_BUILD_ID": build},
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            deadline = time.monotonic() + 30
+            while True:
+                try:
+                    httpx.get(base + "/no-page-here/", timeout=2)  # any answer: up (and no page cached)
+                    break
+                except httpx.HTTPError:
+                    assert time.monotonic() < deadline, f"gunicorn of {build} did not start"
+                    time.sleep(0.1)
+            yield base
+        finally:
+            process.send_signal(signal.SIGTERM)
+            process.wait(10)
+
+    with deployed("a1") as base:
+        answers = [httpx.get(base + "/") for _ in range(6)]
+        assert "HIT" in {a.headers["x-pyisr-cache"] for a in answers}
+        assert "_b/a1" in answers[-1].headers["surrogate-key"].split(" ")
+    base_html = project / "templates" / "base.html"
+    base_html.write_text(base_html.read_text().replace("</body>", "<p>deployed b2</p>\n</body>"))
+    with deployed("b2") as base:
+        first = httpx.get(base + "/")
+        assert first.headers["x-pyisr-cache"] == "MISS" and "deployed b2" in first.text
+        assert "_b/b2" in first.headers["surrogate-key"].split(" ")
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == [".builds", "a1", "b2"]
