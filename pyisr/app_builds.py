@@ -46,6 +46,7 @@ from pyisr.cache.files import atomic_write, exclusive_lock
 from pyisr.cdn.deploys import RECORD_LENGTH
 from pyisr.cdn.keys import build_key
 from pyisr.deploys import if_unused
+from pyisr.rewarm import rewarm_in_background
 from pyisr.site_store import cache_root, is_shared_cache, is_valid_build_id, scoped_cache_url
 
 if TYPE_CHECKING:
@@ -225,21 +226,23 @@ class AppBuild:
     def __init__(self, build_id: str, record: BuildRecord | None) -> None:
         self.build_id = build_id
         self.record = record
+        #: Whether this process began serving (reset in a forked child), and its pid.
+        self._begun = False
         self._began: int | None = None
         self._lock = threading.Lock()
+        _builds.add(self)
 
     def begin_serving(self, engine: Engine) -> None:
         """At each process's first ``@isr`` request: record the build, purge the older
         ones at the edge if it is newer than the record's newest, remove unused
         directories, and purge this build at exit once superseded. Runs on pyisr's
         bridge loop: the request never waits for it. Repeat calls cost a comparison."""
-        pid = os.getpid()
-        if self._began == pid or self.record is None:
+        if self._begun or self.record is None:
             return
         with self._lock:
-            if self._began == pid:
+            if self._begun:
                 return
-            self._began = pid
+            self._begun, self._began = True, os.getpid()
         from pyisr.runtime import bridge
 
         asyncio.run_coroutine_threadsafe(self._begin(engine), bridge.loop())
@@ -277,6 +280,20 @@ class AppBuild:
         return newest is not None and newest != self.build_id
 
 
+#: Every app build of the process, so a forked child (gunicorn's pre-loaded workers)
+#: begins serving on its own.
+_builds: weakref.WeakSet[AppBuild] = weakref.WeakSet()
+
+
+def _forget_after_fork() -> None:
+    for build in list(_builds):
+        build._begun = False
+        build._lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_after_fork)
+
+
 def _purge_if_superseded(engine_ref: weakref.ref[Engine], build: AppBuild) -> None:
     """At exit: purge this build's pages at the edge if a newer build serves (registered
     after the purge queue's own exit hook, so it runs first and the queue sends it)."""
@@ -296,8 +313,6 @@ def _purge_if_superseded(engine_ref: weakref.ref[Engine], build: AppBuild) -> No
 def begin_serving(engine: Engine) -> None:
     """What an app's process starts at its first ``@isr`` request: the re-warm, and its
     build's record and purges (when ``build_id`` is set)."""
-    from pyisr.rewarm import rewarm_in_background
-
     rewarm_in_background(engine)
     if engine.app_build is not None:
         engine.app_build.begin_serving(engine)

@@ -251,3 +251,23 @@ def test_a_deploy_serves_its_own_pages_and_purges_the_build_it_replaces(
     [*_, purged] = webhook.wait_for(3)
     assert purged.keys == ["_b/b2"], "a rollback purges the build rolled back from"
     rollback.stop()
+
+
+@pytest.mark.usefixtures("restore_engine")
+def test_a_forked_worker_begins_serving_on_its_own(tmp_path: Path) -> None:
+    """gunicorn ``--preload`` forks workers from a process that may have served: each
+    worker records and holds its build itself (after its own first request)."""
+    import os
+
+    from pyisr.app_builds import begin_serving
+
+    engine = pyisr.configure(str(tmp_path / "cache"), build_id="v1", rewarm_rate=0)
+    assert engine.app_build is not None
+    begin_serving(engine)
+    assert engine.app_build._begun  # noqa: SLF001
+    child = os.fork()
+    if child == 0:  # pragma: no cover - the child's answer is its exit code
+        os._exit(1 if engine.app_build._begun else 0)  # noqa: SLF001
+    _, status = os.waitpid(child, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, "the child has not begun: its first request does it"
+    assert engine.app_build._begun, "the parent still has"  # noqa: SLF001
