@@ -175,6 +175,22 @@ async def purge(engine: Engine, key: str, *, by: str | None = None) -> None:
     store's record.
     """
     await engine.revalidate_tags([key_tag(key)], kind="path", target=key, by=by)
+    await ensure_written(engine, key)
+
+
+class NotWritten(ConnectionError):
+    """An invalidation the store never took: it was unreachable until the command ended."""
+
+
+async def ensure_written(engine: Engine, what: str) -> None:
+    """Raise :class:`NotWritten` if the store queued ``what``'s invalidation instead of
+    taking it (Redis down): a command must not report success while no other process
+    will ever learn of it."""
+    if await engine.handler.flush_queued():
+        raise NotWritten(
+            f"the store is unreachable: the invalidation of {what} was not written; "
+            "run the command again once it is back"
+        )
 
 
 # -- rendering -----------------------------------------------------------------------------------

@@ -158,3 +158,17 @@ def test_no_site_and_no_build_are_said_clearly(tmp_path: Path, command: list[str
     result = CliRunner().invoke(main, ["cache", *command, "--site", str(unbuilt)])
     assert result.exit_code == 2 and "was never built" in result.output and "pyisr build" in result.output
     assert not (unbuilt / ".pyisr").exists()
+
+
+def test_a_purge_redis_never_took_fails_instead_of_saying_purged(
+    site: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """During a Redis outage the handler queues an invalidation for later; a command ends
+    before any later comes, so it must fail rather than report a purge nobody will see."""
+    from redis_support import free_port
+
+    monkeypatch.setenv("PYISR_CACHE", f"redis://127.0.0.1:{free_port()}/0?prefix=outage")
+    result = CliRunner().invoke(main, ["cache", "purge", "/about", "--site", str(site), "--json"])
+    assert result.exit_code == 1, result.output
+    assert "the invalidation of /about was not written" in result.output
+    assert '"purged": true' not in result.output

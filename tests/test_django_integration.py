@@ -810,6 +810,27 @@ def test_a_build_id_gives_the_deploy_a_cache_of_its_own_and_an_edge_key(tmp_path
         assert "in one place" in found.msg
 
 
+def test_manage_py_revalidate_fails_when_redis_never_got_the_invalidation() -> None:
+    """A deploy script runs ``manage.py pyisr revalidate --tag posts`` during a Redis
+    outage: it must fail, not say "invalidated" while no other process will ever know."""
+    from django.core.management.base import CommandError
+    from redis_support import free_port
+
+    from pyisr.integrations.django import conf
+    from pyisr.integrations.django.apps import configure_engine
+    from pyisr.runtime import get_engine, set_engine
+
+    project = get_engine()
+    dead = f"redis://127.0.0.1:{free_port()}/0?prefix=outage"
+    try:
+        with override_settings(PYISR={"cache": dead, "rewarm_rate": 0}):
+            configure_engine(conf.get())
+            with pytest.raises(CommandError, match="the invalidation of tag posts was not written"):
+                call_command("pyisr", "revalidate", "--tag", "posts")
+    finally:
+        set_engine(project)
+
+
 def test_compress_false_serves_and_stores_no_encoding() -> None:
     @isr(revalidate=60)
     def big(request: Any) -> HttpResponse:

@@ -481,3 +481,48 @@ async def test_cluster_invalidation_reaches_another_instance(
         return (await b.tag_times(["posts"])).get("posts") == 123.0
 
     assert await eventually(seen, within=1.0) < 1.0
+
+
+async def test_closing_writes_what_an_outage_queued_once_redis_answers_again(
+    redis_servers: list[RedisServer],  # noqa: F811
+    tmp_path: Any,
+    instances: Instances,
+) -> None:
+    """A server stopping (a deploy, a restart) right after an outage: the invalidations it
+    queued are written as it closes, not left for a probe that will never run."""
+    from redis.asyncio import Redis
+
+    server = RedisServer(tmp_path)
+    redis_servers.append(server)
+    server.start()
+    cache = instances(server.url, prefix=unique_prefix(), retry_interval=60)  # no probe in time
+    server.kill()
+    await cache.revalidate_tags(["posts"], 1234.5)
+    assert cache.degraded and cache.health()["queued_invalidations"] == 1
+    server.start()  # back, but the probe would only try again in a minute
+    await cache.close()
+    raw = Redis.from_url(server.url, decode_responses=True)
+    try:
+        assert await raw.hget(cache.tags_key, "posts") == "1234.5"
+    finally:
+        await raw.aclose()
+
+
+def test_invalidations_redis_never_got_are_named_as_lost_when_a_script_ends() -> None:
+    """A deploy script's ``revalidate_tag`` during an outage returned without error; as the
+    script ends, the invalidation is tried once more and, failing, named in an error."""
+    import subprocess
+    import sys
+
+    from redis_support import free_port
+
+    script = (
+        "import pyisr\n"
+        f"pyisr.configure('redis://127.0.0.1:{free_port()}/0?prefix=lost')\n"
+        "pyisr.revalidate_tag('posts')\n"
+        "print('revalidated', flush=True)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and done.stdout.strip() == "revalidated"
+    assert "are lost with this process (posts" in done.stderr
+    assert "manage.py pyisr revalidate --tag" in done.stderr

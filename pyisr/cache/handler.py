@@ -81,6 +81,11 @@ class CacheHandler(ABC):
             if found is not None:
                 yield found
 
+    async def flush_queued(self, timeout: float = 2.0) -> list[str]:
+        """Write invalidations the store queued while it was unreachable, now (a command
+        about to end); returns the tags still not written. The default store queues none."""
+        return []
+
     async def tag_changes(self, cursor: Any) -> tuple[Any, Mapping[str, float]] | None:
         """Tag times recorded since ``cursor`` (``None`` = all), and the cursor to pass next.
 
@@ -238,6 +243,12 @@ class _DuckHandler(CacheHandler):
         if hasattr(self._inner, "keys"):
             async for key in self._inner.keys(prefix):
                 yield key
+
+    async def flush_queued(self, timeout: float = 2.0) -> list[str]:
+        if hasattr(self._inner, "flush_queued"):
+            left: list[str] = await self._inner.flush_queued(timeout)
+            return left
+        return []
 
     async def summaries(self, prefix: str = "") -> AsyncIterator[EntrySummary]:
         if hasattr(self._inner, "summaries"):

@@ -42,12 +42,14 @@ memory, renders locally and queues its invalidations until Redis is back.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
 import hashlib
 import json
 import logging
 import secrets
 import time
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -93,6 +95,10 @@ MAX_ENTRY_LIFETIME = ONE_YEAR
 #: TTL of the tag manifest and its counter, set again on every revalidation: at least
 #: the longest any entry lives, so no entry outlives the invalidation that ended it.
 TAG_TTL = MAX_ENTRY_LIFETIME + TTL_MARGIN
+#: Seconds a handler closing, or a process ending, tries to write queued invalidations.
+EXIT_FLUSH_WAIT = 2.0
+#: What ends that last try (Redis still down, or answering with an error).
+_GIVE_UP_ERRORS: tuple[type[BaseException], ...] = (TimeoutError, *OUTAGE_ERRORS, redis_errors.RedisError)
 
 
 def entry_ttl_ms(entry: CacheEntry, now: float, entry_ttl: float | None = None) -> int:
@@ -212,6 +218,9 @@ class RedisCache(CacheHandler):
         self._outage = Outage(
             redact_url(self._url), retry_interval=self.retry_interval, on_recovery=self._sync.request_resync
         )
+        # A process that never closes its handler (a script, a Django worker) still
+        # writes, or names, what an outage left queued as it ends.
+        atexit.register(_flush_at_exit, weakref.ref(self))
 
     @classmethod
     def from_url(cls, url: str, **options: Any) -> RedisCache:
@@ -682,8 +691,40 @@ class RedisCache(CacheHandler):
 
     # -- lifecycle ------------------------------------------------------------------------
 
+    async def flush_queued(self, timeout: float = EXIT_FLUSH_WAIT) -> list[str]:
+        """Write the invalidations queued during an outage now, trying for ``timeout``
+        seconds at most; returns the tags still not written."""
+        if not self._outage.queued():
+            return []
+        state = self._state()
+
+        async def publish(tags: list[str], at: float) -> int:
+            return await self._publish_tags(state, tags, at)
+
+        try:
+            await asyncio.wait_for(self._outage.flush_now(state.client.ping, publish), timeout)
+        except _GIVE_UP_ERRORS:
+            pass
+        return self._outage.queued()
+
+    def _report_lost(self, left: list[str]) -> None:
+        """Name the invalidations a closing handler or an ending process never wrote."""
+        if left:
+            named = ", ".join(left[:20]) + (f" and {len(left) - 20} more" if len(left) > 20 else "")
+            logger.error(
+                "pyisr: Redis at %s is still unreachable: the invalidations of %d tag(s) made during "
+                "the outage never reached it and are lost with this process (%s). Revalidate them "
+                "again once Redis is back (pyisr.revalidate_tag, or `manage.py pyisr revalidate --tag`)",
+                redact_url(self._url),
+                len(left),
+                named,
+            )
+
     async def close(self) -> None:
-        """Stop the subscriber and probe tasks and close this handler's clients."""
+        """Write what an outage left queued (for a few seconds at most), stop the
+        subscriber and probe tasks and close this handler's clients."""
+        if not self._closed:
+            self._report_lost(await self.flush_queued())
         self._closed = True
         current = asyncio.get_running_loop()
         for loop, state in self._states.pop_all():
@@ -705,6 +746,14 @@ class RedisCache(CacheHandler):
         if state.client is not self._client:
             with contextlib.suppress(Exception):
                 await aclose(state.client)
+
+
+def _flush_at_exit(ref: weakref.ref[RedisCache]) -> None:
+    cache = ref()
+    if cache is None or cache._closed or not cache._outage.queued():
+        return
+    with contextlib.suppress(Exception):  # an exit never fails for this
+        cache._report_lost(asyncio.run(cache.flush_queued()))
 
 
 def _glob_escape(text: str) -> str:

@@ -113,6 +113,20 @@ class Outage:
             except _PROBE_ERRORS as exc:
                 self.last_error = _describe(exc)
 
+    def queued(self) -> list[str]:
+        """The tags whose invalidation waits for Redis."""
+        with self._lock:
+            return sorted(self._pending)
+
+    async def flush_now(
+        self, ping: Callable[[], Awaitable[object]], publish: Callable[[list[str], float], Awaitable[object]]
+    ) -> None:
+        """One attempt, now, to write what is queued (a process about to end); raises what
+        Redis raised. Redis is in use again if it succeeds."""
+        await ping()
+        while not self._came_back_if_flushed():
+            await self._flush_pending(publish)
+
     def _came_back_if_flushed(self) -> bool:
         """Leave degraded mode if no invalidation is still queued; True once Redis is in use."""
         with self._lock:

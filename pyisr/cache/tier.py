@@ -193,6 +193,9 @@ class MemoryTier(CacheHandler):
         async for found in self.backing.summaries(prefix):
             yield found
 
+    async def flush_queued(self, timeout: float = 2.0) -> list[str]:
+        return await self.backing.flush_queued(timeout)
+
     async def is_locked(self, key: str) -> bool | None:
         return await self.backing.is_locked(key)
 

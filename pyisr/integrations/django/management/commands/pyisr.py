@@ -106,6 +106,10 @@ class Command(BaseCommand):
                 return
         except (ValueError, LookupError, RevalidationError) as exc:
             raise CommandError(str(exc)) from exc
+        try:
+            run_sync(cache_tools.ensure_written(engine, done))
+        except cache_tools.NotWritten as exc:  # a deploy script must not go on as if it were done
+            raise CommandError(str(exc)) from exc
         self.stdout.write(f"{'marked stale' if stale else 'invalidated'}: {done}")
 
     def _cache(self, options: dict[str, Any]) -> None:
@@ -131,7 +135,10 @@ class Command(BaseCommand):
         except ValueError as exc:
             raise CommandError(f"{options['path']!r}: {exc}") from exc
         if action == "purge":
-            run_sync(cache_tools.purge(engine, key, by=cache_tools.DJANGO_PURGE_BY))
+            try:
+                run_sync(cache_tools.purge(engine, key, by=cache_tools.DJANGO_PURGE_BY))
+            except cache_tools.NotWritten as exc:
+                raise CommandError(str(exc)) from exc
             if as_json:
                 self.stdout.write(json.dumps({"key": key, "purged": True}))
             else:
