@@ -234,15 +234,7 @@ def measure_hits(ctx: Context, report: Report, work: Path, support: ModuleType, 
                     f"({answer.headers.get('content-encoding', 'identity')})"
                 )
                 try:
-                    tools.run_wrk(
-                        wrk,
-                        url,
-                        duration=cfg["warmup_s"],
-                        connections=cfg["connections"],
-                        threads=cfg["wrk_threads"],
-                        script_dir=work,
-                        headers=headers,
-                    )
+                    load(wrk, url, cfg, work, headers, cfg["warmup_s"])
                 except tools.WrkTimeout as exc:
                     report.note(f"warm-up of {name}: {exc}")
             results: dict[str, list[tools.WrkResult]] = {name: [] for name, _, _ in cases}
@@ -250,15 +242,7 @@ def measure_hits(ctx: Context, report: Report, work: Path, support: ModuleType, 
                 order = cases[run % len(cases) :] + cases[: run % len(cases)]
                 for name, url, headers in order:
                     try:
-                        result = tools.run_wrk(
-                            wrk,
-                            url,
-                            duration=cfg["duration_s"],
-                            connections=cfg["connections"],
-                            threads=cfg["wrk_threads"],
-                            script_dir=work,
-                            headers=headers,
-                        )
+                        result = load(wrk, url, cfg, work, headers, cfg["duration_s"])
                     except tools.WrkTimeout as exc:
                         report.note(f"run {run + 1}, {name}: {exc}; the run is left out")
                         continue
@@ -327,6 +311,21 @@ def measure_hits(ctx: Context, report: Report, work: Path, support: ModuleType, 
         )
 
 
+def load(
+    wrk: str, url: str, cfg: dict[str, Any], work: Path, headers: dict[str, str], duration: float
+) -> tools.WrkResult:
+    """One wrk run of ``url`` for ``duration`` seconds, with the scenario's connections."""
+    return tools.run_wrk(
+        wrk,
+        url,
+        duration=duration,
+        connections=cfg["connections"],
+        threads=cfg["wrk_threads"],
+        script_dir=work,
+        headers=headers,
+    )
+
+
 def encoding_pairs(
     report: Report, wrk: str, work: Path, cfg: dict[str, Any], url: str, where: str
 ) -> list[tuple[tools.WrkResult, tools.WrkResult]]:
@@ -341,14 +340,8 @@ def encoding_pairs(
         results: dict[str, tools.WrkResult] = {}
         for coding in codings:
             try:
-                results[coding] = tools.run_wrk(
-                    wrk,
-                    url,
-                    duration=cfg["pair_duration_s"],
-                    connections=cfg["connections"],
-                    threads=cfg["wrk_threads"],
-                    script_dir=work,
-                    headers={"accept-encoding": coding},
+                results[coding] = load(
+                    wrk, url, cfg, work, {"accept-encoding": coding}, cfg["pair_duration_s"]
                 )
             except tools.WrkTimeout as exc:
                 report.note(f"pair {index + 1} of {where}, {coding}: {exc}; the pair is left out")
