@@ -18,19 +18,15 @@ from pyisr.cache.tags import TagTimes
 DEFAULT_MEMORY_BYTES = 50 * 1024 * 1024
 
 
-class MemoryCache(CacheHandler):
-    name = "memory"
+class HeldEntries:
+    """What every in-process store of entries shares (this one, and the memory tier in
+    front of a file or Redis store): which entry it keeps, and what it keeps beside one."""
 
-    def __init__(self, max_bytes: int = DEFAULT_MEMORY_BYTES) -> None:
-        self._entries: ByteLRU[CacheEntry] = ByteLRU(max_bytes, CacheEntry.size)
-        self._tag_times = TagTimes()
-        self._tag_versions: dict[str, int] = {}
-        self._tags_version = 0
+    _entries: ByteLRU[CacheEntry]
 
-    async def get(self, key: str) -> CacheEntry | None:
-        return self._entries.get(key)
-
-    async def set(self, entry: CacheEntry) -> bool:
+    def _keep_newest(self, entry: CacheEntry) -> bool:
+        """Keep ``entry`` unless a newer one is held (the store's fencing, in memory);
+        whether it was kept."""
         current = self._entries.peek(entry.key)
         if current is not None and current.created_at > entry.created_at:
             return False
@@ -46,6 +42,22 @@ class MemoryCache(CacheHandler):
         """Keep ``thing`` (``size`` bytes, counted in the budget) beside ``entry`` for as
         long as this very entry is held: its decoded data value (:mod:`pyisr.data.memo`)."""
         return self._entries.attach(entry.key, entry, name, thing, size)
+
+
+class MemoryCache(HeldEntries, CacheHandler):
+    name = "memory"
+
+    def __init__(self, max_bytes: int = DEFAULT_MEMORY_BYTES) -> None:
+        self._entries = ByteLRU(max_bytes, CacheEntry.size)
+        self._tag_times = TagTimes()
+        self._tag_versions: dict[str, int] = {}
+        self._tags_version = 0
+
+    async def get(self, key: str) -> CacheEntry | None:
+        return self._entries.get(key)
+
+    async def set(self, entry: CacheEntry) -> bool:
+        return self._keep_newest(entry)
 
     async def delete(self, key: str) -> None:
         self._entries.pop(key)

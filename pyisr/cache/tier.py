@@ -19,7 +19,7 @@ from pyisr.cache.activity import Activity, ActivityReport, Invalidation
 from pyisr.cache.entry import CacheEntry, EntrySummary
 from pyisr.cache.handler import CacheHandler
 from pyisr.cache.lru import ByteLRU
-from pyisr.cache.memory import DEFAULT_MEMORY_BYTES
+from pyisr.cache.memory import DEFAULT_MEMORY_BYTES, HeldEntries
 from pyisr.cache.tags import TagTimes
 
 #: Seconds a tier trusts its mirror of the tag times before it reads the store's again:
@@ -27,7 +27,7 @@ from pyisr.cache.tags import TagTimes
 TAG_REFRESH = 0.5
 
 
-class MemoryTier(CacheHandler):
+class MemoryTier(HeldEntries, CacheHandler):
     def __init__(
         self,
         backing: CacheHandler,
@@ -153,24 +153,6 @@ class MemoryTier(CacheHandler):
             # A newer entry exists in the backing store; drop our copy so it is re-read.
             self._entries.pop(entry.key)
         return stored
-
-    def _keep_newest(self, entry: CacheEntry) -> bool:
-        """Keep ``entry`` in memory unless a newer one is there; whether it was kept."""
-        current = self._entries.peek(entry.key)
-        if current is not None and current.created_at > entry.created_at:
-            return False
-        self._entries.put(entry.key, entry)
-        return True
-
-    def attached(self, entry: CacheEntry, name: str) -> object | None:
-        """What :meth:`attach` kept beside ``entry`` (this very object, as served from here)
-        under ``name``, while it is still the one held; ``None`` otherwise."""
-        return self._entries.attached(entry.key, entry, name)
-
-    def attach(self, entry: CacheEntry, name: str, thing: object, size: int) -> bool:
-        """Keep ``thing`` (``size`` bytes, counted in the budget) beside ``entry`` for as
-        long as this very entry is held: its decoded data value (:mod:`pyisr.data.memo`)."""
-        return self._entries.attach(entry.key, entry, name, thing, size)
 
     async def delete(self, key: str) -> None:
         self._entries.pop(key)
