@@ -42,8 +42,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, urlparse
 
-from pyisr.cache.files import atomic_write, exclusive_lock
-from pyisr.cdn.deploys import RECORD_LENGTH
+from pyisr.cache.files import exclusive_lock
+from pyisr.cdn.deploys import RECORD_LENGTH, read_record, record_served
 from pyisr.cdn.keys import build_key
 from pyisr.deploys import if_unused
 from pyisr.rewarm import rewarm_in_background
@@ -118,10 +118,7 @@ class FileRecord(BuildRecord):
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
             with exclusive_lock(self.dir / "record.lock", blocking=True):
-                before = self._read()
-                after = [*(b for b in before if b != build_id), build_id][-RECORD_LENGTH:]
-                if after != before:
-                    atomic_write(self.dir / "record", "".join(f"{b}\n" for b in after).encode())
+                before = record_served(self.dir / "record", build_id)
         except OSError as exc:
             logger.warning("pyisr: cannot record build %s in %s: %s", build_id, self.dir, exc)
             return None
@@ -132,12 +129,7 @@ class FileRecord(BuildRecord):
         return found[-1] if found else None
 
     def _read(self) -> list[str]:
-        """The ids in the record; a line that is no valid id is no build (never a path)."""
-        try:
-            lines = (self.dir / "record").read_text(encoding="utf-8").split()
-        except OSError:
-            return []
-        return [line for line in dict.fromkeys(lines) if is_valid_build_id(line)]
+        return read_record(self.dir / "record")
 
     def hold(self, build_id: str) -> None:
         if build_id in self._held:

@@ -45,10 +45,7 @@ def purge_other_builds(queue: PurgeQueue, site_dir: str | os.PathLike[str], buil
     sent: list[str] = []
     try:
         with registry_lock(site_dir):
-            sent = _read_record(record)
-            served = [*(other for other in sent if other != build_id), build_id][-RECORD_LENGTH:]
-            if served != sent:
-                atomic_write(record, "".join(f"{one}\n" for one in served).encode())
+            sent = record_served(record, build_id)
     except OSError as exc:  # the server starts all the same, and purges what it knows
         logger.warning("pyisr: cannot record build %s as served at the edge: %s", build_id, exc)
     others = [other for other in dict.fromkeys([*sent, *kept_builds(site_dir)]) if other != build_id]
@@ -82,8 +79,19 @@ def _record(site_dir: str | os.PathLike[str]) -> Path:
     return dot_dir(site_dir) / BUILDS_DIR / EDGE_RECORD
 
 
-def _read_record(path: Path) -> list[str]:
-    """The build ids in the record (an unreadable line is no build: never a key to send)."""
+def record_served(path: Path, build_id: str) -> list[str]:
+    """Put ``build_id`` last in the record at ``path`` (the caller holds its lock), keeping
+    :data:`RECORD_LENGTH` builds; returns the record as it was before."""
+    before = read_record(path)
+    after = [*(other for other in before if other != build_id), build_id][-RECORD_LENGTH:]
+    if after != before:
+        atomic_write(path, "".join(f"{one}\n" for one in after).encode())
+    return before
+
+
+def read_record(path: Path) -> list[str]:
+    """The build ids in the record (an unreadable line is no build: never a key to send,
+    nor a path to follow)."""
     try:
         lines = path.read_text(encoding="utf-8").split()
     except OSError:
