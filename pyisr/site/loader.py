@@ -82,7 +82,13 @@ class SiteSourceFinder:
     def find_spec(
         self, fullname: str, path: Sequence[str] | None = None, target: ModuleType | None = None
     ) -> importlib.machinery.ModuleSpec | None:
-        spec = importlib.machinery.PathFinder.find_spec(fullname, path, target)
+        # Only the site folder is searched (a top-level name: the folder itself, first on
+        # sys.path; a submodule: its package's directories inside it), so every other
+        # import is not looked up on the whole sys.path twice.
+        inside = [str(self.root)] if path is None else [p for p in path if Path(p).is_relative_to(self.root)]
+        if not inside:
+            return None
+        spec = importlib.machinery.PathFinder.find_spec(fullname, inside, target)
         if (
             spec is None
             or spec.origin is None
