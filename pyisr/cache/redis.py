@@ -44,6 +44,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -294,9 +295,7 @@ class RedisCache(CacheHandler):
         if self._closed or (state.probe is not None and not state.probe.done()):
             return
 
-        async def publish(tags: list[str], at: float) -> int:
-            return await self._publish_tags(state, tags, at)
-
+        publish = functools.partial(self._publish_tags, state)
         probe = self._outage.probe(state.client.ping, publish, closed=lambda: self._closed)
         state.probe = asyncio.get_running_loop().create_task(probe, name="pyisr-redis-probe")
 
@@ -697,10 +696,7 @@ class RedisCache(CacheHandler):
         if not self._outage.queued():
             return []
         state = self._state()
-
-        async def publish(tags: list[str], at: float) -> int:
-            return await self._publish_tags(state, tags, at)
-
+        publish = functools.partial(self._publish_tags, state)
         try:
             await asyncio.wait_for(self._outage.flush_now(state.client.ping, publish), timeout)
         except _GIVE_UP_ERRORS:
